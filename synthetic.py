@@ -1,0 +1,262 @@
+"""
+Built-in synthetic data: coloured shapes (text-to-image) and moving shapes (text-to-video).
+
+Everything is generated from (seed, split, index), so no files are needed, any index costs O(1)
+and a resumed run sees exactly the same samples. The renderer is deliberately simple so that a
+rule-based oracle (evaluate.py) can recover every attribute exactly from a render:
+
+- a fixed black background; each object is one flat colour from COLORS, no anti-aliasing;
+- every shape fills its bounding box edge to edge: an object of half-size r centred at integer
+  (x, y) covers exactly the pixels [x-r, x+r) x [y-r, y+r), so bbox -> centre and r exactly;
+- objects never overlap and are at least `gap` pixels apart, so connected components of
+  nearest-colour pixels are the objects;
+- each object's centre pixel is filled, so its colour can be read there.
+
+Captions follow T2I-CompBench's categories (paper Sec. 4.2, Table 2): colour binding,
+shape binding, spatial relations, plus single objects; videos add a motion direction.
+Texture (CompBench's third attribute) is left out: a stripe or dot pattern inside a ~12 px
+object is not legible at 32x32 and would break the flat-colour recovery above.
+
+Compositional generalisation: the colour-shape pairs in HELDOUT_PAIRS never appear in the
+"train" split; the "heldout" split uses only them. Every colour and every shape still appears
+in training, just never together in those pairs.
+"""
+
+import numpy as np
+import torch
+
+# -----------------------------------------------------------------------------
+# vocabulary and rendering
+
+# Well separated RGB colours: the closest two (orange/yellow) are 127 apart in RGB,
+# so a nearest-colour detector is unambiguous even on a noisy generation.
+COLORS = {
+    "red": (255, 0, 0),
+    "green": (0, 200, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "purple": (160, 0, 255),
+    "cyan": (0, 255, 255),
+    "white": (255, 255, 255),
+    "orange": (255, 128, 0),
+}
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+BACKGROUND = (0, 0, 0)
+RELATIONS = ("left of", "right of", "above", "below")  # "A to the left of B", "A above B"
+DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "up": (0, -1), "down": (0, 1)}  # image y points down
+CATEGORIES = ("single", "color", "shape", "spatial")
+
+# One held-out shape per colour (colour i with shape i mod 5): 8 of the 40 pairs.
+HELDOUT_PAIRS = tuple((c, SHAPES[i % len(SHAPES)]) for i, c in enumerate(COLORS))
+TRAIN_PAIRS = tuple((c, s) for c in COLORS for s in SHAPES if (c, s) not in HELDOUT_PAIRS)
+
+
+def geometry(size):
+    """Object half-sizes, minimum gap between objects and video speed, in pixels, for an image side."""
+    r_min, r_max = max(2, round(size * 5 / 32)), max(2, round(size * 7 / 32))  # 5..7 px at 32
+    gap = max(1, size // 16)  # 2 px at 32
+    speed = max(1, size // 16)  # px per frame; 8 frames travel 14 px at 32
+    return r_min, r_max, gap, speed
+
+
+def shape_mask(shape, x, y, r, size):
+    """Boolean (size, size) mask of one shape with centre (x, y) and half-size r (bbox [x-r, x+r))."""
+    # pixel centres relative to the object centre
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    u, v = xx - x, yy - y
+    inside = (np.abs(u) < r) & (np.abs(v) < r)  # the bounding box
+    if shape == "circle":
+        m = u**2 + v**2 <= r**2
+    elif shape == "square":
+        m = inside
+    elif shape == "triangle":  # pointing up: 2 px wide at the top row, full width at the bottom
+        m = np.abs(u) <= (v + r + 0.5) / 2
+    elif shape == "diamond":
+        m = np.abs(u) + np.abs(v) <= r
+    elif shape == "cross":  # plus sign with arms 2r/3 thick
+        m = (np.abs(u) <= r / 3) | (np.abs(v) <= r / 3)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    return m & inside
+
+
+def render(objects, size=32):
+    """Pure renderer: list of {"color", "shape", "x", "y", "r"} -> uint8 (size, size, 3) image."""
+    img = np.empty((size, size, 3), dtype=np.uint8)
+    img[:] = BACKGROUND
+    for o in objects:
+        img[shape_mask(o["shape"], o["x"], o["y"], o["r"], size)] = COLORS[o["color"]]
+    return img
+
+
+def to_tensor(img):
+    """uint8 (H, W, 3) -> float (3, H, W) in [-1, 1]."""
+    return torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W)
+
+
+# -----------------------------------------------------------------------------
+# captions
+
+
+def phrase(o):
+    """'a red circle' / 'an orange square'."""
+    article = "an" if o["color"][0] in "aeiou" else "a"
+    return f"{article} {o['color']} {o['shape']}"
+
+
+def caption_for(meta):
+    """The caption of a scene, a pure function of its ground truth."""
+    objs, cat = meta["objects"], meta["category"]
+    if cat == "single":
+        return phrase(objs[0])
+    if cat in ("color", "shape"):
+        return f"{phrase(objs[0])} and {phrase(objs[1])}"
+    if cat == "spatial":
+        rel = meta["relation"]
+        rel = f"to the {rel}" if rel in ("left of", "right of") else rel
+        return f"{phrase(objs[0])} {rel} {phrase(objs[1])}"
+    if cat == "motion":
+        return f"{phrase(objs[0])} moving {meta['direction']}"
+    raise ValueError(f"unknown category {cat!r}")
+
+
+# -----------------------------------------------------------------------------
+# scene sampling
+
+
+def _rng(seed, split, index):
+    # independent stream per (seed, split, index): any item is O(1) and reproducible
+    return np.random.default_rng([seed, {"train": 0, "heldout": 1}[split], index])
+
+
+def _pairs(split):
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    return TRAIN_PAIRS if split == "train" else HELDOUT_PAIRS
+
+
+def _apart(a, b, gap):
+    # bounding boxes separated by at least `gap` pixels along x or y
+    return abs(a["x"] - b["x"]) >= a["r"] + b["r"] + gap or abs(a["y"] - b["y"]) >= a["r"] + b["r"] + gap
+
+
+def _relation_holds(a, b, rel, gap):
+    # a REL b: centres separated along the relation's axis, which clearly dominates the other
+    dx, dy = b["x"] - a["x"], b["y"] - a["y"]  # from a to b
+    main, other = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[rel]
+    return main >= a["r"] + b["r"] + gap and 2 * abs(other) <= main
+
+
+def sample_scene(rng, category, pairs, size=32):
+    """Ground truth of one image: {"category", "objects", "relation"}; objects use only `pairs`."""
+    r_min, r_max, gap, _ = geometry(size)
+    n = 1 if category == "single" else 2
+    while True:
+        # attributes: colour binding needs two colours, shape binding two shapes, spatial two
+        # distinguishable objects (so the caption names each one unambiguously)
+        idx = rng.choice(len(pairs), size=n, replace=False)
+        chosen = [pairs[i] for i in idx]
+        if category == "color" and chosen[0][0] == chosen[1][0]:
+            continue
+        if category == "shape" and chosen[0][1] == chosen[1][1]:
+            continue
+        break
+    relation = str(rng.choice(RELATIONS)) if category == "spatial" else None
+    for _ in range(10_000):  # rejection sampling of positions; succeeds within a few tries
+        objs = []
+        for c, s in chosen:
+            r = int(rng.integers(r_min, r_max + 1))
+            x, y = rng.integers(r, size - r + 1, size=2)  # whole object inside the frame
+            objs.append({"color": c, "shape": s, "x": int(x), "y": int(y), "r": r})
+        if n == 2 and not _apart(objs[0], objs[1], gap):
+            continue
+        if relation and not _relation_holds(objs[0], objs[1], relation, gap):
+            continue
+        return {"category": category, "objects": objs, "relation": relation}
+    raise RuntimeError(f"could not place objects for {category!r} at size {size}")
+
+
+def sample_motion(rng, pairs, num_frames=8, size=32):
+    """Ground truth of one clip: one object moving at constant speed, inside the frame throughout."""
+    r_min, r_max, _, speed = geometry(size)
+    c, s = pairs[int(rng.integers(len(pairs)))]
+    direction = str(rng.choice(list(DIRECTIONS)))
+    r = int(rng.integers(r_min, r_max + 1))
+    travel = speed * (num_frames - 1)
+    if 2 * r + travel > size:
+        raise ValueError(f"{num_frames} frames at {speed} px/frame do not fit in {size} px")
+    dx, dy = DIRECTIONS[direction]
+    # start so that start + travel along the motion axis stays in [r, size - r]
+    x0 = int(rng.integers(r + travel * (dx < 0), size - r - travel * (dx > 0) + 1))
+    y0 = int(rng.integers(r + travel * (dy < 0), size - r - travel * (dy > 0) + 1))
+    frames = [[{"color": c, "shape": s, "x": x0 + dx * speed * t, "y": y0 + dy * speed * t, "r": r}]
+              for t in range(num_frames)]
+    return {"category": "motion", "objects": frames[0], "frames": frames,
+            "direction": direction, "speed": speed, "relation": None}
+
+
+# -----------------------------------------------------------------------------
+# datasets
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """Text-to-image shapes: item i -> {"x": (3, H, W) in [-1, 1], "caption", "meta"}."""
+
+    def __init__(self, split="train", size=32, seed=0, length=1_000_000, categories=CATEGORIES):
+        self.pairs = _pairs(split)
+        for c in categories:
+            if c not in CATEGORIES:
+                raise ValueError(f"unknown category {c!r}; expected one of {CATEGORIES}")
+        self.split, self.size, self.seed, self.length = split, size, seed, length
+        self.categories = tuple(categories)
+
+    def __len__(self):
+        return self.length
+
+    def scene(self, i):
+        """Ground truth of item i without rendering it."""
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        rng = _rng(self.seed, self.split, i)
+        category = self.categories[int(rng.integers(len(self.categories)))]
+        return sample_scene(rng, category, self.pairs, self.size)
+
+    def __getitem__(self, i):
+        meta = self.scene(i)
+        x = to_tensor(render(meta["objects"], self.size))
+        return {"x": x, "caption": caption_for(meta), "meta": meta}
+
+
+class MovingShapesDataset(torch.utils.data.Dataset):
+    """Text-to-video moving shapes: item i -> {"x": (T, 3, H, W) in [-1, 1], "caption", "meta"}.
+
+    meta["frames"][t] is the object list of frame t; the object moves meta["speed"] pixels per
+    frame in meta["direction"]. One object per clip: two moving objects would need collision
+    handling and a caption with two motions, which the toy oracle does not need.
+    """
+
+    def __init__(self, split="train", num_frames=8, size=32, seed=0, length=1_000_000):
+        self.pairs = _pairs(split)
+        self.split, self.num_frames, self.size, self.seed, self.length = split, num_frames, size, seed, length
+
+    def __len__(self):
+        return self.length
+
+    def scene(self, i):
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        return sample_motion(_rng(self.seed, self.split, i), self.pairs, self.num_frames, self.size)
+
+    def __getitem__(self, i):
+        meta = self.scene(i)
+        x = torch.stack([to_tensor(render(objs, self.size)) for objs in meta["frames"]])  # (T, 3, H, W)
+        return {"x": x, "caption": caption_for(meta), "meta": meta}
+
+
+def heldout_prompts(category, n, seed=0, size=32, num_frames=8):
+    """n (caption, meta) pairs of held-out compositions for evaluation; category in CATEGORIES or "motion"."""
+    if category == "motion":
+        ds = MovingShapesDataset("heldout", num_frames=num_frames, size=size, seed=seed)
+    else:
+        ds = ShapesDataset("heldout", size=size, seed=seed, categories=(category,))
+    return [(caption_for(m), m) for m in (ds.scene(i) for i in range(n))]
