@@ -11,7 +11,15 @@ Every dataset item is a dict {"x": tensor, "caption": str, "meta": dict or None,
 images are (3, H, W) and videos (T, 3, H, W), floats in [-1, 1].
 """
 
+import json
+import math
+import os
+import warnings
+
+import numpy as np
 import torch
+from einops import rearrange
+from PIL import Image
 
 from synthetic import (  # noqa: F401  (re-exported: data.ShapesDataset etc.)
     BACKGROUND, CATEGORIES, COLORS, HELDOUT_PAIRS, SHAPES, TRAIN_PAIRS,
@@ -41,3 +49,425 @@ def collate(batch):
         if k in batch[0]:
             out[k] = torch.stack([b[k] for b in batch])  # (B, L, C), (B, L), (B, P)
     return out
+
+
+# -----------------------------------------------------------------------------
+# real data: image-text and video-text folders or JSONL manifests
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+VIDEO_EXTS = (".mp4", ".webm", ".mov", ".avi", ".mkv")
+
+
+def resize_center_crop(img, size):
+    """PIL image -> float (3, size, size) in [-1, 1]: resize the shorter side to size, crop the centre."""
+    img = img.convert("RGB")
+    w, h = img.size
+    s = size / min(w, h)
+    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    img = img.resize((nw, nh), resample=Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W)
+
+
+def _list_pairs(root, exts, key):
+    """(media path, caption or caption-file path) for a folder with same-name .txt files or a JSONL manifest."""
+    if os.path.isfile(root) and root.endswith(".jsonl"):
+        base, entries = os.path.dirname(os.path.abspath(root)), []
+        with open(root) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                rec = json.loads(line)
+                if key not in rec or "caption" not in rec:
+                    raise ValueError(f"{root}:{n}: each line needs {key!r} and 'caption' fields")
+                # a literal caption; "" (or null) trains as the null caption used for CFG
+                entries.append((os.path.join(base, rec[key]), ("text", rec["caption"] or "")))
+        if not entries:
+            raise ValueError(f"manifest {root} has no entries")
+        return entries
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root} is neither a folder nor a .jsonl manifest")
+    entries = []
+    for d, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() in exts:
+                txt = os.path.join(d, stem + ".txt")
+                if not os.path.isfile(txt):
+                    raise FileNotFoundError(f"caption file {txt} is missing for {os.path.join(d, name)}")
+                entries.append((os.path.join(d, name), ("file", txt)))
+    if not entries:
+        raise FileNotFoundError(f"no {'/'.join(exts)} files in {root}")
+    return entries
+
+
+class _MediaTextDataset(torch.utils.data.Dataset):
+    """Shared logic: listing, captions, and skipping bad files so that a long run never dies on one.
+
+    A file that cannot be decoded (unreadable, truncated, wrong format) is skipped: the item of the
+    next index is returned instead, the file is counted in self.num_bad, and a single warning with
+    the running count is issued at 1, 10, 100, ... bad files rather than one warning per file.
+    """
+
+    exts, key = (), ""
+
+    def __init__(self, root):
+        self.root = root
+        self.entries = _list_pairs(root, self.exts, self.key)
+        self.bad = set()  # indices known to be bad (per process; each DataLoader worker has its own)
+
+    def __len__(self):
+        return len(self.entries)
+
+    @property
+    def num_bad(self):
+        return len(self.bad)
+
+    def caption(self, i):
+        kind, v = self.entries[i][1]
+        if kind == "text":
+            return v
+        with open(v) as f:
+            return f.read().strip()  # an empty file -> "" -> the null caption
+
+    def __getitem__(self, i):
+        n = len(self)
+        for k in range(n):
+            j = (i + k) % n
+            if j in self.bad:
+                continue
+            try:
+                x = self.load(self.entries[j][0], j)
+            except Exception as e:  # noqa: BLE001 - any decoder error means "bad file"
+                self.bad.add(j)
+                if math.log10(len(self.bad)).is_integer():  # 1, 10, 100, ... bad files
+                    warnings.warn(f"{type(self).__name__}({self.root}): skipped {len(self.bad)} unreadable "
+                                  f"file(s) so far, latest {self.entries[j][0]}: {e!r}")
+                continue
+            return {"x": x, "caption": self.caption(j), "meta": None}
+        raise RuntimeError(f"no readable files in {self.root} ({len(self.bad)} bad)")
+
+
+class ImageTextFolder(_MediaTextDataset):
+    """Images with same-name .txt captions (a folder), or a JSONL manifest of {"image", "caption"}."""
+
+    exts, key = IMAGE_EXTS, "image"
+
+    def __init__(self, root, size=256):
+        super().__init__(root)
+        self.size = size
+
+    def load(self, path, i):
+        with Image.open(path) as img:
+            img.load()  # decode now, so a truncated file raises here
+            return resize_center_crop(img, self.size)
+
+
+def webdataset_images(urls, size=256):
+    """Image-text webdataset shards (.tar with jpg/png + txt) as an iterable of items; optional dependency."""
+    try:
+        import webdataset as wds
+    except ImportError:
+        raise ImportError("webdataset shards need `pip install webdataset`") from None
+    # wds.warn_and_continue skips bad samples without stopping the run
+    ds = wds.WebDataset(urls, handler=wds.warn_and_continue).decode("pil", handler=wds.warn_and_continue)
+    ds = ds.to_tuple("jpg;jpeg;png;webp", "txt", handler=wds.warn_and_continue)
+    return ds.map(lambda s: {"x": resize_center_crop(s[0], size), "caption": s[1].strip(), "meta": None})
+
+
+def frame_indices(num_src_frames, src_fps, num_frames=8, target_fps=4, offset=0.0):
+    """Source frame indices of num_frames frames at target_fps (paper Sec. 4.1: 8 frames at 4 fps of 24 fps).
+
+    The stride is src_fps / target_fps (6 for 24 -> 4 fps); offset in [0, 1] picks where the clip
+    starts among all valid starts. A video shorter than the clip is sampled evenly over its length.
+    """
+    if num_src_frames < 1:
+        raise ValueError("video has no frames")
+    stride = src_fps / target_fps
+    if (num_frames - 1) * stride > num_src_frames - 1:  # too short: squeeze the clip into the video
+        stride = (num_src_frames - 1) / max(1, num_frames - 1)
+    start = offset * (num_src_frames - 1 - (num_frames - 1) * stride)
+    return [min(num_src_frames - 1, int(round(start + k * stride))) for k in range(num_frames)]
+
+
+def _video_plugin():
+    # PyAV if installed, else imageio-ffmpeg; both through imageio's v3 API
+    try:
+        import imageio.v3 as iio
+    except ImportError:
+        raise ImportError("video decoding needs `pip install imageio imageio-ffmpeg` (or av)") from None
+    for module, plugin in (("av", "pyav"), ("imageio_ffmpeg", "FFMPEG")):
+        try:
+            __import__(module)
+            return iio, plugin
+        except ImportError:
+            pass
+    raise ImportError("video decoding needs `pip install imageio-ffmpeg` or `pip install av`")
+
+
+def read_clip(path, num_frames=8, target_fps=4, offset=0.0):
+    """Decode num_frames frames at target_fps from a video file -> list of (H, W, 3) uint8 arrays."""
+    iio, plugin = _video_plugin()
+    with iio.imopen(path, "r", plugin=plugin) as f:
+        meta = f.metadata()
+        fps = float(meta.get("fps") or 0)
+        if fps <= 0:
+            raise ValueError(f"{path}: unknown frame rate")
+        # the header's duration gives the frame count, so decoding can stop at the last needed frame
+        est = int(round(float(meta.get("duration") or 0) * fps))
+        last = frame_indices(est, fps, num_frames, target_fps, offset)[-1] if est > 0 else math.inf
+        frames = []
+        for frame in f.iter():
+            frames.append(frame)
+            if len(frames) > last:
+                break
+    # exact count when the duration was unknown or over-estimated; else the same indices as above
+    n = est if len(frames) > last else len(frames)
+    return [frames[k] for k in frame_indices(n, fps, num_frames, target_fps, offset)]
+
+
+class VideoTextFolder(_MediaTextDataset):
+    """Videos with same-name .txt captions (a folder), or a JSONL manifest of {"video", "caption"}.
+
+    Item i is a clip of num_frames frames at target_fps; where it starts in the video is fixed by
+    (seed, i), so runs are reproducible. Decoding uses PyAV or imageio-ffmpeg (optional).
+    """
+
+    exts, key = VIDEO_EXTS, "video"
+
+    def __init__(self, root, size=256, num_frames=8, target_fps=4, seed=0):
+        super().__init__(root)
+        _video_plugin()  # fail at construction, not in a worker, if no decoder is installed
+        self.size, self.num_frames, self.target_fps, self.seed = size, num_frames, target_fps, seed
+
+    def load(self, path, i):
+        offset = float(np.random.default_rng([self.seed, i]).random())
+        frames = read_clip(path, self.num_frames, self.target_fps, offset)
+        return torch.stack([resize_center_crop(Image.fromarray(f), self.size) for f in frames])  # (T, 3, H, W)
+
+
+# -----------------------------------------------------------------------------
+# joint image-video training (Sec. 3.3.2, "Putting solutions together")
+
+
+class JointImageVideoDataset(torch.utils.data.Dataset):
+    """Item i: with probability p_motion_free an image repeated T times (motion_free=True), else a clip.
+
+    Motion-free guidance disables temporal attention with probability p_motion_free (identity
+    mask, Fig. 3); those iterations can train on images as static pseudo-videos instead of clips.
+    The choice and the image are fixed by (seed, i), so the fraction is exact in expectation and
+    a resumed run is identical.
+    """
+
+    def __init__(self, videos, images, p_motion_free=0.5, num_frames=8, seed=0):
+        if not 0.0 <= p_motion_free <= 1.0:
+            raise ValueError(f"p_motion_free must be in [0, 1], got {p_motion_free}")
+        self.videos, self.images = videos, images
+        self.p, self.num_frames, self.seed = p_motion_free, num_frames, seed
+
+    def __len__(self):
+        return len(self.videos)
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng([self.seed, i])
+        if rng.random() < self.p:
+            item = dict(self.images[int(rng.integers(len(self.images)))])
+            item["x"] = item["x"].unsqueeze(0).repeat(self.num_frames, 1, 1, 1)  # (T, C, H, W) exact repeats
+            item["motion_free"] = True
+            return item
+        item = dict(self.videos[i])
+        if item["x"].shape[0] != self.num_frames:
+            raise ValueError(f"video item {i} has {item['x'].shape[0]} frames, expected {self.num_frames}")
+        item["motion_free"] = False
+        return item
+
+
+# -----------------------------------------------------------------------------
+# latent spaces: pixels for the synthetic data, Stable Diffusion's VAE for real data (Sec. 4.1)
+
+VAE_SCALE = 0.18215  # SD VAE latent scaling so latents have ~unit variance (the one place it is written)
+
+
+def _fold(fn, x):
+    # videos (B, T, C, H, W) go through an image codec frame by frame: fold T into B
+    if x.dim() == 5:
+        b = x.shape[0]
+        y = fn(rearrange(x, "b t c h w -> (b t) c h w"))
+        return rearrange(y, "(b t) c h w -> b t c h w", b=b)
+    return fn(x)
+
+
+class PixelSpace:
+    """Identity 'latent space' for the 3x32x32 synthetic data."""
+
+    spec, channels, downsample = "pixel", 3, 1
+
+    def encode(self, x):
+        return x
+
+    def decode(self, z):
+        return z
+
+
+class SDVAE:
+    """Stable Diffusion's AutoencoderKL (diffusers, optional): 3xHxW in [-1, 1] <-> 4x(H/8)x(W/8) latents."""
+
+    channels, downsample = 4, 8
+
+    def __init__(self, name="stabilityai/sd-vae-ft-ema", device="cpu", dtype=torch.float32, sample=False, vae=None):
+        self.spec, self.device, self.dtype, self.sample = name, torch.device(device), dtype, sample
+        if vae is None:
+            try:
+                from diffusers import AutoencoderKL
+            except ImportError:
+                raise ImportError("the SD VAE needs `pip install diffusers`") from None
+            try:
+                vae = AutoencoderKL.from_pretrained(name)
+            except Exception as e:  # offline / wrong name: say which model and how to provide it
+                raise OSError(f"could not load VAE {name!r} ({e}); download it or pass a local folder") from None
+        self.vae = vae.to(self.device, dtype).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def encode(self, x):
+        def enc(x):
+            dist = self.vae.encode(x.to(self.device, self.dtype)).latent_dist
+            z = dist.sample() if self.sample else dist.mean  # mean: deterministic, cacheable
+            return z.float() * VAE_SCALE
+        return _fold(enc, x)
+
+    @torch.no_grad()
+    def decode(self, z):
+        dec = lambda z: self.vae.decode(z.to(self.device, self.dtype) / VAE_SCALE).sample.float().clamp(-1, 1)
+        return _fold(dec, z)
+
+
+def load_latent_space(spec="pixel", device="cpu"):
+    """'pixel' | 'sd-vae' (stabilityai/sd-vae-ft-ema) | any diffusers AutoencoderKL name or local path."""
+    if spec == "pixel":
+        return PixelSpace()
+    return SDVAE("stabilityai/sd-vae-ft-ema" if spec == "sd-vae" else spec, device=device)
+
+
+# -----------------------------------------------------------------------------
+# cache: precomputed latents and text features on disk (train without running the VAE / text encoder)
+
+
+def cache_spec(text_encoder, latent_space, resolution, num_frames=None, dataset=""):
+    """The settings a cache is built with; CachedDataset refuses a cache whose settings differ."""
+    return {"text_encoder": text_encoder.spec, "text_dim": text_encoder.text_dim,
+            "pooled_dim": text_encoder.pooled_dim, "max_length": getattr(text_encoder, "max_length", None),
+            "latent_space": latent_space.spec, "latent_channels": latent_space.channels,
+            "resolution": resolution, "num_frames": num_frames, "dataset": dataset}
+
+
+def _atomic_write(path, write):
+    # write to a temp file, then rename: a killed run never leaves a complete-looking partial file
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    _atomic_write(path, write)
+
+
+@torch.no_grad()
+def build_cache(dataset, out_dir, text_encoder, latent_space, shard_size=4096, batch_size=64,
+                num_workers=0, dataset_spec=None, dtype=None, progress=True):
+    """Encode a dataset once into out_dir/shard_NNNNN.pt + meta.json; resumes a killed run.
+
+    Each shard is a dict of plain tensors, lists and strings (torch.load(weights_only=True)):
+    "x" latents (n, [T,] C, h, w), "text" (n, L, C), "text_mask" (n, L), "pooled" (n, P),
+    "caption", "meta", and "motion_free" (n,) for videos. dtype (e.g. torch.bfloat16) casts the
+    float tensors to save disk. meta.json is marked complete only after the last shard is written.
+    """
+    from tqdm import tqdm
+
+    x0 = dataset[0]["x"]
+    num_frames = x0.shape[0] if x0.dim() == 4 else None
+    spec = cache_spec(text_encoder, latent_space, x0.shape[-1], num_frames,
+                      dataset_spec or getattr(dataset, "spec", type(dataset).__name__))
+    n, num_shards = len(dataset), math.ceil(len(dataset) / shard_size)
+    os.makedirs(out_dir, exist_ok=True)
+    meta_path = os.path.join(out_dir, "meta.json")
+    if os.path.exists(meta_path):  # resume only a cache of the same settings
+        with open(meta_path) as f:
+            old = json.load(f)
+        _check_spec(old, {**spec, "num_items": n, "shard_size": shard_size}, out_dir)
+    meta = {**spec, "num_items": n, "shard_size": shard_size, "complete": False}
+    _write_json(meta_path, meta)
+    device = getattr(latent_space, "device", "cpu")
+    for k in tqdm(range(num_shards), desc="cache", disable=not progress):
+        path = os.path.join(out_dir, f"shard_{k:05d}.pt")
+        if os.path.exists(path):  # written atomically, so an existing shard is complete
+            continue
+        idx = range(k * shard_size, min(n, (k + 1) * shard_size))
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch_size,
+                                             num_workers=num_workers, collate_fn=collate)
+        parts = []
+        for b in loader:
+            tokens, mask, pooled = text_encoder(b["caption"])
+            z = latent_space.encode(b["x"].to(device))
+            part = {"x": z, "text": tokens, "text_mask": mask.bool(), "pooled": pooled}
+            if "motion_free" in b:
+                part["motion_free"] = b["motion_free"]
+            parts.append({key: v.detach().cpu() for key, v in part.items()})
+            parts[-1]["caption"], parts[-1]["meta"] = b["caption"], b["meta"] or [None] * len(b["caption"])
+        shard = {key: torch.cat([p[key] for p in parts]) for key in parts[0] if key not in ("caption", "meta")}
+        if dtype is not None:
+            shard = {key: v.to(dtype) if v.is_floating_point() else v for key, v in shard.items()}
+        shard["caption"] = [c for p in parts for c in p["caption"]]
+        shard["meta"] = [m for p in parts for m in p["meta"]]
+        _atomic_write(path, lambda tmp: torch.save(shard, tmp))
+    meta["complete"] = True
+    _write_json(meta_path, meta)
+    return meta
+
+
+def _check_spec(have, want, out_dir):
+    # name the first mismatched field, so the user knows what to rebuild
+    for key, v in want.items():
+        if key not in have:
+            raise ValueError(f"cache {out_dir} has no field {key!r} in meta.json; rebuild it")
+        if have[key] != v:
+            raise ValueError(f"cache {out_dir} was built with {key}={have[key]!r} but {v!r} is expected; "
+                             f"rebuild it with build_cache or use another directory")
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """Items of a build_cache directory: {"x", "text", "text_mask", "pooled", "caption", "meta", ...}.
+
+    expect is a dict of settings (e.g. cache_spec(...) or just {"latent_space": "pixel"}); a cache
+    built with anything else, or not finished, is refused. Shards are memory-mapped on first use.
+    """
+
+    def __init__(self, out_dir, expect=None):
+        meta_path = os.path.join(out_dir, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"no cache at {out_dir} (missing {meta_path}); run build_cache first")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        if not self.meta.get("complete"):
+            raise ValueError(f"cache {out_dir} is incomplete (build_cache was interrupted); run it again to finish")
+        _check_spec(self.meta, expect or {}, out_dir)
+        self.out_dir, self.shard_size = out_dir, self.meta["shard_size"]
+        self.shards = {}
+
+    def __len__(self):
+        return self.meta["num_items"]
+
+    def _shard(self, k):
+        if k not in self.shards:  # mmap: only the rows that are read are paged in
+            path = os.path.join(self.out_dir, f"shard_{k:05d}.pt")
+            self.shards[k] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return self.shards[k]
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        s, j = self._shard(i // self.shard_size), i % self.shard_size
+        return {key: v[j] for key, v in s.items()}

@@ -209,6 +209,7 @@ class ShapesDataset(torch.utils.data.Dataset):
                 raise ValueError(f"unknown category {c!r}; expected one of {CATEGORIES}")
         self.split, self.size, self.seed, self.length = split, size, seed, length
         self.categories = tuple(categories)
+        self.spec = f"shapes:{split}:size={size}:seed={seed}:{'+'.join(self.categories)}"  # for cache meta
 
     def __len__(self):
         return self.length
@@ -238,6 +239,7 @@ class MovingShapesDataset(torch.utils.data.Dataset):
     def __init__(self, split="train", num_frames=8, size=32, seed=0, length=1_000_000):
         self.pairs = _pairs(split)
         self.split, self.num_frames, self.size, self.seed, self.length = split, num_frames, size, seed, length
+        self.spec = f"moving_shapes:{split}:size={size}:frames={num_frames}:seed={seed}"  # for cache meta
 
     def __len__(self):
         return self.length
