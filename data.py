@@ -78,8 +78,11 @@ def _list_pairs(root, exts, key):
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                rec = json.loads(line)
-                if key not in rec or "caption" not in rec:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{root}:{n}: not valid JSON ({e})") from None
+                if not isinstance(rec, dict) or key not in rec or "caption" not in rec:
                     raise ValueError(f"{root}:{n}: each line needs {key!r} and 'caption' fields")
                 # a literal caption; "" (or null) trains as the null caption used for CFG
                 entries.append((os.path.join(base, rec[key]), ("text", rec["caption"] or "")))
@@ -138,14 +141,14 @@ class _MediaTextDataset(torch.utils.data.Dataset):
             if j in self.bad:
                 continue
             try:
-                x = self.load(self.entries[j][0], j)
+                x, caption = self.load(self.entries[j][0], j), self.caption(j)
             except Exception as e:  # noqa: BLE001 - any decoder error means "bad file"
                 self.bad.add(j)
                 if math.log10(len(self.bad)).is_integer():  # 1, 10, 100, ... bad files
                     warnings.warn(f"{type(self).__name__}({self.root}): skipped {len(self.bad)} unreadable "
                                   f"file(s) so far, latest {self.entries[j][0]}: {e!r}")
                 continue
-            return {"x": x, "caption": self.caption(j), "meta": None}
+            return {"x": x, "caption": caption, "meta": None}
         raise RuntimeError(f"no readable files in {self.root} ({len(self.bad)} bad)")
 
 
@@ -342,11 +345,11 @@ class SDVAE:
         return _fold(dec, z)
 
 
-def load_latent_space(spec="pixel", device="cpu"):
+def load_latent_space(spec="pixel", device="cpu", dtype=torch.float32):
     """'pixel' | 'sd-vae' (stabilityai/sd-vae-ft-ema) | any diffusers AutoencoderKL name or local path."""
     if spec == "pixel":
         return PixelSpace()
-    return SDVAE("stabilityai/sd-vae-ft-ema" if spec == "sd-vae" else spec, device=device)
+    return SDVAE("stabilityai/sd-vae-ft-ema" if spec == "sd-vae" else spec, device=device, dtype=dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -393,6 +396,9 @@ def build_cache(dataset, out_dir, text_encoder, latent_space, shard_size=4096, b
                       dataset_spec or getattr(dataset, "spec", type(dataset).__name__))
     n, num_shards = len(dataset), math.ceil(len(dataset) / shard_size)
     os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(out_dir):  # a temp file is what a killed write leaves behind
+        if ".tmp" in name:
+            os.remove(os.path.join(out_dir, name))
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):  # resume only a cache of the same settings
         with open(meta_path) as f:

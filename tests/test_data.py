@@ -270,6 +270,9 @@ def test_jsonl_manifest(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"image": "imgs/a.png"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         data.ImageTextFolder(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "bad.jsonl").write_text('{"image": "imgs/a.png", "caption": "ok"}\n{"image": \n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        data.ImageTextFolder(str(tmp_path / "bad.jsonl"))
 
 
 def test_missing_caption_and_empty_folder_are_clear_errors(tmp_path):
@@ -450,8 +453,10 @@ def test_cache_killed_run_is_refused_then_resumed(tmp_path):
         data.CachedDataset(str(tmp_path))
     with pytest.raises(ValueError, match="shard_size="):  # resuming with other settings is refused
         data.build_cache(ds, str(tmp_path), StubEncoder(), data.PixelSpace(), shard_size=3, progress=False)
+    (tmp_path / "shard_00001.pt.tmp123").write_bytes(b"half a shard")  # what a kill mid-write leaves
     enc = StubEncoder()
     data.build_cache(ds, str(tmp_path), enc, data.PixelSpace(), shard_size=4, batch_size=2, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["meta.json", "shard_00000.pt", "shard_00001.pt"]
     assert enc.calls == 1  # only the missing shard (2 items, 1 batch) was encoded
     cd = data.CachedDataset(str(tmp_path), {"num_frames": 4, "latent_space": "pixel"})
     assert torch.equal(cd[5]["x"], ds[5]["x"]) and cd[5]["x"].shape == (4, 3, 32, 32)
