@@ -1,0 +1,123 @@
+"""Properties of diffusion.py: Eq. 1 statistics, exact samplers under an oracle, Eq. 6 reductions."""
+
+import pytest
+import torch
+
+from diffusion import Diffusion, cfg_combine, ddim_sample, guided_eps_fn, mfg_combine, sample
+from model import GenTron, make_config
+
+
+def test_schedule_is_ddpm_linear():
+    d = Diffusion()
+    assert d.betas[0].item() == pytest.approx(1e-4) and d.betas[-1].item() == pytest.approx(0.02)
+    # abar_T ~ 4e-5: x_T is (almost) pure noise, as Sec. 3.1 assumes
+    assert d.alpha_bar[-1].item() == pytest.approx(4.036e-5, rel=1e-3)
+
+
+@pytest.mark.parametrize("t", [0, 250, 999])
+def test_q_sample_moments(t):
+    # Eq. 1 in closed form: x_t | x_0 ~ N(sqrt(abar_t) x_0, (1 - abar_t) I)
+    d = Diffusion()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.full((200_000,), 0.7, dtype=torch.float64)
+    xt = d.q_sample(x0, torch.full((1,), t), torch.randn(x0.shape, generator=g, dtype=torch.float64))
+    ab = d.alpha_bar[t].item()
+    assert xt.mean().item() == pytest.approx(ab**0.5 * 0.7, abs=4 * ((1 - ab) / 2e5) ** 0.5 + 1e-9)
+    assert xt.var().item() == pytest.approx(1 - ab, rel=0.02, abs=1e-6)
+
+
+def test_q_sample_matches_composed_eq1_chain():
+    # Applying Eq. 1 step by step t+1 times has the same mean/variance as the closed form at t.
+    d = Diffusion()
+    g = torch.Generator().manual_seed(1)
+    x = torch.full((50_000,), -1.0, dtype=torch.float64)
+    for beta in d.betas[:200]:
+        x = (1 - beta).sqrt() * x + beta.sqrt() * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    ab = d.alpha_bar[199].item()
+    assert x.mean().item() == pytest.approx(-(ab**0.5), abs=0.01)
+    assert x.var().item() == pytest.approx(1 - ab, rel=0.03)
+
+
+def oracle(d, x0):
+    """The perfect noise predictor for a known x_0: eps = (x_t - sqrt(abar) x_0) / sqrt(1 - abar)."""
+
+    def eps_fn(x, t):
+        ab = d.alpha_bar[t].view(-1, *[1] * (x.ndim - 1)).to(x.dtype)
+        return (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+
+    return eps_fn
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 1000), ("ddpm", 50), ("ddim", 20), ("dpm++2m", 10)])
+def test_samplers_recover_x0_with_oracle(sampler, steps):
+    d = Diffusion()
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.rand(4, 3, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+    xT = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    out = sample(oracle(d, x0), d, xT, sampler, steps, generator=g)
+    assert (out - x0).abs().max().item() < 1e-6
+
+
+def test_ddim_eta0_is_deterministic_and_eta1_is_not():
+    d = Diffusion()
+    model = lambda x, t: torch.sin(x) * (t.view(-1, 1) / 1000.0)  # any fixed eps function
+    xT = torch.randn(3, 16)
+    a = ddim_sample(model, d, xT, steps=25, generator=torch.Generator().manual_seed(0))
+    b = ddim_sample(model, d, xT, steps=25, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    c = ddim_sample(model, d, xT, steps=25, eta=1.0, generator=torch.Generator().manual_seed(1))
+    assert (a - c).abs().max() > 1e-3
+
+
+def test_loss_is_zero_for_oracle_and_positive_otherwise():
+    d = Diffusion()
+    x0 = torch.randn(8, 4, dtype=torch.float64)
+    t = torch.randint(0, 1000, (8,))
+    noise = torch.randn_like(x0)
+    assert d.loss(oracle(d, x0), x0, t, noise).item() < 1e-20
+    assert d.loss(lambda x, t: torch.zeros_like(x), x0, t, noise).item() == pytest.approx(noise.pow(2).mean().item())
+
+
+def test_mfg_reductions():
+    g = torch.Generator().manual_seed(3)
+    e_nn, e_nm, e_tm = (torch.randn(5, generator=g) for _ in range(3))
+    # lambda_M = 1: Eq. 6 is plain CFG with motion on
+    torch.testing.assert_close(mfg_combine(e_nn, e_nm, e_tm, 7.5, 1.0), cfg_combine(e_tm, e_nm, 7.5))
+    # lambda_T = lambda_M = 1: the fully conditioned prediction
+    torch.testing.assert_close(mfg_combine(e_nn, e_nm, e_tm, 1.0, 1.0), e_tm)
+    # lambda_M = 0 drops motion from the unconditional baseline: e(0,0) + lambda_T (e(c,m) - e(0,m))
+    torch.testing.assert_close(mfg_combine(e_nn, e_nm, e_tm, 2.0, 0.0), e_nn + 2 * (e_tm - e_nm))
+    # CFG with scale 1 is the conditional prediction
+    torch.testing.assert_close(cfg_combine(e_tm, e_nm, 1.0), e_tm)
+
+
+def _random_video_model():
+    torch.manual_seed(0)
+    cfg = make_config("tiny", in_channels=3, text_dim=12, pooled_dim=8, temporal=True)
+    model = GenTron(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def test_guided_eps_fn_is_eq6_from_one_batched_forward():
+    model = _random_video_model()
+    b, L = 2, 5
+    g = torch.Generator().manual_seed(4)
+    cond = dict(text=torch.randn(b, L, 12, generator=g), text_mask=torch.ones(b, L, dtype=torch.bool),
+                pooled=torch.randn(b, 8, generator=g))
+    null = dict(text=torch.randn(b, L, 12, generator=g), text_mask=torch.ones(b, L, dtype=torch.bool),
+                pooled=torch.randn(b, 8, generator=g))
+    x, t = torch.randn(b, 4, 3, 8, 8, generator=g), torch.tensor([10, 900])
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+    with torch.no_grad():
+        got = guided_eps_fn(model, cond, null, cfg_scale=7.5, mfg_scale=1.2)(x, t)
+        assert calls == [3 * b]  # one batched forward for the three predictions
+        on, off = torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)
+        e_nn = model(x, t, **null, motion_free=off)
+        e_nm = model(x, t, **null, motion_free=on)
+        e_tm = model(x, t, **cond, motion_free=on)
+    torch.testing.assert_close(got, mfg_combine(e_nn, e_nm, e_tm, 7.5, 1.2), rtol=1e-5, atol=1e-5)
+    assert (e_nn - e_nm).abs().max() > 1e-3  # the motion-free flag really changes the prediction

@@ -1,0 +1,162 @@
+"""Properties of model.py that the paper states (Sec. 3.2-3.3), checked numerically on CPU."""
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from model import GenTron, count_params, flops_per_sample, make_config, param_formula
+
+TEXT_DIM, POOLED_DIM, L = 24, 16, 7
+
+
+def build(size="tiny", seed=0, randomize=True, **kw):
+    """A small model; `randomize` replaces the zero inits by random weights, like a trained model."""
+    torch.manual_seed(seed)
+    kw = {"in_channels": 3, "text_dim": TEXT_DIM, "pooled_dim": POOLED_DIM, **kw}
+    model = GenTron(make_config(size, **kw)).eval()
+    if randomize:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def inputs(b=2, frames=None, size=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    shape = (b, 3, size, size) if frames is None else (b, frames, 3, size, size)
+    mask = torch.ones(b, L, dtype=torch.bool)
+    mask[0, 4:] = False  # first caption is shorter: 3 padded tokens
+    return dict(
+        x=torch.randn(shape, generator=g),
+        t=torch.randint(0, 1000, (b,), generator=g),
+        text=torch.randn(b, L, TEXT_DIM, generator=g),
+        text_mask=mask,
+        pooled=torch.randn(b, POOLED_DIM, generator=g),
+    )
+
+
+@pytest.mark.parametrize("size", ["tiny", "S", "B"])
+@pytest.mark.parametrize("conditioning", ["cross_attn", "adaln"])
+def test_shapes_image_and_video(size, conditioning):
+    # widths and heads of each size; depth 1 keeps S and B fast on CPU (depth does not change shapes)
+    model = build(size, conditioning=conditioning, temporal=True, randomize=False, depth=1)
+    img = inputs(b=2)
+    assert model(**img).shape == img["x"].shape  # a (B, C, H, W) image batch
+    vid = inputs(b=1, frames=3)
+    out = model(**vid, motion_free=torch.tensor([False]))
+    assert out.shape == vid["x"].shape == (1, 3, 3, 16, 16)  # (B, T, C, H, W)
+
+
+def test_video_needs_temporal_model():
+    with pytest.raises(ValueError, match="temporal=True"):
+        build(randomize=False)(**inputs(frames=2))
+
+
+@pytest.mark.parametrize("conditioning", ["cross_attn", "adaln"])
+def test_every_block_is_identity_at_init(conditioning):
+    # adaLN-zero (DiT): gates start at 0; the ungated cross-attention and temporal outputs are zero-init.
+    model = build(conditioning=conditioning, temporal=True, randomize=False)
+    x = torch.randn(2 * 3, 64, model.cfg.width)  # (B T, N, D)
+    c = torch.randn(2, model.cfg.width)
+    text = torch.randn(2, L, model.cfg.width)
+    for block in model.blocks:
+        out = block(x, c, text, torch.ones(2, L, dtype=torch.bool), frames=3, motion_free=torch.tensor([0, 1]).bool())
+        assert torch.equal(out, x)
+    # ... and with the zero final layer the untrained network predicts eps = 0
+    assert model(**inputs()).abs().max() == 0
+
+
+def test_t2v_from_t2i_checkpoint_matches_t2i_per_frame():
+    # Sec. 3.3.1: with zero-init TempSelfAttn output, the new T2V model equals its T2I parent on every frame.
+    t2i = build(seed=0)
+    t2v = build(seed=5, temporal=True, randomize=False)
+    new_keys = t2v.load_t2i_weights(t2i.state_dict())
+    assert new_keys and all(".temporal." in k for k in new_keys)
+    assert len(new_keys) == 6 * t2v.cfg.depth  # norm w/b, qkv w/b, proj w/b per block
+    vid = inputs(b=2, frames=4)
+    out = t2v(**vid, motion_free=torch.tensor([False, False]))
+    for f in range(4):
+        frame = {**vid, "x": vid["x"][:, f]}
+        torch.testing.assert_close(out[:, f], t2i(**frame), rtol=0, atol=1e-6)
+    assert out.abs().max() > 0.1  # the check compares real (randomised) outputs, not zeros
+
+
+def test_t2i_checkpoint_with_wrong_shared_keys_is_refused():
+    t2v = build(temporal=True, randomize=False)
+    sd = build().state_dict()
+    del sd["blocks.0.attn.qkv.weight"]
+    with pytest.raises(ValueError, match="missing 1 shared"):
+        t2v.load_t2i_weights(sd)
+
+
+def test_motion_free_mask_makes_frames_independent():
+    # Sec. 3.3.2: the identity temporal mask confines attention to each frame. Random (trained-like)
+    # weights everywhere, including the temporal output projection.
+    model = build(temporal=True)
+    vid = inputs(b=2, frames=6)
+    bumped = {**vid, "x": vid["x"].clone()}
+    bumped["x"][:, 0] += 1.0  # perturb frame 0 of both clips
+    both_free = torch.tensor([True, True])
+    a, b = model(**vid, motion_free=both_free), model(**bumped, motion_free=both_free)
+    assert torch.equal(a[:, 1:], b[:, 1:])  # every other frame exactly unchanged
+    assert (a[:, 0] - b[:, 0]).abs().max() > 1e-3  # frame 0 itself did change
+    no_mask_a, no_mask_b = model(**vid), model(**bumped)
+    assert (no_mask_a[:, 5] - no_mask_b[:, 5]).abs().max() > 1e-3  # with motion, frame 5 sees frame 0
+    # per-sample flags: clip 0 motion-free (independent frames), clip 1 with motion (coupled)
+    flags = torch.tensor([True, False])
+    a, b = model(**vid, motion_free=flags), model(**bumped, motion_free=flags)
+    assert torch.equal(a[0, 1:], b[0, 1:])
+    assert (a[1, 5] - b[1, 5]).abs().max() > 1e-3
+    # the flag of one sample does not change another's output
+    torch.testing.assert_close(a[1], model(**vid, motion_free=torch.tensor([False, False]))[1])
+
+
+def test_padded_text_tokens_are_ignored():
+    model = build()
+    a = inputs()
+    b = {**a, "text": a["text"].clone()}
+    b["text"][0, 4:] = 100 * torch.randn(3, TEXT_DIM)  # change only the padded tokens of caption 0
+    out_a, out_b = model(**a), model(**b)
+    torch.testing.assert_close(out_a, out_b, rtol=0, atol=1e-6)
+    b["text"][0, 0] += 1.0  # a real token does matter
+    assert (model(**b)[0] - out_a[0]).abs().max() > 1e-3
+
+
+def test_pooled_text_reaches_adaln():
+    for cond in ["cross_attn", "adaln"]:
+        model = build(conditioning=cond)
+        a = inputs()
+        b = {**a, "pooled": a["pooled"] + 1}
+        assert (model(**a) - model(**b)).abs().max() > 1e-3
+    # and the Sec. 3.2.1 ablation switch removes it
+    model = build(pooled_text=False)
+    a = inputs()
+    assert torch.equal(model(**a), model(**{**a, "pooled": a["pooled"] + 1}))
+
+
+@pytest.mark.parametrize("size,params", [("XL", 830_310_928), ("G", 2_946_571_280)])
+def test_param_counts_on_meta_device(size, params):
+    # CLIP-L + T5-XXL text (4864 channels), 4-channel latents, cross-attention (Table 1 rows).
+    with torch.device("meta"):
+        model = GenTron(make_config(size))
+    assert count_params(model) == param_formula(model.cfg) == params
+
+
+@pytest.mark.parametrize("conditioning", ["cross_attn", "adaln"])
+@pytest.mark.parametrize("frames", [None, 4])
+def test_flop_formula_matches_flop_counter(conditioning, frames):
+    # The closed form used for MFU against PyTorch's own count of every matmul, conv and attention.
+    model = build(conditioning=conditioning, temporal=frames is not None, randomize=False)
+    batch = inputs(b=2, frames=frames)
+    kw = {} if frames is None else {"motion_free": None}
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # math SDPA is counted
+        model(**batch, **kw)
+    expected = 2 * flops_per_sample(model.cfg, text_len=L, frames=frames or 1, resolution=16)
+    assert counter.get_total_flops() == expected
+
+
+def test_resolution_change_needs_no_rebuild():
+    # Multi-stage training (Sec. 4.1, 256 -> 512 px): sin-cos positions are computed for any grid.
+    model = build()
+    assert model(**inputs(size=32)).shape == (2, 3, 32, 32)
