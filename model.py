@@ -206,7 +206,9 @@ class GenTronBlock(nn.Module):
 
     def forward(self, x, c, text=None, text_mask=None, frames=1, motion_free=None):
         # x (B T, N, D); c (B, D) per clip: modulation is computed once per clip, then shared by frames
-        mod = self.adaLN_modulation(c).repeat_interleave(frames, dim=0)[:, None]  # (B T, 1, 6D)
+        mod = self.adaLN_modulation(c)[:, None]  # (B, 1, 6D)
+        if frames > 1:
+            mod = mod.repeat_interleave(frames, dim=0)  # (B T, 1, 6D)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
         x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
         if self.cross:
@@ -227,7 +229,10 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(cfg.width, cfg.patch * cfg.patch * cfg.in_channels)
 
     def forward(self, x, c, frames=1):
-        shift, scale = self.adaLN_modulation(c).repeat_interleave(frames, dim=0)[:, None].chunk(2, dim=-1)
+        mod = self.adaLN_modulation(c)[:, None]  # (B, 1, 2D)
+        if frames > 1:
+            mod = mod.repeat_interleave(frames, dim=0)  # (B T, 1, 2D)
+        shift, scale = mod.chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
