@@ -58,6 +58,7 @@ class GenTronConfig:
 # Parameter counts (cross_attn, CLIP+T5 text, image model; `count_params` / `param_formula`):
 SIZES = {
     "tiny": dict(depth=2, width=64, mlp_width=256, heads=4),  # tests only
+    "toy": dict(depth=8, width=128, mlp_width=512, heads=4),  # bundled models, CPU quick start
     "S": dict(depth=12, width=384, mlp_width=1536, heads=6),  # toy runs (DiT-S widths)
     "B": dict(depth=12, width=768, mlp_width=3072, heads=12),  # DiT-B widths
     "XL": dict(depth=28, width=1152, mlp_width=4608, heads=16),  # GenTron-XL/2, Table 1: 930.0M
