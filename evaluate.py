@@ -1,0 +1,621 @@
+"""
+Evaluation of GenTron: an exact oracle benchmark on the built-in synthetic data, and the real-model metrics
+of the paper (T2I-CompBench, Sec. 4.2 and Tables 2-3; CLIP score and FID, Table 4).
+
+    python evaluate.py --oracle                                 # bundled T2I model, held-out compositions
+    python evaluate.py --oracle --video --ckpt runs/t2v         # per-frame attributes, motion, consistency
+    python evaluate.py --compbench T2I-CompBench/examples/dataset --ckpt runs/t2i --images out/compbench
+    python evaluate.py --compbench T2I-CompBench/examples/dataset --images out/compbench   # score existing images
+    python evaluate.py --clip-score out/                        # a sample.py output folder (images or videos)
+    python evaluate.py --fid out/ --ref data/coco_val_imgs      # needs `pip install torch-fidelity`
+
+Oracle. The synthetic renderer (synthetic.py) draws flat colours from a fixed palette on black, objects that
+fill their bounding box and never touch; `detect` inverts it: nearest palette colour per pixel, connected
+components, bbox -> centre and half-size, majority colour, shape = best IoU against synthetic.shape_mask.
+Scores of one image (all reported as fractions in [0, 1]; the table prints x100):
+  single   object accuracy: a detection has the prompt's colour AND shape.
+  color    colour binding: two DISTINCT detections carry exactly the prompt's two (colour, shape) pairs, so
+           drawing "a red circle and a blue square" as a blue circle and a red square fails.
+  shape    shape binding: the same rule (the two objects differ in shape rather than colour).
+  spatial  both objects found as above and the relation holds between their centres with CompBench's rule:
+           "A left of B" iff x_B - x_A > 0 and |dx| > |dy| (likewise right / above / below, y pointing down).
+  overall  mean of color, shape and spatial (the columns of Table 2 this data has; texture: none, "-").
+Videos (one moving object, synthetic.MovingShapesDataset):
+  frame_attribute  fraction of frames with a detection of the prompt's colour and shape.
+  direction        least-squares fit of the centre track of the largest detection (frames where one exists,
+                   at least 2); the axis with the larger |slope| and its sign give the direction; correct iff it
+                   equals the prompt's and the fitted travel is >= 1/4 of the data's (speed x (T-1)) - a still
+                   object is wrong.
+  consistency      fraction of consecutive frame pairs whose largest detection has the same (colour, shape)
+                   (a missing detection counts as a change): object identity is kept over time.
+Chance levels (a scene of random objects from the 8 x 5 vocabulary): single 1/40 = 2.5%; colour / shape
+binding about 2/(40*39) = 0.13%; spatial about a quarter of that; frame attribute 2.5%; direction 25%
+(4 directions); consistency 2.5% for independent frames. tests/test_evaluate.py checks >= 99% on ground-truth
+renders and near these levels on noise.
+
+Real-model metrics follow T2I-CompBench (Huang et al. 2023) through transformers; see `compbench` for where
+they deviate from the original code (UniDet, spaCy).
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections import deque
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from synthetic import BACKGROUND, CATEGORIES, COLORS, SHAPES, geometry, heldout_prompts, shape_mask
+
+# -----------------------------------------------------------------------------
+# Oracle: a rule-based detector that inverts synthetic.render
+
+PALETTE = np.array([BACKGROUND, *COLORS.values()], dtype=np.float32)  # (9, 3): index 0 is the background
+NAMES = [None, *COLORS]
+MIN_SHAPE_IOU = 0.5  # below this the blob is no shape of the vocabulary
+
+
+def components(mask):
+    """4-connected components of a bool (H, W) mask -> list of (ys, xs) index arrays."""
+    h, w = mask.shape
+    seen = np.zeros_like(mask)
+    out = []
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        seen[y0, x0] = True
+        queue, ys, xs = deque([(y0, x0)]), [], []
+        while queue:  # breadth-first flood fill
+            y, x = queue.popleft()
+            ys.append(y)
+            xs.append(x)
+            for v, u in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= v < h and 0 <= u < w and mask[v, u] and not seen[v, u]:
+                    seen[v, u] = True
+                    queue.append((v, u))
+        out.append((np.array(ys), np.array(xs)))
+    return out
+
+
+def opening(mask):
+    """Morphological opening with a 2x2 square: keeps exactly the pixels that lie in some all-True 2x2 block.
+    Every rendered shape is a union of such blocks (so renders pass unchanged), while isolated speckles,
+    1-pixel lines and spurs that generation noise attaches to an object are removed."""
+    full = mask[:-1, :-1] & mask[1:, :-1] & mask[:-1, 1:] & mask[1:, 1:]  # (H-1, W-1): block with top-left here
+    out = np.zeros_like(mask)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            out[dy : dy + full.shape[0], dx : dx + full.shape[1]] |= full
+    return out
+
+
+def detect(img):
+    """uint8 (H, W, 3) render or generation -> list of {"color", "shape", "x", "y", "r", "area", "iou"}.
+
+    Exact on renders (bbox [x-r, x+r) gives centre and r; the majority colour is the flat colour). For
+    generations: a 2x2 opening drops speckles, components smaller than a third of the smallest object or
+    larger than twice the largest are ignored, and a blob whose best template IoU is < MIN_SHAPE_IOU gets
+    shape None."""
+    size = img.shape[0]
+    r_min, r_max, _, _ = geometry(size)
+    min_area = min(shape_mask(s, r_min, r_min, r_min, 2 * r_min).sum() for s in SHAPES) / 3
+    dist = ((img[:, :, None, :].astype(np.float32) - PALETTE) ** 2).sum(-1)  # (H, W, 9)
+    label = dist.argmin(-1)  # nearest palette entry per pixel
+    objects = []
+    for ys, xs in components(opening(label > 0)):
+        if len(ys) < min_area:
+            continue
+        x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1  # bbox [x0, x1) x [y0, y1)
+        r = max(x1 - x0, y1 - y0) / 2
+        if r > 2 * r_max:
+            continue
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        color = NAMES[np.bincount(label[ys, xs], minlength=len(NAMES))[1:].argmax() + 1]  # majority colour
+        blob = np.zeros(label.shape, bool)
+        blob[ys, xs] = True
+        ious = {}
+        for s in SHAPES:
+            t = shape_mask(s, cx, cy, r, size)
+            ious[s] = (blob & t).sum() / (blob | t).sum()
+        shape = max(ious, key=ious.get)
+        objects.append({"color": color, "shape": shape if ious[shape] >= MIN_SHAPE_IOU else None,
+                        "x": float(cx), "y": float(cy), "r": float(r), "area": len(ys), "iou": float(ious[shape])})
+    return objects
+
+
+def relation_holds(a, b, relation):
+    """CompBench's centre rule for "a RELATION b": the displacement a -> b along the relation's axis has the
+    right sign and dominates the other axis (image y points down)."""
+    dx, dy = b["x"] - a["x"], b["y"] - a["y"]
+    main, other = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[relation]
+    return main > 0 and abs(main) > abs(other)
+
+
+def _matches(dets, o):
+    return [i for i, d in enumerate(dets) if d["color"] == o["color"] and d["shape"] == o["shape"]]
+
+
+def score_image(img, meta):
+    """One image against its ground truth -> {"correct": bool, "found": number of prompt objects detected}."""
+    dets = detect(img)
+    objs = meta["objects"]
+    found = [_matches(dets, o) for o in objs]
+    if meta["category"] == "single":
+        correct = bool(found[0])
+    else:  # two distinct detections, one per prompt object (and for spatial, the relation between them)
+        pairs = [(i, j) for i in found[0] for j in found[1] if i != j]
+        if meta["category"] == "spatial":
+            pairs = [(i, j) for i, j in pairs if relation_holds(dets[i], dets[j], meta["relation"])]
+        correct = bool(pairs)
+    return {"correct": correct, "found": sum(bool(f) for f in found), "objects": len(objs)}
+
+
+def score_images(images, metas):
+    """uint8 (B, H, W, 3) images + ground-truth metas -> {category: accuracy, "overall", "object_recall", "n"}."""
+    per = {}
+    found = total = 0
+    for img, meta in zip(np.asarray(images), metas):
+        s = score_image(img, meta)
+        per.setdefault(meta["category"], []).append(s["correct"])
+        found, total = found + s["found"], total + s["objects"]
+    out = {c: float(np.mean(v)) for c, v in per.items()}
+    table = [out[c] for c in ("color", "shape", "spatial") if c in out]
+    out["overall"] = float(np.mean(table)) if table else None
+    out["object_recall"] = found / max(1, total)  # prompt objects detected with the right colour and shape
+    out["n"] = {c: len(v) for c, v in per.items()}
+    return out
+
+
+def score_video(frames, meta):
+    """One clip (T, H, W, 3) against its ground truth -> {"frame_attribute", "direction", "consistency"}."""
+    o, T = meta["objects"][0], len(frames)
+    dets = [detect(f) for f in frames]
+    attribute = np.mean([bool(_matches(d, o)) for d in dets])
+    main = [max(d, key=lambda q: q["area"]) if d else None for d in dets]  # the clip's one object, per frame
+    ts = [t for t in range(T) if main[t] is not None]
+    correct = False
+    if len(ts) >= 2:
+        vx = np.polyfit(ts, [main[t]["x"] for t in ts], 1)[0]  # px per frame
+        vy = np.polyfit(ts, [main[t]["y"] for t in ts], 1)[0]
+        v, axis = (vx, "x") if abs(vx) >= abs(vy) else (vy, "y")
+        pred = {("x", True): "right", ("x", False): "left", ("y", True): "down", ("y", False): "up"}[(axis, v > 0)]
+        travel = abs(v) * (T - 1)
+        correct = pred == meta["direction"] and travel >= 0.25 * meta["speed"] * (T - 1)
+    ident = [None if m is None else (m["color"], m["shape"]) for m in main]
+    consistency = np.mean([ident[t] is not None and ident[t] == ident[t - 1] for t in range(1, T)]) if T > 1 else 1.0
+    return {"frame_attribute": float(attribute), "direction": bool(correct), "consistency": float(consistency)}
+
+
+def score_videos(videos, metas):
+    """uint8 (B, T, H, W, 3) clips + motion metas -> mean frame_attribute, direction, consistency; "n"."""
+    scores = [score_video(v, m) for v, m in zip(np.asarray(videos), metas)]
+    out = {k: float(np.mean([s[k] for s in scores])) for k in ("frame_attribute", "direction", "consistency")}
+    out["n"] = len(scores)
+    return out
+
+
+def oracle_eval(model, meta, n_per_category=50, seed=0, sampler="dpm++2m", steps=25, cfg=7.5, mfg=1.2,
+                device=None, batch_size=64, video=None, frames=None, progress=True):
+    """Generate held-out compositions (synthetic.heldout_prompts: colour-shape pairs never seen in training)
+    with sample.generate and score them. T2I: n prompts per category; T2V: n moving-object prompts."""
+    from sample import generate
+
+    video = meta["kind"] == "t2v" if video is None else video
+    size = meta.get("resolution") or model.cfg.input_size
+    if video:
+        frames = frames or meta.get("num_frames") or model.cfg.num_frames
+        items = heldout_prompts("motion", n_per_category, seed=seed, size=size, num_frames=frames)
+    else:
+        items = [it for c in CATEGORIES for it in heldout_prompts(c, n_per_category, seed=seed, size=size)]
+    prompts, metas = [p for p, _ in items], [m for _, m in items]
+    x = generate(model, meta, prompts, seed=seed, sampler=sampler, steps=steps, cfg=cfg, mfg=mfg, frames=frames,
+                 video=video, device=device, batch_size=batch_size, progress=progress)
+    scores = score_videos(x, metas) if video else score_images(x, metas)
+    settings = dict(kind="t2v" if video else "t2i", n_per_category=n_per_category, seed=seed, sampler=sampler,
+                    steps=steps, cfg=cfg, mfg=mfg if video else None, frames=frames, ckpt=meta.get("ckpt"))
+    return {**scores, "settings": settings}
+
+
+def oracle_table(scores):
+    """The Table-2 layout for oracle scores (percent)."""
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}"
+    if "direction" in scores:
+        cols = ["Frame attr.", "Direction", "Consistency"]
+        return _table(cols, [[pct(scores[k]) for k in ("frame_attribute", "direction", "consistency")]])
+    cols = ["Color", "Shape", "Texture", "Spatial", "Overall", "Single obj."]
+    return _table(cols, [[pct(scores.get(k)) for k in ("color", "shape", "texture", "spatial", "overall", "single")]])
+
+
+def _table(cols, rows, first=None):
+    w = max(12, *(len(c) + 2 for c in cols))
+    head = ("" if first is None else f"{first[0]:<24}") + "".join(f"{c:>{w}}" for c in cols)
+    lines = [head, "-" * len(head)]
+    for i, r in enumerate(rows):
+        lines.append(("" if first is None else f"{first[i + 1]:<24}") + "".join(f"{v:>{w}}" for v in r))
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# Real-model metrics: T2I-CompBench (BLIP-VQA, CLIPScore, detector), CLIP score, frame consistency, FID
+
+BLIP_VQA = "Salesforce/blip-vqa-base"  # CompBench's attribute-binding model (BLIP VQA, ViT-B)
+CLIP_B32 = "openai/clip-vit-base-patch32"  # CompBench's non-spatial CLIPScore model
+CLIP_L14 = "openai/clip-vit-large-patch14"  # the usual CLIP score model (torchmetrics' default)
+DETECTOR = "google/owlvit-base-patch32"  # open-vocabulary stand-in for UniDet
+COMPBENCH = {"color": "color_val.txt", "shape": "shape_val.txt", "texture": "texture_val.txt",
+             "spatial": "spatial_val.txt", "non_spatial": "non_spatial_val.txt", "complex": "complex_val.txt"}
+# CompBench's spatial vocabulary, searched in this order (UniDet_eval/determine_position_for_eval.py)
+SPATIAL_WORDS = ("on side of", "next to", "near", "on the left of", "on the right of", "on the bottom of",
+                 "on the top of", "on top of")
+SEPARATORS = r"\s*(?:,|;|\band\b|\bwith\b|\bis\b|\bare\b|\bon\b|\bin\b|\bof\b|\bnext to\b|\bnear\b)\s*"
+
+
+def load_hf(cls_name, name, device="cpu"):
+    """transformers model class `cls_name` + AutoProcessor from a hub name or a local save_pretrained folder."""
+    import transformers
+
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(name)
+        model = getattr(transformers, cls_name).from_pretrained(name)
+    except Exception as e:  # offline / not cached / wrong folder
+        raise FileNotFoundError(f"could not load {name!r} as {cls_name} ({type(e).__name__}); download it once "
+                                f"with `huggingface-cli download {name}` or pass a local folder") from None
+    return model.to(device).eval().requires_grad_(False), processor
+
+
+def noun_phrases(prompt):
+    """Noun phrases to ask BLIP about. CompBench uses spaCy noun_chunks; this rule splits on "and", "with",
+    commas, copulas, prepositions and the spatial words instead ("a green bench and a red car" -> ["a green
+    bench", "a red car"]); it keeps a verb phrase whole ("a man riding a horse") where spaCy would split it."""
+    text = prompt.lower().strip().rstrip(".")
+    for w in sorted(SPATIAL_WORDS, key=len, reverse=True):
+        text = text.replace(f" {w} ", " , ")
+    parts = [p.strip(" .") for p in re.split(SEPARATORS, text)]
+    return [p for p in parts if p and p not in ("top", "the side", "the left", "the right", "the top", "the bottom")]
+
+
+@torch.no_grad()
+def blip_yes_prob(model, processor, images, questions):
+    """BLIP-VQA P(yes) / (P(yes) + P(no)) of the first answer token, as CompBench's vqa_prob."""
+    tok = processor.tokenizer
+    yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
+    device = next(model.parameters()).device
+    inputs = processor(images=images, text=questions, return_tensors="pt", padding=True).to(device)
+    image_embeds = model.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state  # (B, N, D)
+    q = model.text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                           encoder_hidden_states=image_embeds).last_hidden_state  # (B, L, D)
+    bos = torch.full((len(images), 1), model.decoder_start_token_id, device=device)
+    logits = model.text_decoder(input_ids=bos, encoder_hidden_states=q,
+                                encoder_attention_mask=inputs["attention_mask"]).logits[:, 0]  # (B, vocab)
+    p = logits.float().softmax(-1)
+    return (p[:, yes] / (p[:, yes] + p[:, no])).cpu()
+
+
+def blip_vqa_scores(images, prompts, model, processor, batch_size=32):
+    """Attribute binding (CompBench BLIP-VQA): per image, the product over the prompt's noun phrases of the
+    yes-probability of the question "{noun phrase}?"."""
+    questions = [(i, f"{np_}?") for i, p in enumerate(prompts) for np_ in noun_phrases(p)]
+    scores = torch.ones(len(images))
+    for b in tqdm(range(0, len(questions), batch_size), desc="blip-vqa", leave=False):
+        chunk = questions[b : b + batch_size]
+        p = blip_yes_prob(model, processor, [images[i] for i, _ in chunk], [q for _, q in chunk])
+        for (i, _), v in zip(chunk, p):
+            scores[i] *= v
+    return scores.tolist()
+
+
+@torch.no_grad()
+def clip_embed(model, processor, images=None, texts=None, batch_size=64):
+    """L2-normalised CLIP embeddings of PIL images or of texts -> (N, D)."""
+    device = next(model.parameters()).device
+    out = []
+    items = images if images is not None else texts
+    for b in range(0, len(items), batch_size):
+        chunk = items[b : b + batch_size]
+        if images is not None:
+            x = processor(images=chunk, return_tensors="pt").to(device)
+            e = model.get_image_features(pixel_values=x["pixel_values"])
+        else:
+            x = processor(text=chunk, return_tensors="pt", padding=True, truncation=True).to(device)
+            e = model.get_text_features(input_ids=x["input_ids"], attention_mask=x["attention_mask"])
+        e = e if torch.is_tensor(e) else e.pooler_output  # transformers v5 returns an output object
+        out.append(torch.nn.functional.normalize(e.float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
+def clip_cosine(images, texts, model, processor):
+    """Cosine similarity of CLIP image and text embeddings, one pair per image (CompBench's CLIPScore)."""
+    return (clip_embed(model, processor, images=images) * clip_embed(model, processor, texts=texts)).sum(-1)
+
+
+def clip_score(images, texts, model, processor):
+    """CLIP score = 100 * max(cos, 0) per image (Hessel et al. with w = 100, as in Table 4's CLIP-Score)."""
+    return (100 * clip_cosine(images, texts, model, processor).clamp(min=0)).tolist()
+
+
+def frame_consistency(videos, model, processor):
+    """Per video: mean cosine (x100) between CLIP image embeddings of consecutive frames."""
+    out = []
+    for frames in videos:
+        e = clip_embed(model, processor, images=list(frames))  # (T, D)
+        out.append(float(100 * (e[1:] * e[:-1]).sum(-1).mean()))
+    return out
+
+
+def determine_position(locality, box1, box2, iou_threshold=0.1, distance_threshold=150.0):
+    """CompBench's soft spatial score of two (x0, y0, x1, y1) boxes, box1 = the first object of the prompt."""
+    c1 = ((box1[0] + box1[2]) / 2, (box1[1] + box1[3]) / 2)
+    c2 = ((box2[0] + box2[2]) / 2, (box2[1] + box2[3]) / 2)
+    dx, dy = c2[0] - c1[0], c2[1] - c1[1]
+    inter = max(0, min(box1[2], box2[2]) - max(box1[0], box2[0])) * max(0, min(box1[3], box2[3]) - max(box1[1], box2[1]))
+    area = lambda b: (b[2] - b[0]) * (b[3] - b[1])
+    union = area(box1) + area(box2) - inter
+    iou = inter / union if union > 0 else 0.0  # degenerate (zero-area) boxes do not overlap
+    if locality in ("next to", "on side of", "near"):
+        return 1.0 if abs(dx) < distance_threshold or abs(dy) < distance_threshold else \
+            distance_threshold / max(abs(dx), abs(dy))
+    # (sign of the main axis, main axis is x?) per relation; "on top of" scored as "on the top of" (see compbench)
+    rule = {"on the left of": (1, True), "on the right of": (-1, True), "on the top of": (1, False),
+            "on top of": (1, False), "on the bottom of": (-1, False)}.get(locality)
+    if rule is None:
+        return 0.0
+    main, other = (dx, dy) if rule[1] else (dy, dx)
+    if main * rule[0] <= 0 or abs(main) <= abs(other):
+        return 0.0
+    return 1.0 if iou < iou_threshold else iou_threshold / iou
+
+
+def spatial_objects(prompt):
+    """(locality, noun 1, noun 2) of a spatial prompt: CompBench takes the first and last spaCy NOUN; this takes
+    the last word before the spatial words and the last word of the phrase after them."""
+    text = prompt.lower().strip().rstrip(".")
+    for w in SPATIAL_WORDS:
+        if f" {w} " in text:
+            left, right = text.split(f" {w} ", 1)
+            right = re.split(r"\s*(?:,|\band\b|\bwhile\b|\bwith\b)\s*", right)[0]
+            return w, left.split()[-1], right.split()[-1]
+    return None, None, None
+
+
+@torch.no_grad()
+def spatial_scores(images, prompts, model, processor, threshold=0.1):
+    """CompBench's UniDet spatial score with an open-vocabulary detector (OWL-ViT): per noun the highest-scoring
+    box; both found -> 0.25 s1 + 0.25 s2 + position / 2; one found -> 0.25 s; then scores < 0.5 -> 0."""
+    device = next(model.parameters()).device
+    out = []
+    for img, prompt in tqdm(list(zip(images, prompts)), desc="spatial", leave=False):
+        locality, n1, n2 = spatial_objects(prompt)
+        if locality is None:
+            out.append(0.0)
+            continue
+        inputs = processor(text=[[f"a photo of a {n1}", f"a photo of a {n2}"]], images=img, return_tensors="pt").to(device)
+        res = model(**inputs)
+        probs = res.logits[0].float().sigmoid()  # (queries, 2)
+        boxes = res.pred_boxes[0].float()  # (queries, 4): normalised (cx, cy, w, h)
+        w, h = img.size
+        found = []
+        for k in range(2):
+            i = int(probs[:, k].argmax())
+            cx, cy, bw, bh = boxes[i].tolist()
+            found.append((float(probs[i, k]), ((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h)))
+        (s1, b1), (s2, b2) = found
+        if s1 >= threshold and s2 >= threshold:  # distance threshold: CompBench's 150 px at 512 px, scaled
+            score = 0.25 * s1 + 0.25 * s2 + determine_position(locality, b1, b2, distance_threshold=150 * w / 512) / 2
+        else:
+            score = 0.25 * s1 if s1 >= threshold else 0.25 * s2 if s2 >= threshold else 0.0
+        out.append(score if score >= 0.5 else 0.0)
+    return out
+
+
+def read_prompt_file(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"CompBench prompt file {path} does not exist")
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def compbench_generate(model, meta, prompt_dir, image_dir, categories, n_per_prompt=10, max_prompts=None, **kw):
+    """Write image_dir/{category}/samples/{prompt}_{k:06d}.png - the layout CompBench's own scripts read."""
+    from sample import generate
+
+    for cat in categories:
+        prompts = read_prompt_file(os.path.join(prompt_dir, COMPBENCH[cat]))[:max_prompts]
+        flat = [p for p in prompts for _ in range(n_per_prompt)]
+        x = generate(model, meta, flat, video=False, **kw).numpy()
+        d = os.path.join(image_dir, cat, "samples")
+        os.makedirs(d, exist_ok=True)
+        for k, (p, img) in enumerate(zip(flat, x)):
+            Image.fromarray(img).save(os.path.join(d, f"{p.replace('/', ' ')}_{k:06d}.png"))
+
+
+def read_samples(d):
+    """Images of a CompBench samples folder, in index order -> (PIL images, prompts from the file names)."""
+    if not os.path.isdir(d):
+        raise FileNotFoundError(f"no images folder {d}; generate it with --ckpt (see --help)")
+    files = sorted((f for f in os.listdir(d) if f.lower().endswith((".png", ".jpg"))),
+                   key=lambda f: int(os.path.splitext(f)[0].rsplit("_", 1)[-1]))
+    return [Image.open(os.path.join(d, f)).convert("RGB") for f in files], [f.rsplit("_", 1)[0] for f in files]
+
+
+def compbench(prompt_dir, image_dir, categories=tuple(COMPBENCH), device="cpu", blip=BLIP_VQA, clip=CLIP_B32,
+              detector=DETECTOR):
+    """T2I-CompBench scores (fractions) of image_dir/{category}/samples for each category.
+
+    color / shape / texture: BLIP-VQA; spatial: detector + CompBench's position rule; non_spatial: CLIP
+    cosine (ViT-B/32); complex: CompBench's 3-in-1, the mean of BLIP-VQA, spatial and CLIP (over the two that
+    apply when complex_val_spatial.txt / complex_val_action.txt are in prompt_dir). Deviations from the
+    original: BLIP and CLIP through transformers (BLIP at its processor's 384 px, not 480 px); OWL-ViT instead
+    of UniDet for spatial (per-noun best box, threshold 0.1; 150 px distance rule scaled to the image size);
+    rule-based noun phrases instead of spaCy (noun_phrases, spatial_objects); "on top of" scored like "on the
+    top of" (CompBench returns 0 for it); complex keeps adjectives in the CLIP text (CompBench drops them)."""
+    need = set(categories)
+    models = {}
+    if need & {"color", "shape", "texture", "complex"}:
+        models["blip"] = load_hf("BlipForQuestionAnswering", blip, device)
+    if need & {"non_spatial", "complex"}:
+        models["clip"] = load_hf("CLIPModel", clip, device)
+    if need & {"spatial", "complex"}:
+        models["det"] = load_hf("OwlViTForObjectDetection", detector, device)
+    out = {}
+    for cat in categories:
+        images, prompts = read_samples(os.path.join(image_dir, cat, "samples"))
+        if cat in ("color", "shape", "texture"):
+            s = blip_vqa_scores(images, prompts, *models["blip"])
+        elif cat == "spatial":
+            s = spatial_scores(images, prompts, *models["det"])
+        elif cat == "non_spatial":
+            s = clip_cosine(images, prompts, *models["clip"]).tolist()
+        else:  # complex: 3-in-1
+            parts = np.array([blip_vqa_scores(images, prompts, *models["blip"]),
+                              spatial_scores(images, prompts, *models["det"]),
+                              clip_cosine(images, prompts, *models["clip"]).tolist()])  # (3, N)
+            s = parts.mean(0)
+            sp, ac = (os.path.join(prompt_dir, f"complex_val_{k}.txt") for k in ("spatial", "action"))
+            if os.path.isfile(sp) and os.path.isfile(ac):
+                norm = lambda p: p.lower().split(".")[0]
+                spatial, action = {norm(p) for p in read_prompt_file(sp)}, {norm(p) for p in read_prompt_file(ac)}
+                for i, p in enumerate(prompts):
+                    if norm(p) in spatial:
+                        s[i] = parts[[0, 1], i].mean()
+                    elif norm(p) in action:
+                        s[i] = parts[[0, 2], i].mean()
+            s = s.tolist()
+        out[cat] = float(np.mean(s))
+    cols = [c for c in ("color", "shape", "texture", "spatial", "non_spatial", "complex") if c in out]
+    out["mean"] = float(np.mean([out[c] for c in cols]))
+    return out
+
+
+def compbench_table(scores):
+    names = {"color": "Color", "shape": "Shape", "texture": "Texture", "spatial": "Spatial",
+             "non_spatial": "Non-spatial", "complex": "Complex", "mean": "Mean"}
+    return _table(list(names.values()), [[f"{100 * scores[k]:.2f}" if k in scores else "-" for k in names]])
+
+
+def clip_eval(sample_dir, model_name=CLIP_L14, device="cpu"):
+    """CLIP score of a sample.py output folder (its samples.json); for videos also per-frame CLIP score over all
+    frames and the frame-to-frame consistency of CLIP image embeddings."""
+    path = os.path.join(sample_dir, "samples.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: --clip-score reads a sample.py output folder")
+    with open(path) as f:
+        recs = json.load(f)["samples"]
+    model, processor = load_hf("CLIPModel", model_name, device)
+    prompts = [r["prompt"] for r in recs]
+    arrays = [np.asarray(Image.open(os.path.join(sample_dir, r["file"])).convert("RGB")) for r in recs]
+    if "gif" not in recs[0]:
+        return {"clip_score": float(np.mean(clip_score([Image.fromarray(a) for a in arrays], prompts, model, processor))),
+                "n": len(recs)}
+    videos = [[Image.fromarray(f) for f in np.split(a, a.shape[1] // a.shape[0], axis=1)] for a in arrays]  # strips
+    frames = [f for v in videos for f in v]
+    texts = [p for p, v in zip(prompts, videos) for _ in v]
+    return {"clip_score_per_frame": float(np.mean(clip_score(frames, texts, model, processor))),
+            "frame_consistency": float(np.mean(frame_consistency(videos, model, processor))), "n": len(recs)}
+
+
+def fid(gen_dir, ref_dir, device="cpu"):
+    """FID between two image folders with torch-fidelity (optional). A sample.py folder contributes only the
+    samples its samples.json lists (not grid.png)."""
+    try:
+        import torch_fidelity
+    except ImportError:
+        raise ImportError("FID needs `pip install torch-fidelity` (it downloads Inception weights on first use)") from None
+    import tempfile
+
+    for d in (gen_dir, ref_dir):
+        if not os.path.isdir(d):
+            raise FileNotFoundError(f"image folder {d} does not exist")
+    with tempfile.TemporaryDirectory() as tmp:
+        if os.path.isfile(os.path.join(gen_dir, "samples.json")):
+            with open(os.path.join(gen_dir, "samples.json")) as f:
+                for r in json.load(f)["samples"]:
+                    os.symlink(os.path.abspath(os.path.join(gen_dir, r["file"])), os.path.join(tmp, r["file"]))
+            gen_dir = tmp
+        m = torch_fidelity.calculate_metrics(input1=gen_dir, input2=ref_dir, cuda=str(device).startswith("cuda"),
+                                             fid=True, verbose=False)
+    return {"fid": float(m["frechet_inception_distance"])}
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--ckpt", help="run dir, ckpt-*.pt or .safetensors (default: the bundled model)")
+    p.add_argument("--oracle", action="store_true", help="exact benchmark on held-out synthetic compositions")
+    p.add_argument("--video", action="store_true", help="with --oracle: the T2V benchmark")
+    p.add_argument("--n", type=int, default=50, help="--oracle: prompts per category")
+    p.add_argument("--compbench", metavar="PROMPT_DIR", help="T2I-CompBench prompt folder (color_val.txt, ...)")
+    p.add_argument("--images", help="--compbench: image folder ({category}/samples/*.png); written first with --ckpt")
+    p.add_argument("--categories", default=",".join(COMPBENCH), help="--compbench: comma-separated")
+    p.add_argument("--n-per-prompt", type=int, default=10, help="--compbench with --ckpt: images per prompt (10)")
+    p.add_argument("--max-prompts", type=int, default=None, help="--compbench with --ckpt: first N prompts")
+    p.add_argument("--blip", default=BLIP_VQA)
+    p.add_argument("--clip", default=None, help=f"CLIP model (default {CLIP_B32} for CompBench, {CLIP_L14} else)")
+    p.add_argument("--detector", default=DETECTOR)
+    p.add_argument("--clip-score", metavar="SAMPLE_DIR", help="CLIP score of a sample.py output folder")
+    p.add_argument("--fid", metavar="GEN_DIR", help="FID of an image folder against --ref")
+    p.add_argument("--ref", help="--fid: reference image folder")
+    p.add_argument("--sampler", default="dpm++2m")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--cfg", type=float, default=7.5)
+    p.add_argument("--mfg", type=float, default=1.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="where to write the scores (default: out/<mode>.json or inside the scored folder)")
+    args = p.parse_args(argv)
+    if sum(map(bool, (args.oracle, args.compbench, args.clip_score, args.fid))) != 1:
+        p.error("choose exactly one of --oracle, --compbench, --clip-score, --fid")
+
+    if args.oracle:
+        from sample import load_model
+
+        model, meta = load_model(args.ckpt, ema=not args.no_ema, device=args.device, video=args.video or None)
+        scores = oracle_eval(model, meta, args.n, args.seed, args.sampler, args.steps, args.cfg, args.mfg,
+                             args.device, args.batch_size, video=args.video)
+        table, default = oracle_table(scores), os.path.join("out", f"oracle_{scores['settings']['kind']}.json")
+    elif args.compbench:
+        cats = [c.strip() for c in args.categories.split(",") if c.strip()]
+        bad = [c for c in cats if c not in COMPBENCH]
+        if bad or not args.images:
+            raise ValueError(f"--compbench needs --images DIR and categories from {', '.join(COMPBENCH)} (got {bad})")
+        if args.ckpt:
+            from sample import load_model
+
+            model, meta = load_model(args.ckpt, ema=not args.no_ema, device=args.device)
+            compbench_generate(model, meta, args.compbench, args.images, cats, args.n_per_prompt, args.max_prompts,
+                               seed=args.seed, sampler=args.sampler, steps=args.steps, cfg=args.cfg,
+                               batch_size=args.batch_size)
+            del model
+        scores = compbench(args.compbench, args.images, cats, args.device, args.blip, args.clip or CLIP_B32,
+                           args.detector)
+        table, default = compbench_table(scores), os.path.join(args.images, "compbench.json")
+    elif args.clip_score:
+        scores = clip_eval(args.clip_score, args.clip or CLIP_L14, args.device)
+        table, default = "\n".join(f"{k}: {v:.2f}" for k, v in scores.items() if k != "n"), \
+            os.path.join(args.clip_score, "clip_score.json")
+    else:
+        if not args.ref:
+            raise ValueError("--fid needs --ref REFERENCE_IMAGE_FOLDER")
+        scores = fid(args.fid, args.ref, args.device)
+        table, default = f"FID: {scores['fid']:.2f}", os.path.join(args.fid, "fid.json")
+    print(table)
+    path = args.json or default
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(scores, f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,407 @@
+"""
+Sample images and videos from a trained GenTron (DDPM / DDIM / DPM-Solver++ with classifier-free
+guidance; for video, motion-free guidance, paper Sec. 3.3.2, Eq. 6).
+
+    python sample.py "a red circle to the left of a blue square"       # the bundled toy T2I model
+    python sample.py --video "a cyan square moving right"               # the bundled toy T2V model (GIF)
+    python sample.py --ckpt runs/t2i "a panda" --sampler ddim --steps 50 --cfg 7.5 --n-per-prompt 4
+    python sample.py --from-json out/samples.json --index 3             # regenerate sample 3 exactly
+    python sample.py --ckpt runs/t2i --export assets/gentron_t2i.safetensors   # EMA weights for release
+
+--ckpt takes a run directory (its newest ckpt-*.pt), a ckpt-*.pt file, or a .safetensors export. The model
+is rebuilt from the checkpoint's stored config alone; the text encoder and latent space are the ones its
+meta names. Outputs: one PNG per image at native resolution (exact pixels) and a grid.png upscaled for
+viewing; per video a GIF and, with imageio-ffmpeg, an MP4 (both upscaled) and a native-resolution frame
+strip PNG; and samples.json with every setting, the prompt and seed of each sample.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pickle
+import re
+import sys
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image
+from tqdm.auto import tqdm
+
+from data import load_latent_space
+from diffusion import SAMPLERS, Diffusion, guided_eps_fn, sample
+from model import GenTron, GenTronConfig
+from text_encoders import load_text_encoder
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+BUNDLED = {"t2i": os.path.join("assets", "gentron_t2i.safetensors"),  # relative to the repo root
+           "t2v": os.path.join("assets", "gentron_t2v.safetensors")}
+FPS = 4  # paper Sec. 4.1: clips are 8 frames sampled at 4 fps
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# -----------------------------------------------------------------------------
+# checkpoints: run dir / .pt (common format) / .safetensors export
+
+
+def bundled_path(kind):
+    """The bundled model of a kind, or a one-line error that says how to get one."""
+    path = os.path.join(ROOT, BUNDLED[kind])
+    if not os.path.isfile(path):
+        script = "train_t2i.py" if kind == "t2i" else "train_t2v.py"
+        raise FileNotFoundError(
+            f"bundled model {BUNDLED[kind]} is missing: restore it with `git checkout -- {BUNDLED[kind]}`, or train "
+            f"one with `python {script}` and pass --ckpt RUN_DIR (export it with --export {BUNDLED[kind]})")
+    return path
+
+
+def resolve_checkpoint(path):
+    """A run directory -> its newest ckpt-*.pt (highest step); a file -> itself."""
+    if os.path.isdir(path):
+        steps = [(int(m.group(1)), os.path.join(path, f)) for f in os.listdir(path)
+                 if (m := re.fullmatch(r"ckpt-(\d+)\.pt", f))]
+        if not steps:
+            raise FileNotFoundError(f"no ckpt-*.pt checkpoint in run directory {path}")
+        return max(steps)[1]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return path
+
+
+def read_checkpoint(path, ema=True):
+    """-> (state dict, config dict, meta dict, step) of a .pt checkpoint or a .safetensors export."""
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors import safe_open
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError("reading .safetensors models needs `pip install safetensors`") from None
+        with safe_open(path, "pt") as f:
+            md = f.metadata() or {}
+        if "config" not in md or "meta" not in md:
+            raise ValueError(f"{path} has no GenTron metadata ('config', 'meta'); make it with sample.py --export")
+        if not ema:
+            raise ValueError(f"{path} is an export and holds EMA weights only; pass a ckpt-*.pt for --no-ema")
+        step = int(md["step"]) if md.get("step", "").lstrip("-").isdigit() else None
+        return load_file(path), json.loads(md["config"]), json.loads(md["meta"]), step
+    try:  # plain types only (STYLE.md): never unpickle arbitrary objects
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} is not a plain-type GenTron checkpoint ({str(e).splitlines()[0]})") from None
+    missing = [k for k in ("model", "config", "meta") if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a GenTron checkpoint: missing {', '.join(missing)}")
+    weights = ckpt.get("ema") if ema else ckpt["model"]
+    if weights is None:
+        raise ValueError(f"{path} has no EMA weights; pass --no-ema to sample with the raw weights")
+    return weights, ckpt["config"], ckpt["meta"], ckpt.get("step")
+
+
+def build_config(config, path=""):
+    """GenTronConfig from the stored dict; fields added to model.py later keep their defaults."""
+    names = {f.name for f in dataclasses.fields(GenTronConfig)}
+    unknown = sorted(set(config) - names)
+    if unknown:
+        raise ValueError(f"{path}: config has fields this model.py does not know: {', '.join(unknown)}")
+    return GenTronConfig(**config)
+
+
+def check_mode(meta, video):
+    """A video request needs temporal layers (Sec. 3.3.1). Images from a T2V model are allowed: one frame
+    through temporal attention attends only to itself, which is exactly the motion-free path (Sec. 3.3.2)."""
+    if video and not meta["config"].get("temporal"):
+        raise ValueError(f"{meta.get('ckpt', 'this model')} is a text-to-image checkpoint (no temporal layers): "
+                         f"video needs a T2V checkpoint (train_t2v.py) or the bundled {BUNDLED['t2v']}")
+
+
+_ENCODERS = {}  # (spec, device) -> frozen TextEncoder: loaded once per process, shared by every model
+
+
+def text_encoder(spec, device):
+    key = (spec, str(device))
+    if key not in _ENCODERS:
+        _ENCODERS[key] = load_text_encoder(spec, device=device)
+    return _ENCODERS[key]
+
+
+def load_model(path=None, ema=True, device="cpu", video=None):
+    """Load a GenTron for sampling -> (model in eval mode, meta).
+
+    path: run dir, .pt or .safetensors; None = the bundled model (T2V if video else T2I). meta is the
+    checkpoint's meta (kind, text_encoder, latent_space, resolution, num_frames, dataset) plus "config",
+    "step", "ckpt" (the file read) and the loaded frozen parts that generate() uses: "encoder" (a
+    text_encoders.TextEncoder) and "latent" (a data.py latent space)."""
+    file = resolve_checkpoint(path) if path else bundled_path("t2v" if video else "t2i")
+    state, config, meta, step = read_checkpoint(file, ema)
+    meta = {**meta, "config": config, "step": step, "ckpt": os.path.abspath(file)}
+    check_mode(meta, video)
+    with torch.device("meta"):  # no init work or memory for weights that are overwritten anyway
+        model = GenTron(build_config(config, file))
+    state = {k: v.float() for k, v in state.items()}  # exports may be fp16/bf16; sampling runs fp32 (+autocast)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(f"{file}: weights do not match its config ({len(missing)} missing, e.g. "
+                         f"{missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]})")
+    model = model.to(device).eval().requires_grad_(False)
+    meta["encoder"] = text_encoder(meta["text_encoder"], device)
+    meta["latent"] = load_latent_space(meta["latent_space"], device=device)
+    enc, cfg = meta["encoder"], model.cfg
+    if (enc.text_dim, enc.pooled_dim) != (cfg.text_dim, cfg.pooled_dim):
+        raise ValueError(f"{file}: text encoder {meta['text_encoder']!r} gives {enc.text_dim}/{enc.pooled_dim} "
+                         f"channels but the model expects text_dim={cfg.text_dim}, pooled_dim={cfg.pooled_dim}")
+    return model, meta
+
+
+def export(ckpt, out, dtype="fp32"):
+    """Write a checkpoint's EMA weights + {"config", "meta", "step"} metadata to a .safetensors file -> bytes."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ImportError("exporting needs `pip install safetensors`") from None
+    if not out.endswith(".safetensors"):
+        raise ValueError(f"export target {out} must end in .safetensors")
+    file = resolve_checkpoint(ckpt)
+    state, config, meta, step = read_checkpoint(file, ema=True)
+    state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    save_file(state, out, metadata={"config": json.dumps(config), "meta": json.dumps(meta), "step": str(step)})
+    return os.path.getsize(out)
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+
+def sample_seed(seed, index):
+    """Noise seed of sample `index` of a run with base `seed`: a hash, so runs with nearby seeds share nothing,
+    and a function of the index alone, so a sample's starting noise never depends on batching."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def to_uint8(x):
+    """[-1, 1] floats (..., C, H, W) -> uint8 (..., H, W, C)."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return rearrange(x, "... c h w -> ... h w c")
+
+
+@torch.no_grad()
+def generate(model, meta, prompts, *, seed=0, sampler="dpm++2m", steps=25, cfg=7.5, mfg=1.2, frames=None,
+             video=None, device=None, batch_size=16, first_index=0, progress=True):
+    """Prompts -> uint8 CPU tensor (B, H, W, 3), or (B, T, H, W, 3) for video.
+
+    video=None follows the model (T2V -> clips of meta["num_frames"] or `frames`). Sample i starts from noise
+    drawn with sample_seed(seed, first_index + i). DDPM's per-step noise comes from one generator per batch,
+    so DDPM samples repeat exactly only with the same batch_size (recorded in samples.json). meta needs
+    "kind", "config" and either the loaded "encoder"/"latent" or their specs "text_encoder"/"latent_space"."""
+    video = meta["kind"] == "t2v" if video is None else video
+    check_mode(meta, video)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    enc = meta.get("encoder") or text_encoder(meta["text_encoder"], device)
+    latent = meta.get("latent") or load_latent_space(meta["latent_space"], device=device)
+    c = model.cfg
+    shape = (c.in_channels, c.input_size, c.input_size)  # latent of one frame
+    if video:
+        shape = (frames or meta.get("num_frames") or c.num_frames, *shape)  # (T, C, h, w)
+    diffusion = Diffusion()
+    null = [t.to(device) for t in enc([""])]  # the empty caption: the unconditional branch of CFG / MFG
+
+    def net(x, t, **kw):
+        # bf16 autocast on CUDA; guidance arithmetic and the sampler stay in fp32
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            return model(x, t, **kw).float()
+
+    out = []
+    starts = range(0, len(prompts), batch_size)
+    for b0 in tqdm(starts, desc="batches", disable=not progress or len(starts) == 1):
+        batch = list(prompts[b0 : b0 + batch_size])
+        n = len(batch)
+        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(seed, first_index + b0 + i)))
+                 for i in range(n)]  # drawn on the CPU: the same starting noise on every device
+        x = torch.stack(noise).to(device)  # (B, [T,] C, h, w)
+        tokens, mask, pooled = (t.to(device) for t in enc(batch))
+        cond = dict(text=tokens, text_mask=mask, pooled=pooled)
+        uncond = dict(text=null[0].expand(n, -1, -1), text_mask=null[1].expand(n, -1), pooled=null[2].expand(n, -1))
+        # Eq. 6 with lambda_T = cfg, lambda_M = mfg; mfg = 1 reduces Eq. 6 to plain CFG (one pass cheaper)
+        eps_fn = guided_eps_fn(net, cond, uncond, cfg, mfg if video and mfg != 1.0 else None)
+        gen = torch.Generator(device).manual_seed(sample_seed(seed, first_index + b0) + 1)  # DDPM / DDIM(eta>0) noise
+        z = sample(eps_fn, diffusion, x, sampler, steps, generator=gen, progress=progress)
+        out.append(to_uint8(latent.decode(z.float())).cpu())
+    return torch.cat(out)
+
+
+# -----------------------------------------------------------------------------
+# writing outputs
+
+
+def slug(prompt, n=48):
+    return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:n] or "empty"
+
+
+def upscale(img, min_side=128):
+    """Nearest-neighbour upscale (H, W, 3) so the short side is >= min_side: 32 px toy samples -> 128 px."""
+    k = max(1, math.ceil(min_side / min(img.shape[:2])))
+    return img.repeat(k, axis=0).repeat(k, axis=1)
+
+
+def make_grid(tiles, cols, pad=2):
+    """List of equal-size (H, W, 3) uint8 arrays -> one (rows*(H+pad)+pad, cols*(W+pad)+pad, 3) grid on grey."""
+    h, w = tiles[0].shape[:2]
+    rows = math.ceil(len(tiles) / cols)
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 64, dtype=np.uint8)
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, cols)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = t
+    return grid
+
+
+def write_mp4(path, frames, fps=FPS):
+    """(T, H, W, 3) uint8 -> H.264 MP4 through imageio-ffmpeg (optional). Returns False when it is missing."""
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        return False
+    h, w = frames.shape[1:3]
+    writer = imageio_ffmpeg.write_frames(path, (w, h), fps=fps, macro_block_size=1, ffmpeg_log_level="error")
+    writer.send(None)  # start the generator
+    for f in frames:
+        writer.send(np.ascontiguousarray(f))
+    writer.close()
+    return True
+
+
+def save_samples(samples, records, out_dir, cols):
+    """Write every sample (see the module docstring) and fill each record's file names."""
+    os.makedirs(out_dir, exist_ok=True)
+    tiles, mp4 = [], True
+    for x, rec in zip(samples.numpy(), records):
+        stem = f"{rec['index']:04d}_{slug(rec['prompt'])}"
+        if x.ndim == 3:  # image (H, W, 3): native pixels, what evaluate.py reads
+            Image.fromarray(x).save(os.path.join(out_dir, stem + ".png"))
+            rec["file"] = stem + ".png"
+            tiles.append(x)
+        else:  # video (T, H, W, 3)
+            strip = np.concatenate(list(x), axis=1)  # frames left to right, (H, T W, 3), native pixels
+            Image.fromarray(strip).save(os.path.join(out_dir, stem + "_strip.png"))
+            big = [Image.fromarray(upscale(f)) for f in x]
+            big[0].save(os.path.join(out_dir, stem + ".gif"), save_all=True, append_images=big[1:],
+                        duration=1000 // FPS, loop=0)
+            rec.update(file=stem + "_strip.png", gif=stem + ".gif")
+            if mp4 and write_mp4(os.path.join(out_dir, stem + ".mp4"), np.stack([np.asarray(b) for b in big])):
+                rec["mp4"] = stem + ".mp4"
+            else:
+                mp4 = False
+            tiles.append(strip)
+    grid = make_grid([upscale(t) for t in tiles], cols if samples.ndim == 4 else 1)  # videos: one strip per row
+    Image.fromarray(grid).save(os.path.join(out_dir, "grid.png"))
+    return mp4
+
+
+def run(settings, prompts, out_dir, only=None, progress=True):
+    """Generate samples for a flat prompt list (index i = position) with `settings`, write them and
+    samples.json. only = a list of indices to write (the batches that hold them are regenerated)."""
+    s = settings
+    model, meta = load_model(s["ckpt"], ema=s["ema"], device=s["device"], video=s["video"])
+    if meta["kind"] == "t2v" and not s["video"] and progress:
+        print("note: T2V checkpoint sampled as images (one frame = the motion-free path); add --video for clips")
+    s.update(ckpt_file=meta["ckpt"], step=meta["step"], kind=meta["kind"], text_encoder=meta["text_encoder"],
+             latent_space=meta["latent_space"], resolution=meta.get("resolution"))
+    bs = s["batch_size"]
+    wanted = sorted(set(range(len(prompts)) if only is None else only))
+    for i in wanted:
+        if not 0 <= i < len(prompts):
+            raise ValueError(f"index {i} is out of range: the run has {len(prompts)} samples")
+    samples, records = [], []
+    for b0 in sorted({i // bs * bs for i in wanted}):  # replay whole batches: bit-identical on the same device
+        x = generate(model, meta, prompts[b0 : b0 + bs], seed=s["seed"], sampler=s["sampler"], steps=s["steps"],
+                     cfg=s["cfg"], mfg=s["mfg"], frames=s["frames"], video=s["video"], batch_size=bs,
+                     first_index=b0, progress=progress)
+        for j in range(x.shape[0]):
+            if b0 + j in wanted:
+                samples.append(x[j])
+                records.append({"index": b0 + j, "prompt": prompts[b0 + j], "sample": (b0 + j) % s["n_per_prompt"],
+                                "noise_seed": sample_seed(s["seed"], b0 + j)})
+    samples = torch.stack(samples)
+    cols = s["n_per_prompt"] if s["n_per_prompt"] > 1 else min(8, len(records))
+    save_samples(samples, records, out_dir, cols)
+    with open(os.path.join(out_dir, "samples.json"), "w") as f:
+        json.dump({"settings": s, "num_samples": len(prompts), "samples": records}, f, indent=1)
+    return samples, records
+
+
+def read_prompts(args):
+    prompts = list(args.prompt)
+    if args.prompts:
+        if not os.path.isfile(args.prompts):
+            raise FileNotFoundError(f"prompt file {args.prompts} does not exist")
+        with open(args.prompts) as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ValueError('give at least one prompt, e.g. python sample.py "a red circle above a blue square"')
+    return prompts
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("prompt", nargs="*", help="one or more prompts")
+    p.add_argument("--ckpt", help="run dir, ckpt-*.pt or .safetensors (default: the bundled model)")
+    p.add_argument("--prompts", help="text file, one prompt per line")
+    p.add_argument("--video", action="store_true", help="text-to-video (needs a T2V checkpoint)")
+    p.add_argument("--sampler", default="dpm++2m", choices=list(SAMPLERS))
+    p.add_argument("--steps", type=int, default=25, help="sampling steps (DPM-Solver++ is good at ~20-25)")
+    p.add_argument("--cfg", type=float, default=7.5, help="text guidance lambda_T (Sec. 3.3.2: 7.5)")
+    p.add_argument("--mfg", type=float, default=1.2, help="motion guidance lambda_M for video, Eq. 6 (1.0 = plain CFG)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-per-prompt", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--frames", type=int, default=None, help="frames per clip (default: the checkpoint's)")
+    p.add_argument("--no-ema", action="store_true", help="raw weights instead of the EMA weights")
+    p.add_argument("--out", default="out", help="output folder")
+    p.add_argument("--device", help="default: cuda if available, else cpu (--from-json: the recorded device)")
+    p.add_argument("--export", metavar="OUT.safetensors", help="write --ckpt's EMA weights and metadata, then exit")
+    p.add_argument("--export-dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--from-json", metavar="samples.json", help="regenerate samples of an earlier run exactly")
+    p.add_argument("--index", type=int, action="append", help="with --from-json: only these sample indices")
+    args = p.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars for the tiny encoders
+
+    if args.export:
+        if not args.ckpt:
+            raise ValueError("--export needs --ckpt RUN_DIR_OR_FILE")
+        size = export(args.ckpt, args.export, args.export_dtype)
+        print(f"wrote {args.export} ({size / 2**20:.2f} MiB, EMA weights, {args.export_dtype})")
+        return
+    if args.from_json:
+        if not os.path.isfile(args.from_json):
+            raise FileNotFoundError(f"{args.from_json} does not exist")
+        with open(args.from_json) as f:
+            rec = json.load(f)
+        settings = rec["settings"]
+        prompts = [None] * rec["num_samples"]
+        for r in rec["samples"]:
+            prompts[r["index"]] = r["prompt"]
+        if None in prompts:  # a partial JSON (itself a reproduction): only its own samples can be remade
+            raise ValueError(f"{args.from_json} lists {sum(x is not None for x in prompts)} of {len(prompts)} "
+                             "samples; use the samples.json of the original run")
+        if args.device:
+            settings["device"] = args.device  # numerics differ across devices: exact only on the recorded one
+        out = args.out if args.out != "out" else os.path.join(os.path.dirname(args.from_json) or ".", "from_json")
+        _, records = run(settings, prompts, out, only=args.index)
+    else:
+        settings = dict(ckpt=args.ckpt, ema=not args.no_ema, video=args.video, sampler=args.sampler,
+                        steps=args.steps, cfg=args.cfg, mfg=args.mfg, seed=args.seed, frames=args.frames,
+                        n_per_prompt=args.n_per_prompt, batch_size=args.batch_size,
+                        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        prompts = [q for q in read_prompts(args) for _ in range(args.n_per_prompt)]
+        out = args.out
+        _, records = run(settings, prompts, out)
+    print(f"wrote {len(records)} sample(s), grid.png and samples.json to {out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        sys.exit(f"error: {e}")

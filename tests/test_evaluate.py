@@ -1,0 +1,288 @@
+"""evaluate.py: the oracle is validated on ground-truth renders (>= 99%) and on noise (near chance); the
+CompBench / CLIP code paths run with tiny random BLIP, CLIP and OWL-ViT models saved locally (CPU, offline)."""
+import json
+import os
+import sys
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub are imported
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate as ev
+from synthetic import CATEGORIES, COLORS, DIRECTIONS, SHAPES, geometry, heldout_prompts, render
+from test_sample import make_checkpoint
+
+N = 100  # prompts per category: 1 error in 100 is still >= 99%
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: avoid OpenMP spin-waits on shared cores
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    items = [it for c in CATEGORIES for it in heldout_prompts(c, N, seed=1)]
+    metas = [m for _, m in items]
+    return np.stack([render(m["objects"]) for m in metas]), metas
+
+
+@pytest.fixture(scope="module")
+def clips():
+    items = heldout_prompts("motion", N, seed=1)
+    metas = [m for _, m in items]
+    return np.stack([np.stack([render(objs) for objs in m["frames"]]) for m in metas]), metas
+
+
+# -----------------------------------------------------------------------------
+# oracle validation
+
+
+def test_detector_is_exact_on_renders(scenes):
+    imgs, metas = scenes
+    for img, m in zip(imgs, metas):
+        got = sorted((d["color"], d["shape"], d["x"], d["y"], d["r"]) for d in ev.detect(img))
+        assert got == sorted((o["color"], o["shape"], o["x"], o["y"], o["r"]) for o in m["objects"])
+
+
+def test_oracle_on_ground_truth_renders(scenes, clips):
+    s = ev.score_images(*scenes)
+    assert s["n"] == {c: N for c in CATEGORIES}
+    for k in ("single", "color", "shape", "spatial", "overall", "object_recall"):
+        assert s[k] >= 0.99, (k, s[k])
+    v = ev.score_videos(*clips)
+    assert v["n"] == N and min(v["frame_attribute"], v["direction"], v["consistency"]) >= 0.99, v
+    assert "Texture" in ev.oracle_table(s) and "-" in ev.oracle_table(s).splitlines()[-1].split()
+
+
+def test_oracle_robust_to_pixel_noise(scenes):
+    imgs, metas = scenes
+    rng = np.random.default_rng(0)
+    noisy = np.clip(imgs + rng.normal(0, 40, imgs.shape), 0, 255).astype(np.uint8)  # strong per-pixel noise
+    salt = imgs.copy()
+    hit = rng.random(imgs.shape[:3]) < 0.03  # 3% of pixels replaced by random colours
+    salt[hit] = rng.integers(0, 256, (hit.sum(), 3))
+    for x in (noisy, salt):
+        s = ev.score_images(x, metas)
+        assert min(s[c] for c in CATEGORIES) >= 0.98, s
+
+
+def test_oracle_catches_binding_and_relation_errors(scenes, clips):
+    imgs, metas = scenes
+    swapped, moved = [], []
+    for m in metas:
+        objs = [dict(o) for o in m["objects"]]
+        if m["category"] in ("color", "shape"):  # swap colours (shapes): a red circle + a blue square ->
+            key, other = m["category"], {"color": "shape", "shape": "color"}[m["category"]]  # blue circle + red square
+            if objs[0][other] != objs[1][other]:  # (with equal shapes the swap changes nothing)
+                objs[0][key], objs[1][key] = objs[1][key], objs[0][key]
+                swapped.append((render(objs), m))
+        if m["category"] == "spatial":  # swap the positions: every relation is reversed
+            for k in ("x", "y"):
+                objs[0][k], objs[1][k] = objs[1][k], objs[0][k]
+            moved.append((render(objs), m))
+    s = ev.score_images(np.stack([x for x, _ in swapped]), [m for _, m in swapped])
+    assert len(swapped) > N and s["color"] == s["shape"] == 0.0 and s["object_recall"] == 0.0
+    s = ev.score_images(np.stack([x for x, _ in moved]), [m for _, m in moved])
+    assert s["spatial"] == 0.0 and s["object_recall"] == 1.0  # right objects, wrong places
+    videos, vmetas = clips
+    rev = ev.score_videos(videos[:, ::-1], vmetas)  # played backwards: the opposite direction
+    assert rev["direction"] == 0.0 and rev["frame_attribute"] == rev["consistency"] == 1.0
+    still = ev.score_videos(np.repeat(videos[:, :1], videos.shape[1], axis=1), vmetas)  # no motion at all
+    assert still["direction"] == 0.0 and still["consistency"] == 1.0
+
+
+def random_blobs(rng, n, size=32):
+    """Images of 1-3 ellipses / rectangles of palette colours, random sizes and places (not shapes of the data)."""
+    pal = np.array(list(COLORS.values()), dtype=np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    out = np.zeros((n, size, size, 3), np.uint8)
+    for img in out:
+        for _ in range(rng.integers(1, 4)):
+            cx, cy = rng.uniform(4, size - 4, 2)
+            a, b = rng.uniform(2, 8, 2)
+            blob = ((xx - cx) / a) ** 2 + ((yy - cy) / b) ** 2 <= 1 if rng.random() < 0.5 else \
+                (abs(xx - cx) < a) & (abs(yy - cy) < b)
+            img[blob] = pal[rng.integers(len(pal))]
+    return out
+
+
+def random_scenes(rng, n, size=32):
+    """Renders of two random objects from the whole 8 x 5 vocabulary: the oracle's chance level by construction."""
+    r_min, r_max, _, _ = geometry(size)
+    out = []
+    for _ in range(n):
+        objs = []
+        for _ in range(2):
+            r = int(rng.integers(r_min, r_max + 1))
+            objs.append({"color": list(COLORS)[rng.integers(len(COLORS))], "shape": SHAPES[rng.integers(len(SHAPES))],
+                         "x": int(rng.integers(r, size - r + 1)), "y": int(rng.integers(r, size - r + 1)), "r": r})
+        out.append(render(objs))
+    return np.stack(out)
+
+
+def test_oracle_near_chance_on_noise(scenes, clips):
+    # Chance (module docstring): single 2.5% per object in the scene (~5% with two); two-object categories ~0.1%.
+    _, metas = scenes
+    rng = np.random.default_rng(0)
+    uniform = rng.integers(0, 256, (len(metas) // 4, 32, 32, 3), dtype=np.uint8)  # 25 per category
+    s = ev.score_images(uniform, metas[::4])
+    assert all(s[c] == 0.0 for c in CATEGORIES), s  # no object-like blob in uniform noise
+    for x in (random_blobs(rng, len(metas)), random_scenes(rng, len(metas))):
+        s = ev.score_images(x, metas)
+        assert s["single"] <= 0.10 and max(s["color"], s["shape"], s["spatial"]) <= 0.02, s
+    # videos: frames drawn independently (blobs) or uniform noise; direction chance is 25%
+    videos, vmetas = clips
+    T = videos.shape[1]
+    v = ev.score_videos(random_blobs(rng, len(vmetas) * T).reshape(len(vmetas), T, 32, 32, 3), vmetas)
+    assert v["frame_attribute"] <= 0.06 and v["direction"] <= 0.35 and v["consistency"] <= 0.1, v
+    v = ev.score_videos(rng.integers(0, 256, (20, T, 32, 32, 3), dtype=np.uint8), vmetas[:20])
+    assert v["frame_attribute"] == v["direction"] == v["consistency"] == 0.0, v
+
+
+def test_oracle_eval_runs_generation(tmp_path):
+    from sample import load_model
+
+    model, meta = load_model(make_checkpoint(str(tmp_path / "r" / "ckpt-0000001.pt")))
+    s = ev.oracle_eval(model, meta, n_per_category=2, steps=3, progress=False)
+    assert s["n"] == {c: 2 for c in CATEGORIES} and all(0 <= s[c] <= 1 for c in CATEGORIES)
+    assert s["settings"]["kind"] == "t2i" and s["settings"]["steps"] == 3
+    vmodel, vmeta = load_model(make_checkpoint(str(tmp_path / "v" / "ckpt-0000001.pt"), temporal=True))
+    out = str(tmp_path / "oracle.json")
+    ev.main(["--oracle", "--video", "--ckpt", str(tmp_path / "v"), "--n", "2", "--steps", "3", "--json", out])
+    v = json.load(open(out))
+    assert v["n"] == 2 and all(0 <= v[k] <= 1 for k in ("frame_attribute", "direction", "consistency"))
+    assert v["settings"]["mfg"] == 1.2 and v["settings"]["frames"] == 4
+
+
+# -----------------------------------------------------------------------------
+# T2I-CompBench protocol pieces
+
+
+def test_noun_phrases_and_spatial_parsing():
+    assert ev.noun_phrases("A green bench and a red car.") == ["a green bench", "a red car"]
+    assert ev.noun_phrases("a bathroom with green tile and a red shower curtain") == \
+        ["a bathroom", "green tile", "a red shower curtain"]
+    assert ev.noun_phrases("a bird on the left of a dog") == ["a bird", "a dog"]
+    assert ev.spatial_objects("a bird on the left of a dog") == ("on the left of", "bird", "dog")
+    assert ev.spatial_objects("a wooden chair near a sofa and a lamp") == ("near", "chair", "sofa")
+    assert ev.spatial_objects("a red car") == (None, None, None)
+
+
+def test_determine_position_matches_compbench_rule():
+    a, b = (0, 0, 10, 10), (20, 2, 30, 12)  # b right of a, no overlap
+    assert ev.determine_position("on the left of", a, b) == 1.0
+    assert ev.determine_position("on the right of", a, b) == 0.0
+    assert ev.determine_position("on the right of", b, a) == 1.0
+    assert ev.determine_position("on the top of", a, (2, 20, 12, 30)) == 1.0  # y grows downwards
+    assert ev.determine_position("on the bottom of", (2, 20, 12, 30), a) == 1.0
+    c = (5, 0, 15, 10)  # overlapping, IoU = 50 / 150 = 1/3 >= 0.1 -> 0.1 / IoU
+    assert ev.determine_position("on the left of", a, c) == pytest.approx(0.3)
+    assert ev.determine_position("near", a, (400, 400, 410, 410)) == pytest.approx(150 / 400)
+    assert ev.determine_position("near", a, b) == 1.0
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    """Tiny random BLIP-VQA, CLIP and OWL-ViT with real tokenizers/processors, saved like hub models."""
+    from transformers import (BertTokenizer, BlipConfig, BlipForQuestionAnswering, BlipImageProcessor,
+                              BlipProcessor, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor,
+                              OwlViTConfig, OwlViTForObjectDetection, OwlViTImageProcessor, OwlViTProcessor)
+    from text_encoders import tiny_tokenizers
+
+    d = tmp_path_factory.mktemp("hf")
+    words = "a an and the of on left right top bottom next to near red green blue bench car dog bird".split()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "yes", "no", "?", "."] + words
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    bert = BertTokenizer(str(d / "vocab.txt"), bos_token="[DEC]")  # BLIP's answer decoder starts at [DEC]
+    clip_tok = tiny_tokenizers()[0]
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=32)
+    clip_text = dict(text, vocab_size=len(clip_tok), bos_token_id=clip_tok.bos_token_id,
+                     eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id)
+    torch.manual_seed(0)
+    models = {
+        "blip": (BlipForQuestionAnswering(BlipConfig(vision_config=vision, text_config=dict(
+            text, vocab_size=len(vocab), encoder_hidden_size=32, bos_token_id=bert.bos_token_id, pad_token_id=0,
+            sep_token_id=bert.sep_token_id))),
+            BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=bert)),
+        "clip": (CLIPModel(CLIPConfig(text_config=clip_text, vision_config=vision, projection_dim=16)),
+                 CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                  crop_size={"height": 32, "width": 32}),
+                               tokenizer=clip_tok)),
+        "owl": (OwlViTForObjectDetection(OwlViTConfig(text_config=clip_text, vision_config=vision, projection_dim=32)),
+                OwlViTProcessor(image_processor=OwlViTImageProcessor(size={"height": 32, "width": 32},
+                                                                     crop_size={"height": 32, "width": 32}),
+                                tokenizer=clip_tok)),
+    }
+    for name, (model, processor) in models.items():
+        model.save_pretrained(str(d / name))
+        processor.save_pretrained(str(d / name))
+    return {k: str(d / k) for k in models}
+
+
+def pil_images(n, seed=0, size=32):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_blip_vqa_is_product_over_noun_phrases(hf_models):
+    model, proc = ev.load_hf("BlipForQuestionAnswering", hf_models["blip"])
+    imgs = pil_images(2)
+    prompts = ["a red bench and a green car", "a blue dog"]
+    s = ev.blip_vqa_scores(imgs, prompts, model, proc)
+    p = ev.blip_yes_prob(model, proc, [imgs[0], imgs[0], imgs[1]], ["a red bench?", "a green car?", "a blue dog?"])
+    assert all(0 <= v <= 1 for v in s)
+    assert s == pytest.approx([float(p[0] * p[1]), float(p[2])], rel=1e-4)
+
+
+def test_clip_scores_and_frame_consistency(hf_models):
+    model, proc = ev.load_hf("CLIPModel", hf_models["clip"])
+    imgs = pil_images(4)
+    s = ev.clip_score(imgs, ["a red car", "a dog", "a bird", "a bench"], model, proc)
+    cos = ev.clip_cosine(imgs, ["a red car", "a dog", "a bird", "a bench"], model, proc)
+    assert all(0 <= v <= 100 for v in s) and s == pytest.approx((100 * cos.clamp(min=0)).tolist(), abs=1e-4)
+    static, changing = [imgs[0]] * 4, imgs
+    c = ev.frame_consistency([static, changing], model, proc)
+    assert c[0] == pytest.approx(100, abs=1e-3) and c[1] < c[0]
+
+
+def test_compbench_end_to_end(hf_models, tmp_path):
+    from sample import load_model
+
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    files = {"color": ["a red bench and a green car"], "shape": ["a round bird and a square car"],
+             "spatial": ["a bird on the left of a dog", "a car on the top of a bench"],
+             "non_spatial": ["a dog chasing a bird"], "complex": ["the red car is near a green bench"]}
+    for cat, lines in files.items():
+        (prompts / ev.COMPBENCH[cat]).write_text("\n".join(lines) + "\n")
+    model, meta = load_model(make_checkpoint(str(tmp_path / "r" / "ckpt-0000001.pt")))
+    images = str(tmp_path / "images")
+    ev.compbench_generate(model, meta, str(prompts), images, list(files), n_per_prompt=2, steps=2, progress=False)
+    assert sorted(os.listdir(os.path.join(images, "spatial", "samples")))[-1] == "a car on the top of a bench_000003.png"
+    s = ev.compbench(str(prompts), images, list(files), blip=hf_models["blip"], clip=hf_models["clip"],
+                     detector=hf_models["owl"])
+    assert set(s) == set(files) | {"mean"}
+    assert all(0 <= s[c] <= 1 for c in ("color", "shape", "spatial")) and -1 <= s["non_spatial"] <= 1, s  # raw cosine
+    assert -1 / 3 <= s["complex"] <= 1
+    assert s["mean"] == pytest.approx(np.mean([s[c] for c in files]))
+    table = ev.compbench_table(s)
+    assert "Non-spatial" in table and table.splitlines()[-1].split()[2] == "-"  # no texture prompts given
+
+
+def test_fid_needs_torch_fidelity(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # as if not installed
+    with pytest.raises(ImportError, match="pip install torch-fidelity"):
+        ev.fid(str(tmp_path), str(tmp_path))

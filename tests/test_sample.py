@@ -1,0 +1,184 @@
+"""sample.py end to end on tiny checkpoints written in the common.md format (CPU, offline, ~20 s)."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub are imported
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from diffusion import guided_eps_fn
+from model import GenTron, make_config
+
+SIZE, FRAMES = 16, 4  # 16 px pixel-space samples, 4-frame clips: the same code paths as 32 px x 8, faster
+
+
+def make_checkpoint(path, temporal=False, step=10, seed=0):
+    """A tiny GenTron saved exactly as the training scripts save it (common.md), with random weights
+    (the zero-inits would make every sample identical) and EMA weights that differ from the raw ones."""
+    torch.manual_seed(seed)
+    cfg = make_config("tiny", in_channels=3, input_size=SIZE, text_dim=128, pooled_dim=64,  # tiny-clip+t5
+                      temporal=temporal, num_frames=FRAMES)
+    model = GenTron(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    raw = model.state_dict()
+    ema = {k: v + 0.01 * torch.randn_like(v) for k, v in raw.items()}
+    meta = {"kind": "t2v" if temporal else "t2i", "text_encoder": "tiny-clip+t5", "latent_space": "pixel",
+            "resolution": SIZE, "num_frames": FRAMES if temporal else None, "dataset": "shapes"}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"model": raw, "ema": ema, "optimizer": {}, "step": step, "rng": {}, "data": {"index": 0},
+                "config": dataclasses.asdict(cfg), "meta": meta, "args": {"size": "tiny"}}, path)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models: one thread avoids OpenMP spin-waits when the 2 CPU cores are shared (10x faster here)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("runs")
+    make_checkpoint(str(d / "t2i" / "ckpt-0000005.pt"), step=5, seed=1)  # older: must not be picked
+    make_checkpoint(str(d / "t2i" / "ckpt-0000010.pt"), step=10)
+    make_checkpoint(str(d / "t2v" / "ckpt-0000010.pt"), temporal=True)
+    return {"t2i": str(d / "t2i"), "t2v": str(d / "t2v")}
+
+
+def read(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_load_run_dir_picks_newest_and_ema(ckpts):
+    model, meta = sample.load_model(ckpts["t2i"])
+    assert meta["step"] == 10 and meta["ckpt"].endswith("ckpt-0000010.pt") and meta["kind"] == "t2i"
+    ckpt = torch.load(meta["ckpt"], weights_only=True)
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], ckpt["ema"][k]) for k in sd)  # EMA weights by default
+    raw, _ = sample.load_model(ckpts["t2i"], ema=False)
+    assert all(torch.equal(raw.state_dict()[k], ckpt["model"][k]) for k in sd)
+    assert not torch.equal(raw.state_dict()["final_layer.linear.weight"], sd["final_layer.linear.weight"])
+
+
+def test_cli_images_and_exact_reproduction_from_json(ckpts, tmp_path):
+    out, rep = str(tmp_path / "out"), str(tmp_path / "rep")
+    sample.main(["--ckpt", ckpts["t2i"], "a red circle to the left of a blue square", "a green square",
+                 "--n-per-prompt", "3", "--batch-size", "4", "--steps", "8", "--seed", "7", "--out", out])
+    rec = json.load(open(os.path.join(out, "samples.json")))
+    assert len(rec["samples"]) == rec["num_samples"] == 6
+    s = rec["settings"]
+    assert (s["seed"], s["steps"], s["sampler"], s["cfg"], s["batch_size"], s["step"]) == (7, 8, "dpm++2m", 7.5, 4, 10)
+    imgs = [read(os.path.join(out, r["file"])) for r in rec["samples"]]
+    assert all(x.shape == (SIZE, SIZE, 3) for x in imgs)  # per-sample PNGs are native-resolution pixels
+    assert [r["prompt"] for r in rec["samples"]][2:4] == ["a red circle to the left of a blue square", "a green square"]
+    assert min(np.abs(imgs[i].astype(int) - imgs[j]).mean() for i in range(6) for j in range(i)) > 1  # all differ
+    grid = read(os.path.join(out, "grid.png"))
+    assert grid.shape[0] >= 2 * 128 and grid.shape[1] >= 3 * 128  # 2 prompts x 3 samples, upscaled to >= 128 px
+    # regenerate sample 5 (second batch) and, separately, the whole run: identical pixels
+    sample.main(["--from-json", os.path.join(out, "samples.json"), "--index", "5", "--out", rep])
+    rep_rec = json.load(open(os.path.join(rep, "samples.json")))
+    assert [r["index"] for r in rep_rec["samples"]] == [5]
+    assert np.array_equal(read(os.path.join(rep, rep_rec["samples"][0]["file"])), imgs[5])
+    sample.main(["--from-json", os.path.join(out, "samples.json"), "--out", rep + "2"])
+    assert all(np.array_equal(read(os.path.join(rep + "2", r["file"])), x) for r, x in zip(rec["samples"], imgs))
+
+
+def test_sample_noise_does_not_depend_on_batching(ckpts):
+    model, meta = sample.load_model(ckpts["t2i"])
+    prompts = ["a red circle", "a blue square", "a cyan cross"]
+    a = sample.generate(model, meta, prompts, seed=3, steps=6, batch_size=3, progress=False)
+    b = sample.generate(model, meta, prompts, seed=3, steps=6, batch_size=1, progress=False)
+    c = sample.generate(model, meta, prompts[2:], seed=3, steps=6, batch_size=1, first_index=2, progress=False)
+    assert a.shape == (3, SIZE, SIZE, 3) and a.dtype == torch.uint8
+    assert (a.int() - b.int()).abs().max() <= 1 and (a == b).float().mean() > 0.99  # up to float rounding
+    assert torch.equal(b[2], c[0])  # sample k depends on (seed, k) only
+    d = sample.generate(model, meta, prompts, seed=4, steps=6, batch_size=3, progress=False)
+    assert (a.float() - d.float()).abs().mean() > 5  # another seed, other samples
+    for sampler in ("ddim", "ddpm"):
+        x = sample.generate(model, meta, prompts[:2], sampler=sampler, steps=6, progress=False)
+        assert x.shape == (2, SIZE, SIZE, 3)
+
+
+def test_video_outputs(ckpts, tmp_path):
+    out = str(tmp_path / "vid")
+    sample.main(["--ckpt", ckpts["t2v"], "--video", "a red circle moving right", "a blue square moving up",
+                 "--steps", "6", "--out", out])
+    rec = json.load(open(os.path.join(out, "samples.json")))
+    assert rec["settings"]["video"] and rec["settings"]["mfg"] == 1.2
+    for r in rec["samples"]:
+        strip = read(os.path.join(out, r["file"]))
+        assert strip.shape == (SIZE, FRAMES * SIZE, 3)  # frames left to right, native pixels
+        gif = Image.open(os.path.join(out, r["gif"]))
+        assert gif.size == (128, 128) and gif.n_frames >= 1 and gif.info["duration"] == 250  # 4 fps
+        try:
+            import imageio_ffmpeg
+        except ImportError:
+            continue
+        frames = list(imageio_ffmpeg.read_frames(os.path.join(out, r["mp4"])))
+        assert len(frames) - 1 == FRAMES  # read_frames yields a metadata dict first
+    assert read(os.path.join(out, "grid.png")).shape[0] >= 2 * 128  # one strip per row
+
+
+def test_mfg_one_is_plain_cfg_and_mfg_matters(ckpts):
+    # generate() skips the third pass of Eq. 6 when lambda_M = 1: check that this shortcut is exact
+    model, meta = sample.load_model(ckpts["t2v"])
+    enc = meta["encoder"]
+    tok, mask, pooled = enc(["a red circle moving right", "a cyan cross moving up"])
+    ntok, nmask, npooled = enc(["", ""])
+    cond, null = dict(text=tok, text_mask=mask, pooled=pooled), dict(text=ntok, text_mask=nmask, pooled=npooled)
+    x, t = torch.randn(2, FRAMES, 3, SIZE, SIZE), torch.tensor([500, 900])
+    eq6 = guided_eps_fn(model, cond, null, 7.5, 1.0)(x, t)
+    cfg = guided_eps_fn(model, cond, null, 7.5, None)(x, t)
+    torch.testing.assert_close(eq6, cfg, atol=1e-5, rtol=1e-5)
+    a = sample.generate(model, meta, ["a red circle moving right"], steps=6, mfg=1.0, progress=False)
+    b = sample.generate(model, meta, ["a red circle moving right"], steps=6, mfg=1.3, progress=False)
+    assert a.shape == (1, FRAMES, SIZE, SIZE, 3) and (a.float() - b.float()).abs().mean() > 0.5
+    img = sample.generate(model, meta, ["a red circle"], steps=6, video=False, progress=False)
+    assert img.shape == (1, SIZE, SIZE, 3)  # images from a T2V model: the one-frame, motion-free path
+
+
+def test_export_roundtrip(ckpts, tmp_path):
+    path = str(tmp_path / "toy.safetensors")
+    size = sample.export(ckpts["t2i"], path)
+    model, meta = sample.load_model(path)
+    ref, ref_meta = sample.load_model(ckpts["t2i"])
+    assert size == os.path.getsize(path) < 1.2 * 4 * sum(p.numel() for p in model.parameters())  # fp32 + header
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+    assert meta["step"] == 10 and meta["config"] == ref_meta["config"] and meta["kind"] == "t2i"
+    x = sample.generate(model, meta, ["a red circle"], steps=4, progress=False)
+    assert torch.equal(x, sample.generate(ref, ref_meta, ["a red circle"], steps=4, progress=False))
+    half = str(tmp_path / "toy16.safetensors")
+    assert sample.export(ckpts["t2i"], half, "fp16") < 0.6 * size
+    with pytest.raises(ValueError, match="EMA weights only"):
+        sample.load_model(path, ema=False)
+
+
+def test_clear_errors(ckpts, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="text-to-image checkpoint .* T2V checkpoint"):
+        sample.load_model(ckpts["t2i"], video=True)
+    with pytest.raises(FileNotFoundError, match="no ckpt"):
+        sample.load_model(str(tmp_path))
+    monkeypatch.setitem(sample.BUNDLED, "t2i", os.path.join("assets", "missing_model.safetensors"))
+    with pytest.raises(FileNotFoundError, match="train_t2i.py"):
+        sample.main(["a red circle"])
+    with pytest.raises(ValueError, match="at least one prompt"):
+        sample.main(["--ckpt", ckpts["t2i"]])
+    # the command line turns it into one line on stderr
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", ckpts["t2i"], "--video", "x"],
+                       capture_output=True, text=True, cwd=str(tmp_path), env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:")
+    assert "text-to-image" in r.stderr
