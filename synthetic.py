@@ -22,6 +22,8 @@ Compositional generalisation: the colour-shape pairs in HELDOUT_PAIRS never appe
 in training, just never together in those pairs.
 """
 
+import functools
+
 import numpy as np
 import torch
 
@@ -59,11 +61,16 @@ def geometry(size):
     return r_min, r_max, gap, speed
 
 
+@functools.lru_cache(maxsize=8)
+def _pixel_centres(size):
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    return yy, xx
+
+
 def shape_mask(shape, x, y, r, size):
     """Boolean (size, size) mask of one shape with centre (x, y) and half-size r (bbox [x-r, x+r))."""
-    # pixel centres relative to the object centre
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
-    u, v = xx - x, yy - y
+    yy, xx = _pixel_centres(size)
+    u, v = xx - x, yy - y  # pixel centres relative to the object centre
     inside = (np.abs(u) < r) & (np.abs(v) < r)  # the bounding box
     if shape == "circle":
         m = u**2 + v**2 <= r**2
@@ -154,25 +161,26 @@ def sample_scene(rng, category, pairs, size=32):
     while True:
         # attributes: colour binding needs two colours, shape binding two shapes, spatial two
         # distinguishable objects (so the caption names each one unambiguously)
-        idx = rng.choice(len(pairs), size=n, replace=False)
-        chosen = [pairs[i] for i in idx]
+        idx = rng.integers(len(pairs), size=n)
+        if n == 2 and idx[0] == idx[1]:
+            continue
+        chosen = [pairs[i] for i in idx.tolist()]
         if category == "color" and chosen[0][0] == chosen[1][0]:
             continue
         if category == "shape" and chosen[0][1] == chosen[1][1]:
             continue
         break
-    relation = str(rng.choice(RELATIONS)) if category == "spatial" else None
-    for _ in range(10_000):  # rejection sampling of positions; succeeds within a few tries
-        objs = []
-        for c, s in chosen:
-            r = int(rng.integers(r_min, r_max + 1))
-            x, y = rng.integers(r, size - r + 1, size=2)  # whole object inside the frame
-            objs.append({"color": c, "shape": s, "x": int(x), "y": int(y), "r": r})
-        if n == 2 and not _apart(objs[0], objs[1], gap):
-            continue
-        if relation and not _relation_holds(objs[0], objs[1], relation, gap):
-            continue
-        return {"category": category, "objects": objs, "relation": relation}
+    relation = RELATIONS[int(rng.integers(len(RELATIONS)))] if category == "spatial" else None
+    for _ in range(100):  # rejection sampling of positions, 64 candidate layouts per draw
+        rs = rng.integers(r_min, r_max + 1, size=(64, n))
+        xys = rng.integers(0, 1 << 30, size=(64, n, 2)) % (size - 2 * rs[..., None] + 1) + rs[..., None]
+        for r, xy in zip(rs.tolist(), xys.tolist()):  # whole object inside the frame
+            objs = [{"color": c, "shape": s, "x": p[0], "y": p[1], "r": ri} for (c, s), ri, p in zip(chosen, r, xy)]
+            if n == 2 and not _apart(objs[0], objs[1], gap):
+                continue
+            if relation and not _relation_holds(objs[0], objs[1], relation, gap):
+                continue
+            return {"category": category, "objects": objs, "relation": relation}
     raise RuntimeError(f"could not place objects for {category!r} at size {size}")
 
 
