@@ -28,8 +28,8 @@ Videos (one moving object, synthetic.MovingShapesDataset):
                    object is wrong.
   consistency      fraction of consecutive frame pairs whose largest detection has the same (colour, shape)
                    (a missing detection counts as a change): object identity is kept over time.
-Chance levels (a scene of random objects from the 8 x 5 vocabulary): single 1/40 = 2.5%; colour / shape
-binding about 2/(40*39) = 0.13%; spatial about a quarter of that; frame attribute 2.5%; direction 25%
+Chance levels (a scene of random objects from the 8 x 5 vocabulary): single 1/40 = 2.5% per object in the
+scene; colour / shape binding about 2/40^2 = 0.13%; spatial about a quarter of that; frame attribute 2.5%; direction 25%
 (4 directions); consistency 2.5% for independent frames. tests/test_evaluate.py checks >= 99% on ground-truth
 renders and near these levels on noise.
 
@@ -204,7 +204,7 @@ def oracle_eval(model, meta, n_per_category=50, seed=0, sampler="dpm++2m", steps
     with sample.generate and score them. T2I: n prompts per category; T2V: n moving-object prompts."""
     from sample import generate
 
-    video = meta["kind"] == "t2v" if video is None else video
+    video = model.cfg.temporal if video is None else video
     size = meta.get("resolution") or model.cfg.input_size
     if video:
         frames = frames or meta.get("num_frames") or model.cfg.num_frames
@@ -351,7 +351,8 @@ def determine_position(locality, box1, box2, iou_threshold=0.1, distance_thresho
     c1 = ((box1[0] + box1[2]) / 2, (box1[1] + box1[3]) / 2)
     c2 = ((box2[0] + box2[2]) / 2, (box2[1] + box2[3]) / 2)
     dx, dy = c2[0] - c1[0], c2[1] - c1[1]
-    inter = max(0, min(box1[2], box2[2]) - max(box1[0], box2[0])) * max(0, min(box1[3], box2[3]) - max(box1[1], box2[1]))
+    inter = (max(0, min(box1[2], box2[2]) - max(box1[0], box2[0]))
+             * max(0, min(box1[3], box2[3]) - max(box1[1], box2[1])))
     area = lambda b: (b[2] - b[0]) * (b[3] - b[1])
     union = area(box1) + area(box2) - inter
     iou = inter / union if union > 0 else 0.0  # degenerate (zero-area) boxes do not overlap
@@ -392,7 +393,8 @@ def spatial_scores(images, prompts, model, processor, threshold=0.1):
         if locality is None:
             out.append(0.0)
             continue
-        inputs = processor(text=[[f"a photo of a {n1}", f"a photo of a {n2}"]], images=img, return_tensors="pt").to(device)
+        queries = [[f"a photo of a {n1}", f"a photo of a {n2}"]]  # OWL-ViT's query template
+        inputs = processor(text=queries, images=img, return_tensors="pt").to(device)
         res = model(**inputs)
         probs = res.logits[0].float().sigmoid()  # (queries, 2)
         boxes = res.pred_boxes[0].float()  # (queries, 4): normalised (cx, cy, w, h)
@@ -401,10 +403,12 @@ def spatial_scores(images, prompts, model, processor, threshold=0.1):
         for k in range(2):
             i = int(probs[:, k].argmax())
             cx, cy, bw, bh = boxes[i].tolist()
-            found.append((float(probs[i, k]), ((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h)))
+            box = ((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h)  # (x0, y0, x1, y1) px
+            found.append((float(probs[i, k]), box))
         (s1, b1), (s2, b2) = found
         if s1 >= threshold and s2 >= threshold:  # distance threshold: CompBench's 150 px at 512 px, scaled
-            score = 0.25 * s1 + 0.25 * s2 + determine_position(locality, b1, b2, distance_threshold=150 * w / 512) / 2
+            position = determine_position(locality, b1, b2, distance_threshold=150 * w / 512)
+            score = 0.25 * s1 + 0.25 * s2 + position / 2
         else:
             score = 0.25 * s1 if s1 >= threshold else 0.25 * s2 if s2 >= threshold else 0.0
         out.append(score if score >= 0.5 else 0.0)
@@ -508,8 +512,8 @@ def clip_eval(sample_dir, model_name=CLIP_L14, device="cpu"):
     prompts = [r["prompt"] for r in recs]
     arrays = [np.asarray(Image.open(os.path.join(sample_dir, r["file"])).convert("RGB")) for r in recs]
     if "gif" not in recs[0]:
-        return {"clip_score": float(np.mean(clip_score([Image.fromarray(a) for a in arrays], prompts, model, processor))),
-                "n": len(recs)}
+        images = [Image.fromarray(a) for a in arrays]
+        return {"clip_score": float(np.mean(clip_score(images, prompts, model, processor))), "n": len(recs)}
     videos = [[Image.fromarray(f) for f in np.split(a, a.shape[1] // a.shape[0], axis=1)] for a in arrays]  # strips
     frames = [f for v in videos for f in v]
     texts = [p for p, v in zip(prompts, videos) for _ in v]
@@ -523,7 +527,7 @@ def fid(gen_dir, ref_dir, device="cpu"):
     try:
         import torch_fidelity
     except ImportError:
-        raise ImportError("FID needs `pip install torch-fidelity` (it downloads Inception weights on first use)") from None
+        raise ImportError("FID needs `pip install torch-fidelity` (it fetches Inception weights once)") from None
     import tempfile
 
     for d in (gen_dir, ref_dir):
@@ -573,6 +577,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if sum(map(bool, (args.oracle, args.compbench, args.clip_score, args.fid))) != 1:
         p.error("choose exactly one of --oracle, --compbench, --clip-score, --fid")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # progress bars of our own loops only
 
     if args.oracle:
         from sample import load_model

@@ -107,12 +107,12 @@ def build_config(config, path=""):
     return GenTronConfig(**config)
 
 
-def check_mode(meta, video):
+def check_mode(temporal, video, source="this model"):
     """A video request needs temporal layers (Sec. 3.3.1). Images from a T2V model are allowed: one frame
     through temporal attention attends only to itself, which is exactly the motion-free path (Sec. 3.3.2)."""
-    if video and not meta["config"].get("temporal"):
-        raise ValueError(f"{meta.get('ckpt', 'this model')} is a text-to-image checkpoint (no temporal layers): "
-                         f"video needs a T2V checkpoint (train_t2v.py) or the bundled {BUNDLED['t2v']}")
+    if video and not temporal:
+        raise ValueError(f"{source} is a text-to-image checkpoint (no temporal layers): video needs a T2V "
+                         f"checkpoint (train_t2v.py) or the bundled {BUNDLED['t2v']}")
 
 
 _ENCODERS = {}  # (spec, device) -> frozen TextEncoder: loaded once per process, shared by every model
@@ -135,7 +135,7 @@ def load_model(path=None, ema=True, device="cpu", video=None):
     file = resolve_checkpoint(path) if path else bundled_path("t2v" if video else "t2i")
     state, config, meta, step = read_checkpoint(file, ema)
     meta = {**meta, "config": config, "step": step, "ckpt": os.path.abspath(file)}
-    check_mode(meta, video)
+    check_mode(config.get("temporal", False), video, file)
     with torch.device("meta"):  # no init work or memory for weights that are overwritten anyway
         model = GenTron(build_config(config, file))
     state = {k: v.float() for k, v in state.items()}  # exports may be fp16/bf16; sampling runs fp32 (+autocast)
@@ -190,12 +190,13 @@ def generate(model, meta, prompts, *, seed=0, sampler="dpm++2m", steps=25, cfg=7
              video=None, device=None, batch_size=16, first_index=0, progress=True):
     """Prompts -> uint8 CPU tensor (B, H, W, 3), or (B, T, H, W, 3) for video.
 
-    video=None follows the model (T2V -> clips of meta["num_frames"] or `frames`). Sample i starts from noise
-    drawn with sample_seed(seed, first_index + i). DDPM's per-step noise comes from one generator per batch,
-    so DDPM samples repeat exactly only with the same batch_size (recorded in samples.json). meta needs
-    "kind", "config" and either the loaded "encoder"/"latent" or their specs "text_encoder"/"latent_space"."""
-    video = meta["kind"] == "t2v" if video is None else video
-    check_mode(meta, video)
+    video=None follows the model (temporal layers -> clips of `frames` or meta["num_frames"] frames). Sample i
+    starts from noise drawn with sample_seed(seed, first_index + i). DDPM's per-step noise comes from one
+    generator per batch, so DDPM samples repeat exactly only with the same batch_size (samples.json records
+    it). meta needs the loaded "encoder" and "latent" (as load_model returns them) or their specs
+    "text_encoder" and "latent_space" (as a checkpoint's meta holds them)."""
+    video = model.cfg.temporal if video is None else video
+    check_mode(model.cfg.temporal, video, meta.get("ckpt", "this model"))
     device = torch.device(device) if device is not None else next(model.parameters()).device
     enc = meta.get("encoder") or text_encoder(meta["text_encoder"], device)
     latent = meta.get("latent") or load_latent_space(meta["latent_space"], device=device)
@@ -358,6 +359,8 @@ def main(argv=None):
     p.add_argument("--no-ema", action="store_true", help="raw weights instead of the EMA weights")
     p.add_argument("--out", default="out", help="output folder")
     p.add_argument("--device", help="default: cuda if available, else cpu (--from-json: the recorded device)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: PyTorch's); 1 is fastest for the "
+                   "toy models on a busy machine")
     p.add_argument("--export", metavar="OUT.safetensors", help="write --ckpt's EMA weights and metadata, then exit")
     p.add_argument("--export-dtype", default="fp32", choices=list(DTYPES))
     p.add_argument("--from-json", metavar="samples.json", help="regenerate samples of an earlier run exactly")
@@ -366,6 +369,8 @@ def main(argv=None):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bars for the tiny encoders
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if args.export:
         if not args.ckpt:

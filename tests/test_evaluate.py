@@ -271,7 +271,8 @@ def test_compbench_end_to_end(hf_models, tmp_path):
     model, meta = load_model(make_checkpoint(str(tmp_path / "r" / "ckpt-0000001.pt")))
     images = str(tmp_path / "images")
     ev.compbench_generate(model, meta, str(prompts), images, list(files), n_per_prompt=2, steps=2, progress=False)
-    assert sorted(os.listdir(os.path.join(images, "spatial", "samples")))[-1] == "a car on the top of a bench_000003.png"
+    names = sorted(os.listdir(os.path.join(images, "spatial", "samples")))  # CompBench's {prompt}_{index:06d}.png
+    assert len(names) == 4 and names[-1] == "a car on the top of a bench_000003.png"
     s = ev.compbench(str(prompts), images, list(files), blip=hf_models["blip"], clip=hf_models["clip"],
                      detector=hf_models["owl"])
     assert set(s) == set(files) | {"mean"}
@@ -280,9 +281,29 @@ def test_compbench_end_to_end(hf_models, tmp_path):
     assert s["mean"] == pytest.approx(np.mean([s[c] for c in files]))
     table = ev.compbench_table(s)
     assert "Non-spatial" in table and table.splitlines()[-1].split()[2] == "-"  # no texture prompts given
+    # the command line scores the same folder to the same numbers
+    ev.main(["--compbench", str(prompts), "--images", images, "--categories", "color,spatial",
+             "--blip", hf_models["blip"], "--detector", hf_models["owl"]])
+    cli = json.load(open(os.path.join(images, "compbench.json")))
+    assert cli["color"] == pytest.approx(s["color"]) and cli["spatial"] == pytest.approx(s["spatial"])
 
 
 def test_fid_needs_torch_fidelity(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # as if not installed
     with pytest.raises(ImportError, match="pip install torch-fidelity"):
         ev.fid(str(tmp_path), str(tmp_path))
+
+
+def test_clip_score_of_sample_folders(hf_models, tmp_path):
+    import sample
+
+    runs = {k: make_checkpoint(str(tmp_path / k / "ckpt-0000001.pt"), temporal=k == "t2v") for k in ("t2i", "t2v")}
+    sample.main(["--ckpt", runs["t2i"], "a red circle", "a blue square", "--steps", "2", "--out", str(tmp_path / "i")])
+    sample.main(["--ckpt", runs["t2v"], "--video", "a red circle moving up", "--steps", "2",
+                 "--out", str(tmp_path / "v")])
+    ev.main(["--clip-score", str(tmp_path / "i"), "--clip", hf_models["clip"]])
+    s = json.load(open(tmp_path / "i" / "clip_score.json"))
+    assert s["n"] == 2 and 0 <= s["clip_score"] <= 100
+    ev.main(["--clip-score", str(tmp_path / "v"), "--clip", hf_models["clip"]])
+    v = json.load(open(tmp_path / "v" / "clip_score.json"))
+    assert v["n"] == 1 and 0 <= v["clip_score_per_frame"] <= 100 and -100 <= v["frame_consistency"] <= 100

@@ -113,6 +113,16 @@ def test_sample_noise_does_not_depend_on_batching(ckpts):
         assert x.shape == (2, SIZE, SIZE, 3)
 
 
+def test_generate_with_a_training_meta(ckpts):
+    # train_t2i.py / experiments call generate on their in-memory model with the checkpoint's plain meta
+    ckpt = torch.load(os.path.join(ckpts["t2i"], "ckpt-0000010.pt"), weights_only=True)
+    model = GenTron(sample.build_config(ckpt["config"]))
+    model.load_state_dict(ckpt["ema"])
+    x = sample.generate(model.eval(), ckpt["meta"], ["a red circle"], steps=4, progress=False)
+    ref, ref_meta = sample.load_model(ckpts["t2i"])
+    assert torch.equal(x, sample.generate(ref, ref_meta, ["a red circle"], steps=4, progress=False))
+
+
 def test_video_outputs(ckpts, tmp_path):
     out = str(tmp_path / "vid")
     sample.main(["--ckpt", ckpts["t2v"], "--video", "a red circle moving right", "a blue square moving up",
