@@ -390,6 +390,8 @@ def main(argv=None):
         if None in prompts:  # a partial JSON (itself a reproduction): only its own samples can be remade
             raise ValueError(f"{args.from_json} lists {sum(x is not None for x in prompts)} of {len(prompts)} "
                              "samples; use the samples.json of the original run")
+        if os.path.isfile(settings.get("ckpt_file") or ""):
+            settings["ckpt"] = settings["ckpt_file"]  # the exact file, not a run dir's newest checkpoint now
         if args.device:
             settings["device"] = args.device  # numerics differ across devices: exact only on the recorded one
         out = args.out if args.out != "out" else os.path.join(os.path.dirname(args.from_json) or ".", "from_json")

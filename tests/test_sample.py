@@ -74,9 +74,10 @@ def test_load_run_dir_picks_newest_and_ema(ckpts):
     assert not torch.equal(raw.state_dict()["final_layer.linear.weight"], sd["final_layer.linear.weight"])
 
 
-def test_cli_images_and_exact_reproduction_from_json(ckpts, tmp_path):
-    out, rep = str(tmp_path / "out"), str(tmp_path / "rep")
-    sample.main(["--ckpt", ckpts["t2i"], "a red circle to the left of a blue square", "a green square",
+def test_cli_images_and_exact_reproduction_from_json(tmp_path):
+    out, rep, run = str(tmp_path / "out"), str(tmp_path / "rep"), str(tmp_path / "run")
+    make_checkpoint(os.path.join(run, "ckpt-0000010.pt"))
+    sample.main(["--ckpt", run, "a red circle to the left of a blue square", "a green square",
                  "--n-per-prompt", "3", "--batch-size", "4", "--steps", "8", "--seed", "7", "--out", out])
     rec = json.load(open(os.path.join(out, "samples.json")))
     assert len(rec["samples"]) == rec["num_samples"] == 6
@@ -88,7 +89,9 @@ def test_cli_images_and_exact_reproduction_from_json(ckpts, tmp_path):
     assert min(np.abs(imgs[i].astype(int) - imgs[j]).mean() for i in range(6) for j in range(i)) > 1  # all differ
     grid = read(os.path.join(out, "grid.png"))
     assert grid.shape[0] >= 2 * 128 and grid.shape[1] >= 3 * 128  # 2 prompts x 3 samples, upscaled to >= 128 px
-    # regenerate sample 5 (second batch) and, separately, the whole run: identical pixels
+    # regenerate sample 5 (second batch) and, separately, the whole run: identical pixels, from the recorded
+    # checkpoint file even after training has written a newer one into the run dir
+    make_checkpoint(os.path.join(run, "ckpt-0000020.pt"), step=20, seed=5)
     sample.main(["--from-json", os.path.join(out, "samples.json"), "--index", "5", "--out", rep])
     rep_rec = json.load(open(os.path.join(rep, "samples.json")))
     assert [r["index"] for r in rep_rec["samples"]] == [5]
