@@ -1,0 +1,234 @@
+"""train_t2i.py / train_t2v.py on CPU: world-size invariance under FSDP2, exact resume, activation
+checkpointing, NaN stop, T2I -> T2V initialisation (Sec. 3.3.1), checkpoint format, the toy CLI."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import data as D
+import train_t2i as T
+import train_t2v as V
+from diffusion import Diffusion
+from model import GenTron, GenTronConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CKPT_KEYS = {"model", "ema", "optimizer", "step", "rng", "data", "config", "meta", "args"}
+
+
+def tiny(out, steps, *extra):
+    """argv of a tiny run: GenTron-tiny on shapes, 4 images per step, no sample grid."""
+    return ["--size", "tiny", "--batch-size", "4", "--max-steps", str(steps), "--log-every", "1",
+            "--num-samples", "0", "--device", "cpu", "--lr", "1e-3", "--out", str(out), *extra]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)  # plain types only (common.md)
+
+
+@pytest.fixture
+def process_group():
+    """The 1-process group that train() makes for itself, for tests that call its parts directly."""
+    _, _, device, created = T.setup_distributed("cpu")
+    yield device
+    if created:
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# data order: N ranks x b == 1 rank x N b
+
+
+def test_batches_partition_the_global_batch():
+    one = iter(T.DistributedBatches(n=50, batch=8, accum=1, rank=0, world=1, seed=3, pos=(0, 0)))
+    ranks = [iter(T.DistributedBatches(50, 8, 2, r, 2, 3, (0, 0))) for r in range(2)]  # 2 ranks x 2 micro x 2
+    for step in range(12):  # 12 steps of 8 > 50 items: epoch 1 starts at step 6, items 48..49 of epoch 0 are dropped
+        glob = next(one)
+        micro = [[next(it) for _ in range(2)] for it in ranks]  # [rank][micro-step]
+        # micro-step j of rank r holds positions (2 j + r) * 2 ... of the global batch
+        assert sum((micro[r][j] for j in range(2) for r in range(2)), []) == glob
+        epoch, k = divmod(step, 6)
+        assert glob == T.permutation(50, 3, epoch)[8 * k : 8 * k + 8].tolist()
+    assert T.next_position((0, 48), 8, 50) == (1, 0) and T.next_position((0, 40), 8, 50) == (0, 40)
+
+
+# -----------------------------------------------------------------------------
+# FSDP2: 2 processes == 1 process on the same global batch
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, argv, out_json):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
+    torch.set_num_threads(1)
+    history = T.main(argv)
+    if rank == 0:
+        with open(out_json, "w") as f:
+            json.dump(history, f)
+
+
+def test_two_processes_match_one(tmp_path):
+    # Same global batch of 8: 2 ranks x 4 (gloo, FSDP2 over 2 ranks) vs 1 rank x 8 vs 1 rank x 2 micro x 4.
+    # Tolerance rtol 1e-5 on every loss of 5 steps: only fp32 summation order differs.
+    argv = lambda out, *x: tiny(out, 5, "--batch-size", "8", "--caption-dropout", "0.5", *x)
+    mp.spawn(_worker, args=(2, _free_port(), argv(tmp_path / "two"), str(tmp_path / "two.json")), nprocs=2)
+    two = json.load(open(tmp_path / "two.json"))
+    one = T.main(argv(tmp_path / "one"))
+    accum = T.main(argv(tmp_path / "accum", "--grad-accum", "2"))
+    assert len(two["loss"]) == 5
+    torch.testing.assert_close(torch.tensor(two["loss"]), torch.tensor(one["loss"]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(accum["loss"]), torch.tensor(one["loss"]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(two["grad_norm"]), torch.tensor(one["grad_norm"]), rtol=1e-4, atol=0)
+    assert one["loss"][-1] < one["loss"][0]  # it trains
+    # the saved weights agree too (full state dicts gathered from 2 shards)
+    a, b = load(tmp_path / "two" / "ckpt-0000005.pt"), load(tmp_path / "one" / "ckpt-0000005.pt")
+    for k in a["ema"]:
+        torch.testing.assert_close(a["ema"][k], b["ema"][k], rtol=1e-4, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# exact resume, NaN stop, checkpoint format
+
+
+def test_resume_is_exact(tmp_path):
+    full = T.main(tiny(tmp_path / "full", 6, "--ckpt-every", "3"))
+    first = T.main(tiny(tmp_path / "split", 3, "--ckpt-every", "3"))
+    with pytest.raises(FileExistsError, match="--resume"):  # never silently overwrite a run
+        T.main(tiny(tmp_path / "split", 6))
+    second = T.main(tiny(tmp_path / "split", 6, "--ckpt-every", "3", "--resume"))
+    assert first["loss"] + second["loss"] == full["loss"]  # bit for bit
+    a, b = load(tmp_path / "full" / "ckpt-0000006.pt"), load(tmp_path / "split" / "ckpt-0000006.pt")
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) and torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["data"] == b["data"] == {"epoch": 0, "offset": 24}
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        T.main(tiny(tmp_path, 8, "--ckpt-every", "2", "--debug-nan-at-step", "5"))
+    msg = str(e.value)
+    assert msg.startswith("step 5: non-finite loss nan") and "ckpt-0000004.pt" in msg and "\n" not in msg
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-0000002.pt", "ckpt-0000004.pt", "log.txt"]  # no temp files
+    ckpt = load(tmp_path / "ckpt-0000004.pt")
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_checkpoint_format(tmp_path):
+    T.main(tiny(tmp_path, 4, "--ckpt-every", "1", "--keep", "2"))
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt")) == ["ckpt-0000003.pt", "ckpt-0000004.pt"]
+    ckpt = load(tmp_path / "ckpt-0000004.pt")
+    assert set(ckpt) == CKPT_KEYS and ckpt["step"] == 4
+    assert ckpt["meta"] == {"kind": "t2i", "text_encoder": "tiny-clip+t5", "latent_space": "pixel", "resolution": 32,
+                            "num_frames": None, "dataset": "shapes:train:size=32:seed=0:single+color+shape+spatial"}
+    # the config alone rebuilds the model, and both weight sets have GenTron's own key names
+    model = GenTron(GenTronConfig(**ckpt["config"]))
+    assert list(ckpt["model"]) == list(ckpt["ema"]) == list(model.state_dict())
+    model.load_state_dict(ckpt["ema"])
+    assert not torch.equal(ckpt["ema"]["final_layer.linear.weight"], ckpt["model"]["final_layer.linear.weight"])
+    assert set(ckpt["optimizer"]["state"]) == set(ckpt["model"])  # AdamW state keyed by parameter name
+    assert ckpt["args"]["batch_size"] == 4
+
+
+# -----------------------------------------------------------------------------
+# activation checkpointing
+
+
+def test_activation_checkpointing_gives_same_gradients(process_group):
+    device = process_group
+    cfg = GenTronConfig(depth=2, width=64, mlp_width=128, heads=4, in_channels=3, input_size=8, text_dim=16, pooled_dim=8)
+    g = torch.Generator().manual_seed(0)
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in T.fresh_state(cfg, 0).items()}  # non-zero gates
+    batch = dict(x=torch.randn(3, 3, 8, 8, generator=g), t=torch.tensor([10, 500, 999]),
+                 text=torch.randn(3, 5, 16, generator=g), text_mask=torch.ones(3, 5, dtype=torch.bool),
+                 pooled=torch.randn(3, 8, generator=g))
+    grads, calls = {}, {}
+    for ac in (False, True):
+        model = T.build_model(cfg, device, ac=ac, init_state=state)
+        calls[ac] = 0
+        model.blocks[0].mlp.register_forward_hook(lambda *_: calls.__setitem__(ac, calls[ac] + 1))
+        model(**batch).square().mean().backward()
+        grads[ac] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    assert calls == {False: 1, True: 2}  # AC recomputes the block in backward
+    assert grads[False]["blocks.0.attn.qkv.weight"].abs().sum() > 0
+    for n in grads[False]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], rtol=0, atol=0)  # recompute is exact on CPU
+
+
+# -----------------------------------------------------------------------------
+# T2V from a T2I checkpoint (Sec. 3.3.1)
+
+
+def test_t2v_starts_at_the_t2i_loss_on_pseudo_videos(tmp_path):
+    T.main(tiny(tmp_path / "t2i", 3))  # a T2I checkpoint whose weights are no longer the init
+    t2i = tmp_path / "t2i" / "ckpt-0000003.pt"
+    argv = tiny(tmp_path / "t2v", 1, "--init-from", str(t2i), "--batch-size", "2", "--num-frames", "4",
+                "--p-motion-free", "1", "--caption-dropout", "0")
+    loss_t2v = V.main(argv)["loss"][0]
+    # Reference: the T2I model on the frames of the same pseudo-videos, with the same t and noise per frame.
+    ckpt = load(t2i)
+    model = GenTron(GenTronConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    ds = D.JointImageVideoDataset(D.MovingShapesDataset(num_frames=4), D.ShapesDataset(categories=("single",)), 1.0, 4)
+    batch = D.collate([ds[i] for i in next(iter(T.DistributedBatches(len(ds), 2, 1, 0, 1, 0, (0, 0))))])
+    assert batch["motion_free"].all()
+    t, noise, _ = T.step_draws(0, 1, 2, (4, 3, 32, 32), torch.device("cpu"), 0.0)
+    text, mask, pooled = T.load_text_encoder("tiny-clip+t5")(batch["caption"])
+    rep = lambda z: z.repeat_interleave(4, dim=0)  # one clip of 4 frames -> 4 images
+    with torch.no_grad():
+        eps = lambda xt, tt: model(xt, tt, rep(text), rep(mask), rep(pooled))
+        loss_t2i = Diffusion().loss(eps, batch["x"].flatten(0, 1), rep(t), noise.flatten(0, 1)).item()
+    assert loss_t2v == pytest.approx(loss_t2i, rel=1e-6)
+    new = set(load(tmp_path / "t2v" / "ckpt-0000001.pt")["model"]) - set(ckpt["model"])
+    assert new and all(".temporal." in k for k in new)
+    with pytest.raises(SystemExit, match="--init-from"):
+        V.main(tiny(tmp_path / "none", 1))
+
+
+# -----------------------------------------------------------------------------
+# precomputed features (data.build_cache) and the null caption
+
+
+def test_cached_features_and_null_caption(tmp_path, process_group):
+    enc = T.load_text_encoder("tiny-clip+t5")
+    D.build_cache(D.ShapesDataset(length=8), tmp_path / "cache", enc, D.PixelSpace(), progress=False)
+    hist = T.main(tiny(tmp_path / "run", 2, "--data", str(tmp_path / "cache"), "--caption-dropout", "0.5"))
+    assert len(hist["loss"]) == 2 and all(0 < v < 2 for v in hist["loss"])
+    assert load(tmp_path / "run" / "ckpt-0000002.pt")["meta"]["dataset"].startswith("shapes:train")
+    # caption dropout swaps in the features of "" exactly (CFG's unconditional input)
+    data = T.cached_data(str(tmp_path / "cache"), process_group)
+    batch = D.collate([data.dataset[i] for i in range(3)])
+    cond = T.text_condition(batch, torch.tensor([True, False, True]), data, process_group)
+    null = enc([""])
+    for k, ref in zip(("text", "text_mask", "pooled"), null):
+        assert torch.equal(cond[k][0], ref[0]) and torch.equal(cond[k][2], ref[0])
+        assert torch.equal(cond[k][1], batch[k][1])
+
+
+# -----------------------------------------------------------------------------
+# the toy CLI end to end
+
+
+def test_toy_cli_end_to_end(tmp_path):
+    # `python train_t2i.py` with its defaults (toy model, shapes, tiny text encoders), made small
+    cmd = [sys.executable, "train_t2i.py", "--max-steps", "2", "--batch-size", "4", "--sample-steps", "2",
+           "--num-samples", "4", "--eval-n", "2", "--out", str(tmp_path), "--device", "cpu"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "step 2 | loss" in r.stdout and "MFU n/a" in r.stdout
+    assert open(tmp_path / "log.txt").read().startswith("step 2 | loss")
+    from PIL import Image
+    assert Image.open(tmp_path / "samples.png").size == (2 * 130 + 2, 2 * 130 + 2)  # 2 x 2 cells of 32 -> 128 px
+    assert len(open(tmp_path / "samples.txt").read().splitlines()) == 4
+    scores = json.load(open(tmp_path / "oracle.json"))  # evaluate.py's oracle on held-out compositions
+    assert scores["n"] == {"single": 2, "color": 2, "shape": 2, "spatial": 2} and 0 <= scores["overall"] <= 1
+    assert set(load(tmp_path / "ckpt-0000002.pt")) == CKPT_KEYS

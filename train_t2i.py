@@ -1,0 +1,609 @@
+"""
+Train GenTron text-to-image (paper Sec. 3.2, 4.1). One script for one CPU, one GPU and many GPUs:
+
+    python train_t2i.py                                  # toy: built-in shapes, CPU, ~7 min, writes samples.png
+    torchrun --nproc_per_node 8 train_t2i.py --size XL --data /data/cache256 --batch-size 2048 \
+        --max-steps 500000 --out runs/xl256              # Sec. 4.1 stage 1: 256px, batch 2048, 500K steps
+    torchrun --nproc_per_node 8 train_t2i.py --size XL --data /data/cache512 --batch-size 784 \
+        --max-steps 300000 --init-from runs/xl256/ckpt-0500000.pt --out runs/xl512   # stage 2: 512px
+
+FSDP2 in torchtitan order: the model is built on the meta device, each block gets activation
+checkpointing and torch.compile, then fully_shard per block and at the root (bf16 compute, fp32
+gradient reduction), then to_empty and the weights of a seeded single-process init, broadcast
+from rank 0 - so N ranks x batch b trains exactly like 1 rank x batch Nb. Every random draw of a
+step (timesteps, noise, caption dropout) is a function of (seed, step) drawn for the whole global
+batch, and the data order a function of (seed, epoch): a resumed run repeats an uninterrupted one.
+train_t2v.py and bench.py import the pieces below.
+"""
+
+import argparse
+import dataclasses
+import glob
+import json
+import math
+import os
+import re
+import resource
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.utils.checkpoint
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from tqdm import tqdm
+
+import data as D
+from diffusion import Diffusion
+from model import SIZES, GenTron, GenTronConfig, flops_per_sample
+from text_encoders import load_text_encoder
+
+# -----------------------------------------------------------------------------
+# flags: defaults train the toy model on the built-in shapes; each paper setting says where it comes from
+
+LR = 1e-4  # constant learning rate with AdamW, paper Sec. 4.1 (XL/2 and G/2 at batch 2048)
+TOY_LR = 1e-3  # toy / tiny models at batch 32: learn in minutes (1e-4 leaves a CPU toy run at noise)
+
+
+def get_parser(kind="t2i"):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # data and frozen encoders
+    p.add_argument("--data", default="shapes" if kind == "t2i" else "moving_shapes",
+                   help="shapes | bench | image folder or .jsonl manifest | cache dir made by data.build_cache")
+    p.add_argument("--cache", default=None, help="first cache --data's latents + text features here (rank 0), then train on it")
+    p.add_argument("--text-encoder", default="tiny-clip+t5", help="full scale: clip+t5 (Table 2, best)")
+    p.add_argument("--latent-space", default=None, help="default: pixel for built-in data, sd-vae for real data (Sec. 4.1)")
+    p.add_argument("--resolution", type=int, default=None, help="pixels; default 32 (shapes) or 256 (Sec. 4.1, stage 1)")
+    # model
+    p.add_argument("--size", default="toy", choices=list(SIZES), help="a row of Table 1 (model.SIZES)")
+    p.add_argument("--patch", type=int, default=None, help="patch size, the /2 of XL/2 (default: the row's)")
+    p.add_argument("--conditioning", default="cross_attn", choices=["cross_attn", "adaln"])  # cross-attn: Sec. 4.2
+    p.add_argument("--pooled-text", action=argparse.BooleanOptionalAction, default=True,
+                   help="add the pooled text embedding to the time embedding (Sec. 3.2.1)")
+    # optimisation
+    p.add_argument("--batch-size", type=int, default=32, help="global batch per step (Sec. 4.1: 2048 at 256px, 784 at 512px)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    p.add_argument("--lr", type=float, default=None, help=f"constant AdamW lr (default {LR}; {TOY_LR} for toy / tiny)")
+    p.add_argument("--weight-decay", type=float, default=0.0)  # DiT: AdamW without weight decay
+    p.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999])  # AdamW defaults, as DiT
+    p.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0: off, the norm is still logged)")
+    p.add_argument("--ema", type=float, default=0.9999)  # DiT's EMA decay
+    p.add_argument("--caption-dropout", type=float, default=0.1)  # null caption 10% of the time: CFG (Ho & Salimans)
+    p.add_argument("--max-steps", type=int, default=800)  # the toy: ~7 min on 2 CPU cores; Sec. 4.1: 500K + 300K
+    p.add_argument("--seed", type=int, default=0)
+    # system
+    p.add_argument("--ac", action=argparse.BooleanOptionalAction, default=None,
+                   help="activation checkpointing per block (default: on for G, Sec. 4.1)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 4 on GPU, 0 on CPU)")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    # run folder, logs, checkpoints
+    p.add_argument("--out", default=f"runs/{kind}", help="run folder: log.txt, ckpt-*.pt, samples.png")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--init-from", default=None, help="a run folder or ckpt-*.pt: start from its model + EMA weights")
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--ckpt-every", type=int, default=400)
+    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    # the sample grid written at the end
+    p.add_argument("--num-samples", type=int, default=16, help="held-out prompts in samples.png (0: none)")
+    p.add_argument("--sample-steps", type=int, default=25)  # DPM-Solver++(2M) needs ~20-25 steps
+    p.add_argument("--cfg-scale", type=float, default=7.5)  # lambda_T = 7.5, paper Sec. 3.3.2
+    p.add_argument("--eval-n", type=int, default=16, help="oracle scores on N held-out prompts per category (0: off)")
+    p.add_argument("--debug-nan-at-step", type=int, default=None, help=argparse.SUPPRESS)  # tests: plant a NaN loss
+    return p
+
+
+# -----------------------------------------------------------------------------
+# distributed set-up
+
+
+def setup_distributed(device=None):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` gets a 1-process group, so the code path is
+    the same. Returns (rank, world_size, device, created) - created: this call made the process group."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # frozen encoders / VAE
+    created = not dist.is_initialized()
+    if created:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "RANK" in os.environ:  # torchrun: rendezvous through MASTER_ADDR / MASTER_PORT
+            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        else:  # one process: an in-memory store, no ports
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size(), device, created
+
+
+def master_process():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs):
+    if master_process():
+        tqdm.write(" ".join(str(a) for a in args), **kwargs)
+
+
+def matmul_peak_tflops(device, n=8192, iters=20):
+    """Measured bf16 matmul peak (TFLOP/s) of this GPU, the denominator of MFU (as bench.py); None on CPU."""
+    if torch.device(device).type != "cuda":
+        return None
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):  # warm-up
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n**3 * iters / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+# -----------------------------------------------------------------------------
+# the model: meta device -> AC -> compile -> fully_shard per block -> root -> to_empty -> init
+
+
+def model_config(args, data, **fields):
+    """The GenTronConfig of --size, with the input and text shapes of the data."""
+    cfg = {**SIZES[args.size], **({"patch": args.patch} if args.patch else {}), "conditioning": args.conditioning,
+           "pooled_text": args.pooled_text, "in_channels": data.channels, "input_size": data.latent_size, "text_dim": data.text_dim,
+           "pooled_dim": data.pooled_dim, **fields}
+    return GenTronConfig(**cfg)
+
+
+def fresh_state(cfg, seed):
+    """The single-process initialisation (GenTron.init_weights under a fixed seed) as a full state dict."""
+    torch.manual_seed(seed)
+    return GenTron(cfg).state_dict()
+
+
+def build_model(cfg, device, ac=False, compile=False, init_state=None, seed=0):
+    """FSDP2-sharded GenTron. init_state: full state dict used on rank 0 (others ignore it); default: the
+    seeded single-process init, so the weights do not depend on the number of ranks."""
+    with torch.device("meta"):
+        model = GenTron(cfg)  # no memory yet: shapes only
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    # bf16 compute and all-gathers, fp32 gradient reduce-scatter; sharded fp32 master weights (CPU: fp32)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
+        else MixedPrecisionPolicy()
+    for block in model.blocks:
+        # Replacing forward on the instance (rather than wrapping the module) keeps GenTron's parameter
+        # names, and puts recompute inside the compiled graph (a composable checkpoint() hook would not).
+        forward = block.forward
+        if ac:  # Sec. 4.1: activation checkpointing for G/2 - keep block inputs, recompute the rest in backward
+            forward = _checkpointed(forward)
+        if compile:
+            forward = torch.compile(forward)
+        block.forward = forward
+        fully_shard(block, mesh=mesh, mp_policy=mp)  # one all-gather / reduce-scatter unit per block
+    fully_shard(model, mesh=mesh, mp_policy=mp)  # the root: embedders, text projection, final layer
+    model.to_empty(device=device)  # allocate the local shards (uninitialised)
+    # init: rank 0 builds the full model on CPU with init_weights() under the seed, and its weights are
+    # broadcast and sharded - identical to single-process training for any number of ranks.
+    load_full_state(model, (init_state if init_state is not None else fresh_state(cfg, seed)) if master_process() else {})
+    return model
+
+
+def load_full_state(model, state):
+    """Load a full state dict, read on rank 0 only, into the sharded model: broadcast, each rank keeps its shard."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, dict(state) if master_process() else {}, options=options)  # dict(): it writes into it
+
+
+def _checkpointed(forward):
+    def checkpointed_forward(*args):
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False)
+    return checkpointed_forward
+
+
+@torch.no_grad()
+def ema_update(ema, params, decay):
+    """ema <- decay * ema + (1 - decay) * params, on each rank's shards (no communication)."""
+    torch._foreach_lerp_([e.to_local() for e in ema], [p.to_local() for p in params], 1.0 - decay)
+
+
+def full_tensors(tensors, names):
+    """Sharded DTensors -> {name: full CPU tensor} (a collective: every rank calls it)."""
+    return {n: t.full_tensor().cpu() for n, t in zip(names, tensors)}
+
+
+# -----------------------------------------------------------------------------
+# data: datasets, a deterministic distributed batch order, and the text conditioning
+
+
+@dataclasses.dataclass
+class Data:
+    dataset: object  # a map-style dataset; None for "bench"
+    spec: str  # what the checkpoint's meta records as the dataset
+    text_encoder: str  # text encoder spec
+    latent_space: str  # "pixel" | "sd-vae" | a VAE name
+    resolution: int  # pixels
+    channels: int  # model input (channels, latent_size, latent_size)
+    latent_size: int
+    text_dim: int
+    pooled_dim: int
+    text_len: int
+    frames: int = None  # clip length for videos
+    encoder: object = None  # TextEncoder when captions are encoded on the fly
+    latents: object = None  # latent space when images are encoded on the fly (not for cached data)
+    null: tuple = None  # (tokens (L, C), mask (L,), pooled (P,)) of "" when text features come precomputed
+    prompts: list = None  # captions for the final sample grid
+    p_motion_free: float = 0.0  # videos: fraction of motion-free pseudo-videos (bench draws its flags with it)
+
+
+def online_data(dataset, spec, args, device, frames=None):
+    """Captions encoded by the frozen text encoder each step; images by the latent space (pixels: identity)."""
+    res = dataset[0]["x"].shape[-1]
+    enc = load_text_encoder(args.text_encoder, device=device)
+    latent = args.latent_space or ("pixel" if spec.split(":")[0] in ("shapes", "moving_shapes") else "sd-vae")
+    space = D.load_latent_space(latent, device=device)
+    return Data(dataset, spec, args.text_encoder, latent, res, space.channels,
+                res // space.downsample, enc.text_dim, enc.pooled_dim, enc.max_length, frames, enc, space)
+
+
+def cached_data(path, device, frames=None):
+    """A build_cache directory: latents and text features are read; "" is encoded once for caption dropout."""
+    ds = D.CachedDataset(path)
+    m, item = ds.meta, ds[0]
+    shapes = (item["text"].shape, item["text_mask"].shape, item["pooled"].shape)
+    if master_process():  # only rank 0 loads the text encoder, for the one null caption
+        null = [t[0].to(device) for t in load_text_encoder(m["text_encoder"], device=device)([""])]
+        null[1] = null[1].to(torch.uint8)
+    else:
+        null = [torch.empty(s, device=device, dtype=torch.uint8 if i == 1 else torch.float32) for i, s in enumerate(shapes)]
+    for t in null:
+        dist.broadcast(t, src=0)
+    null = (null[0], null[1].bool(), null[2])
+    return Data(ds, m["dataset"], m["text_encoder"], m["latent_space"], m["resolution"], m["latent_channels"],
+                item["x"].shape[-1], m["text_dim"], m["pooled_dim"], shapes[0][0], m["num_frames"] or frames, null=null)
+
+
+def bench_data(args, frames=None, p_motion_free=0.0):
+    """Random SD-VAE latents and CLIP+T5-shaped text features (120 tokens): no encoders, no files."""
+    res = args.resolution or 256
+    return Data(None, "bench", "clip+t5", "sd-vae", res, 4, res // 8, 768 + 4096, 768, 120, frames,
+                null=(torch.zeros(120, 768 + 4096), torch.ones(120, dtype=torch.bool), torch.zeros(768)),
+                p_motion_free=p_motion_free)
+
+
+def bench_batches(data, micro, device, seed):
+    """The same random micro-batch every step, generated on the device (data loading is not timed)."""
+    g = torch.Generator(device).manual_seed(seed)
+    shape = (micro, *([data.frames] if data.frames else []), data.channels, data.latent_size, data.latent_size)
+    batch = {"x": torch.randn(shape, generator=g, device=device), "caption": [""] * micro,
+             "text": torch.randn(micro, data.text_len, data.text_dim, generator=g, device=device),
+             "text_mask": torch.ones(micro, data.text_len, dtype=torch.bool, device=device),
+             "pooled": torch.randn(micro, data.pooled_dim, generator=g, device=device)}
+    if data.frames:
+        batch["motion_free"] = torch.rand(micro, generator=g, device=device) < data.p_motion_free
+    while True:
+        yield batch
+
+
+def make_data_t2i(args, device):
+    """--data for text-to-image: shapes | bench | cache dir | image folder / .jsonl."""
+    if args.data == "bench":
+        return bench_data(args)
+    if os.path.isfile(os.path.join(args.data, "meta.json")):
+        return cached_data(args.data, device)
+    if args.data == "shapes":
+        ds = D.ShapesDataset("train", size=args.resolution or 32, seed=args.seed)
+        data = online_data(ds, ds.spec, args, device)
+        cats = [D.heldout_prompts(cat, 64, size=data.resolution) for cat in ("single", "color", "spatial")]
+        data.prompts = list(dict.fromkeys(c for row in zip(*cats) for c, _ in row))  # held-out pairs, unique
+        return data
+    ds = D.ImageTextFolder(args.data, size=args.resolution or 256)
+    return online_data(ds, args.data, args, device)
+
+
+def next_position(pos, batch, n):
+    """(epoch, offset) where the next global batch starts; an epoch's last partial batch is dropped."""
+    epoch, offset = pos
+    return (epoch + 1, 0) if offset + batch > n else (epoch, offset)
+
+
+def permutation(n, seed, epoch):
+    """The global order of an epoch: the same for every rank and every world size."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class DistributedBatches:
+    """Index lists of this rank's micro-batches, starting at a data position (epoch, offset).
+
+    Global batch k of an epoch is perm[k B : (k+1) B]; its micro-batch j of rank r is the slice
+    [(j W + r) m, (j W + r + 1) m) with m = B / (W A). Every sample keeps its position in the global
+    batch, so 2 ranks x m == 1 rank x 2m on the same samples, with the same noise (see step_draws)."""
+
+    def __init__(self, n, batch, accum, rank, world, seed, pos):
+        self.n, self.batch, self.accum, self.rank, self.world = n, batch, accum, rank, world
+        self.seed, self.pos, self.micro = seed, pos, batch // (world * accum)
+
+    def __iter__(self):
+        pos, perm_epoch = self.pos, None
+        while True:
+            epoch, offset = next_position(pos, self.batch, self.n)
+            if epoch != perm_epoch:
+                perm, perm_epoch = permutation(self.n, self.seed, epoch), epoch
+            for j in range(self.accum):
+                start = offset + (j * self.world + self.rank) * self.micro
+                yield perm[start : start + self.micro].tolist()
+            pos = (epoch, offset + self.batch)
+
+
+def step_draws(seed, step, batch, sample_shape, device, p_drop, num_steps=1000):
+    """Timesteps t ~ U{0..999}, noise ~ N(0, I) and caption-dropout flags of a whole global batch, from
+    generators seeded by (seed, step): a resumed run draws the same, and each rank slices its samples."""
+    key = int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0])
+    g = torch.Generator(device).manual_seed(key)
+    t = torch.randint(0, num_steps, (batch,), generator=g, device=device)
+    noise = torch.randn((batch, *sample_shape), generator=g, device=device)
+    drop = torch.rand(batch, generator=torch.Generator().manual_seed(key)) < p_drop  # CPU: captions live there
+    return t, noise, drop
+
+
+def text_condition(batch, drop, data, device):
+    """{text, text_mask, pooled} for the model; a dropped caption becomes the null caption "" (CFG)."""
+    if "text" in batch:  # cached or bench features: swap in the features of ""
+        d = drop.to(device)
+        tokens, mask, pooled = (batch[k].to(device) for k in ("text", "text_mask", "pooled"))
+        tokens = torch.where(d[:, None, None], data.null[0], tokens.float())
+        mask = torch.where(d[:, None], data.null[1], mask.bool())
+        pooled = torch.where(d[:, None], data.null[2], pooled.float())
+    else:
+        tokens, mask, pooled = data.encoder(["" if x else c for c, x in zip(batch["caption"], drop.tolist())])
+    return {"text": tokens, "text_mask": mask, "pooled": pooled}
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def checkpoints(out):
+    """This run's checkpoint paths, oldest first."""
+    return sorted(glob.glob(os.path.join(out, "ckpt-*.pt")), key=lambda p: int(re.findall(r"(\d+)\.pt$", p)[0]))
+
+
+def save_checkpoint(out, step, model, opt, ema, names, pos, cfg, meta, args, keep):
+    """All ranks gather full state dicts; rank 0 writes ckpt-{step}.pt atomically (temp file + rename)
+    and keeps the last `keep`. Returns the checkpoint dict on rank 0 (None elsewhere)."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    ckpt = {"model": get_model_state_dict(model, options=opts), "ema": full_tensors(ema, names),
+            "optimizer": get_optimizer_state_dict(model, opt, options=opts), "step": step,
+            "rng": {"torch": torch.get_rng_state()}, "data": {"epoch": pos[0], "offset": pos[1]},
+            "config": dataclasses.asdict(cfg), "meta": meta, "args": vars(args)}
+    if master_process():
+        path = os.path.join(out, f"ckpt-{step:07d}.pt")
+        torch.save(ckpt, path + ".tmp")
+        os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written newest checkpoint
+        for old in checkpoints(out)[:-keep]:
+            os.remove(old)
+    dist.barrier()
+    return ckpt if master_process() else None
+
+
+def load_init(path, cfg, seed):
+    """(model, EMA) full state dicts of another run for a new run. Same architecture: any resolution (sin-cos
+    positions are computed in forward, so a new grid needs nothing else; Sec. 4.1 256 -> 512). A T2I checkpoint
+    into a T2V model: shared weights copied, new temporal layers keep their zero-output init (Sec. 3.3.1)."""
+    if os.path.isdir(path) and checkpoints(path):
+        path = checkpoints(path)[-1]  # a run folder: its newest checkpoint
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--init-from checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    have = {k: v for k, v in ckpt["config"].items() if k != "input_size"}
+    want = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "input_size"}
+    if cfg.temporal and not have["temporal"]:  # T2I -> T2V
+        torch.manual_seed(seed)
+        m = GenTron(cfg)
+        new = m.load_t2i_weights(ckpt["model"])
+        print0(f"init from T2I {path}: {len(new)} new temporal weights, {len(ckpt['model'])} copied")
+        model_sd = m.state_dict()
+        return model_sd, {**model_sd, **ckpt["ema"]}
+    if {**have, "num_frames": 0} != {**want, "num_frames": 0}:
+        diff = [k for k in want if have.get(k) != want[k]]
+        raise ValueError(f"--init-from {path} has a different model ({', '.join(f'{k}={have.get(k)}' for k in diff)})")
+    print0(f"init from {path}: model and EMA weights of step {ckpt['step']}")
+    return ckpt["model"], ckpt["ema"]
+
+
+# -----------------------------------------------------------------------------
+# the end of a run: a sample grid of held-out prompts and, on the built-in data, the oracle scores
+
+
+@torch.no_grad()
+def final_samples(cfg, weights, data, kind, out, args, device):
+    """RUN_DIR/samples.png (+ samples.txt) from sample.generate: DPM-Solver++(2M) with CFG, or for video
+    motion-free guidance (Eq. 6); then evaluate.py's oracle on held-out compositions. Rank 0 only."""
+    from evaluate import oracle_eval, oracle_table
+    from PIL import Image
+    from sample import generate, make_grid, upscale
+
+    model = GenTron(cfg).to(device).eval()
+    model.load_state_dict(weights)
+    meta = {"text_encoder": data.text_encoder, "latent_space": data.latent_space, "resolution": data.resolution,
+            "num_frames": data.frames, "encoder": data.encoder, "latent": data.latents}
+    kw = dict(seed=args.seed, steps=args.sample_steps, cfg=args.cfg_scale, mfg=getattr(args, "mfg_scale", 1.0),
+              device=device, progress=False)
+    prompts = data.prompts[: args.num_samples]
+    x = generate(model, meta, prompts, frames=data.frames, **kw).numpy()  # uint8 (n, [T,] H, W, 3)
+    tiles = [upscale(np.concatenate(list(v), axis=1) if v.ndim == 4 else v) for v in x]  # a clip: frames in a row
+    grid = make_grid(tiles, cols=1 if kind == "t2v" else math.ceil(math.sqrt(len(tiles))))
+    Image.fromarray(grid).save(os.path.join(out, "samples.png"))
+    with open(os.path.join(out, "samples.txt"), "w") as f:
+        f.write("\n".join(prompts) + "\n")
+    print0(f"wrote {out}/samples.png: {len(prompts)} held-out prompts (samples.txt), {args.sample_steps} "
+           f"DPM-Solver++ steps, CFG {args.cfg_scale}")
+    if args.eval_n and data.spec.startswith(("shapes", "moving_shapes")):
+        scores = oracle_eval(model, meta, args.eval_n, **kw)
+        print0(f"evaluate.py oracle, {scores['n']} held-out prompt(s) per category:\n{oracle_table(scores)}")
+        with open(os.path.join(out, "oracle.json"), "w") as f:
+            json.dump(scores, f, indent=1)
+
+
+# -----------------------------------------------------------------------------
+# the training loop
+
+
+def train(args, make_data, kind="t2i"):
+    """Train with the data from make_data(args, device) -> Data. Returns {"loss": [...], "grad_norm": [...]}
+    (per step, averaged over ranks) on every rank. The T2V script passes its own make_data."""
+    rank, world, device, created = setup_distributed(args.device)
+    try:
+        return _train(args, make_data, kind, rank, world, device)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _train(args, make_data, kind, rank, world, device):
+    out, B, A = args.out, args.batch_size, args.grad_accum
+    args.lr = args.lr or (TOY_LR if args.size in ("toy", "tiny") else LR)  # resolved, so checkpoints record it
+    if B % (world * A):
+        raise ValueError(f"--batch-size {B} must be divisible by world size {world} x --grad-accum {A}")
+    micro = B // (world * A)
+    found = checkpoints(out)
+    if found and not args.resume:
+        raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
+    os.makedirs(out, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    data = make_data(args, device)
+    if args.cache:  # encode the whole dataset once on rank 0, then train from the cache
+        if master_process():
+            D.build_cache(data.dataset, args.cache, data.encoder, data.latents, dataset_spec=data.spec)
+        dist.barrier()
+        prompts, data = data.prompts, cached_data(args.cache, device, data.frames)
+        data.prompts = prompts
+    if data.null is not None:
+        data.null = tuple(t.to(device) for t in data.null)
+    cfg = model_config(args, data, **({"temporal": True, "num_frames": data.frames} if kind == "t2v" else {}))
+    meta = {"kind": kind, "text_encoder": data.text_encoder, "latent_space": data.latent_space,
+            "resolution": data.resolution, "num_frames": data.frames, "dataset": data.spec}
+    ac = args.ac if args.ac is not None else args.size == "G"
+
+    # model, optimizer, EMA - from the newest checkpoint (--resume), another run (--init-from) or a fresh init
+    ckpt = torch.load(found[-1], map_location="cpu", weights_only=True, mmap=True) if found else None
+    if ckpt and ckpt["config"] != dataclasses.asdict(cfg):
+        raise ValueError(f"{found[-1]} was trained with another model config {ckpt['config']}; use the same flags")
+    model_sd = ema_sd = None  # full state dicts, needed on rank 0 only (None: the fresh seeded init)
+    if ckpt:
+        model_sd, ema_sd = ckpt["model"], ckpt["ema"]
+    elif args.init_from and master_process():
+        model_sd, ema_sd = load_init(args.init_from, cfg, args.seed)
+    # The EMA weights go through the model first: build with them, copy the shards, then load the weights.
+    model = build_model(cfg, device, ac, args.compile, ema_sd, args.seed)
+    names, params = zip(*model.named_parameters())
+    ema = [p.detach().clone() for p in params]  # EMA shards live next to the parameter shards
+    if ckpt or args.init_from:
+        load_full_state(model, model_sd)
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
+                            fused=device.type == "cuda", foreach=device.type != "cuda")
+    step, pos = 0, (0, 0)
+    if ckpt:
+        set_optimizer_state_dict(model, opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+        step, pos = ckpt["step"], (ckpt["data"]["epoch"], ckpt["data"]["offset"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        print0(f"resumed {found[-1]} at step {step}")
+    elif args.resume:
+        print0(f"--resume: no checkpoint in {out}; starting from scratch")
+
+    # data loader from the saved position; every rank reads only its slices of each global batch
+    if data.dataset is None:
+        loader = bench_batches(data, micro, device, args.seed + rank)
+    else:
+        if len(data.dataset) < B:
+            raise ValueError(f"dataset {data.spec} has {len(data.dataset)} items, fewer than one batch of {B}")
+        workers = args.num_workers if args.num_workers is not None else (4 if device.type == "cuda" else 0)
+        sampler = DistributedBatches(len(data.dataset), B, A, rank, world, args.seed, pos)
+        loader = iter(torch.utils.data.DataLoader(data.dataset, batch_sampler=sampler, num_workers=workers,
+                                                  collate_fn=D.collate, pin_memory=device.type == "cuda"))
+    sample_shape = ((data.frames,) if data.frames else ()) + (data.channels, data.latent_size, data.latent_size)
+    diffusion = Diffusion()
+    peak = matmul_peak_tflops(device) if master_process() else None
+    flops = 3 * flops_per_sample(cfg, data.text_len, data.frames or 1)  # fwd + bwd = 3x fwd; recompute not counted
+    print0(f"{kind} GenTron-{args.size}: {sum(p.numel() for p in params) / 1e6:.2f}M params, {world} rank(s) on "
+           f"{device.type}, global batch {B} = {world} x {micro} x {A} accum, {data.spec}, AC {ac}, compile {args.compile}")
+    if kind == "t2i" and args.data == "shapes" and args.size == "toy" and device.type == "cpu":
+        print0(f"toy run: ~1 s per 64 images on 2 CPU cores; the loss falls from ~1 to ~0.05 in 800 steps. Then "
+               f"{out}/samples.png shows held-out prompts: blobs of the prompt's colour (mostly the right one), "
+               "rough shapes, noisy edges; oracle scores follow (single objects ~50%, pairs near 0 this early)")
+
+    history = {"loss": [], "grad_norm": []}
+    bar = tqdm(total=args.max_steps, initial=step, disable=not master_process(), dynamic_ncols=True, desc=kind)
+    t0, seen, last, final = time.perf_counter(), 0, 0, ckpt if master_process() else None
+    for step in range(step + 1, args.max_steps + 1):
+        t, noise, drop = step_draws(args.seed, step, B, sample_shape, device, args.caption_dropout)
+        loss_sum = torch.zeros((), device=device)
+        for j in range(A):
+            batch = next(loader)
+            mine = slice((j * world + rank) * micro, (j * world + rank + 1) * micro)  # this micro-batch's positions
+            cond = text_condition(batch, drop[mine], data, device)
+            x0 = batch["x"].to(device, non_blocking=True)
+            x0 = data.latents.encode(x0) if data.latents is not None else x0.float()
+            mf = batch["motion_free"].to(device) if "motion_free" in batch else None  # Sec. 3.3.2
+            eps_fn = lambda xt, tt: model(xt, tt, **cond, motion_free=mf)
+            model.set_requires_gradient_sync(j == A - 1)  # reduce-scatter once, after the last micro-step
+            loss = diffusion.loss(eps_fn, x0, t[mine], noise[mine])
+            if step == args.debug_nan_at_step:
+                loss = loss * float("nan")
+            (loss / A).backward()
+            loss_sum += loss.detach()
+        dist.all_reduce(loss_sum)  # sum over ranks (gloo has no AVG)
+        loss_val = loss_sum.item() / (A * world)
+        norm = torch.nn.utils.clip_grad_norm_(params, args.clip if args.clip > 0 else float("inf"))
+        norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+        if not (math.isfinite(loss_val) and math.isfinite(norm)):
+            last_good = checkpoints(out)[-1] if checkpoints(out) else "none"
+            raise SystemExit(f"step {step}: non-finite loss {loss_val} (grad norm {norm}); stopped without updating. "
+                             f"Last good checkpoint: {last_good}")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema_update(ema, params, args.ema)
+        epoch, offset = next_position(pos, B, len(data.dataset) if data.dataset is not None else math.inf)
+        pos = (epoch, offset + B)  # data position after this step, saved in checkpoints
+        history["loss"].append(loss_val)
+        history["grad_norm"].append(norm)
+        seen += B
+        bar.update()
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            dt = time.perf_counter() - t0
+            n = len(history["loss"]) - last
+            rate = seen / dt
+            mfu = f"{100 * rate * flops / (world * peak * 1e12):.1f}%" if peak else "n/a"
+            mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+            line = (f"step {step} | loss {sum(history['loss'][-n:]) / n:.4f} | grad norm {norm:.3f} | "
+                    f"{rate:.1f} samples/s | MFU {mfu} | mem {mem:.2f} GiB | lr {args.lr:.1e}")
+            print0(line)
+            if master_process():
+                with open(os.path.join(out, "log.txt"), "a") as f:
+                    f.write(line + "\n")
+            t0, seen, last = time.perf_counter(), 0, len(history["loss"])
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+        if step % args.ckpt_every == 0 or step == args.max_steps:
+            final = save_checkpoint(out, step, model, opt, ema, names, pos, cfg, meta, args, args.keep)
+    bar.close()
+
+    if master_process() and args.num_samples and data.prompts and final is not None:
+        # An EMA averages the last ~1/(1-decay) steps; a shorter run would sample weights still near the init.
+        use_ema = final["step"] >= 1 / (1 - args.ema)
+        print0(f"sampling with the {'EMA' if use_ema else 'raw (run shorter than the EMA horizon)'} weights")
+        final_samples(cfg, final["ema" if use_ema else "model"], data, kind, out, args, device)
+    dist.barrier()
+    return history
+
+
+def main(argv=None):
+    args = get_parser("t2i").parse_args(argv)
+    return train(args, make_data_t2i, "t2i")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""
+Train GenTron text-to-video (Sec. 3.3) from a text-to-image checkpoint, with train_t2i.py's machinery.
+
+    python train_t2v.py --init-from runs/t2i/ckpt-0001000.pt     # toy: moving shapes + shapes images, CPU
+    torchrun --nproc_per_node 8 train_t2v.py --size XL --init-from runs/xl512/ckpt-0300000.pt \
+        --data /data/videos --image-data /data/images --resolution 256 --batch-size 128 --out runs/t2v
+
+Sec. 3.3.1: every block gets a temporal self-attention layer whose output projection starts at zero,
+so the new model is the T2I model, frame by frame, at step 0. Sec. 3.3.2: with probability
+p_motion_free a training sample is a motion-free pseudo-video - an image repeated T times with the
+identity temporal mask - and otherwise a real clip ("joint image-video training"); the motion-free
+flags go to the model, which is what motion-free guidance (Eq. 6) needs at sampling time.
+"""
+
+import os
+
+import data as D
+import train_t2i as T
+
+
+def get_parser():
+    p = T.get_parser("t2v")
+    p.add_argument("--num-frames", type=int, default=8)  # Sec. 4.1: 8-frame clips at 4 fps
+    # The paper does not give p_motion_free. 0.5 weighs the two conditions of Eq. 6 (motion on / off)
+    # equally, the way CFG needs both text and "" predictions, and spends half the samples on images,
+    # whose per-frame quality the joint training is meant to keep (Sec. 3.3.2, "Solution I").
+    p.add_argument("--p-motion-free", type=float, default=0.5)
+    p.add_argument("--image-data", default=None, help="image folder / .jsonl for the pseudo-videos of real --data")
+    p.add_argument("--from-scratch", action="store_true", help="train without a T2I checkpoint (not the paper's recipe)")
+    p.add_argument("--mfg-scale", type=float, default=1.2, help="lambda_M of Eq. 6 for samples.png")  # paper: 1.0-1.3
+    p.set_defaults(batch_size=8, max_steps=600, num_samples=8)  # toy: 8 clips per step; Sec. 4.1: 128 clips
+    return p
+
+
+def make_data_t2v(args, device):
+    """--data for text-to-video: moving_shapes (+ shapes images) | bench | cache dir | video folder / .jsonl."""
+    frames, p = args.num_frames, args.p_motion_free
+    if args.data == "bench":
+        return T.bench_data(args, frames=frames, p_motion_free=p)
+    if os.path.isfile(os.path.join(args.data, "meta.json")):
+        return T.cached_data(args.data, device, frames)
+    if args.data == "moving_shapes":
+        size = args.resolution or 32
+        videos = D.MovingShapesDataset("train", num_frames=frames, size=size, seed=args.seed)
+        images = D.ShapesDataset("train", size=size, seed=args.seed, categories=("single",))  # one object, as clips
+        ds = D.JointImageVideoDataset(videos, images, p, frames, seed=args.seed)
+        data = T.online_data(ds, f"{videos.spec}+{images.spec}:p_motion_free={p}", args, device, frames)
+        data.prompts = list(dict.fromkeys(c for c, _ in D.heldout_prompts("motion", 64, size=size, num_frames=frames)))
+        return data
+    if p > 0 and not args.image_data:
+        raise ValueError("real video --data needs --image-data for the motion-free pseudo-videos (or --p-motion-free 0)")
+    videos = D.VideoTextFolder(args.data, size=args.resolution or 256, num_frames=frames, seed=args.seed)
+    images = D.ImageTextFolder(args.image_data, size=args.resolution or 256) if args.image_data else None
+    ds = D.JointImageVideoDataset(videos, images, p, frames, seed=args.seed)
+    return T.online_data(ds, f"{args.data}+{args.image_data}:p_motion_free={p}", args, device, frames)
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    if not (args.init_from or args.from_scratch or args.resume):
+        raise SystemExit("train_t2v.py starts from a T2I checkpoint (Sec. 3.3.1): pass --init-from RUN/ckpt-N.pt "
+                         "(or --from-scratch)")
+    return T.train(args, make_data_t2v, "t2v")
+
+
+if __name__ == "__main__":
+    main()
