@@ -109,13 +109,29 @@ def dpmpp_2m_sample(eps_fn, diffusion, x, steps=20, progress=False):
     return x
 
 
+def clip_denoised(eps_fn, diffusion, lo=-1.0, hi=1.0):
+    """For data known to lie in [lo, hi] (pixel space): clip every step's x_0 estimate to that range and
+    return the matching eps (DDPM / ADM's `clip_denoised`, DPM-Solver++'s thresholding). At high noise an
+    eps error e becomes an x_0 error e * sqrt((1 - abar) / abar), up to ~150x at t = 999, and without the
+    clip that bias walks the whole trajectory out of range. Latents are unbounded: no clip there (DiT)."""
+
+    def clipped(x, t):
+        ab = _per_sample(diffusion.alpha_bar, t, x)
+        x0 = ((x - (1 - ab).sqrt() * eps_fn(x, t)) / ab.sqrt()).clamp(lo, hi)
+        return (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+
+    return clipped
+
+
 SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "dpm++2m": dpmpp_2m_sample}
 
 
-def sample(eps_fn, diffusion, x, sampler="dpm++2m", steps=25, generator=None, progress=False):
-    """Run the named sampler from noise x = x_T."""
+def sample(eps_fn, diffusion, x, sampler="dpm++2m", steps=25, generator=None, progress=False, clip=False):
+    """Run the named sampler from noise x = x_T; clip=True for data in [-1, 1] (see clip_denoised)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if clip:
+        eps_fn = clip_denoised(eps_fn, diffusion)
     if sampler == "dpm++2m":
         return dpmpp_2m_sample(eps_fn, diffusion, x, steps, progress=progress)
     return SAMPLERS[sampler](eps_fn, diffusion, x, steps, generator=generator, progress=progress)

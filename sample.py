@@ -226,7 +226,8 @@ def generate(model, meta, prompts, *, seed=0, sampler="dpm++2m", steps=25, cfg=7
         # Eq. 6 with lambda_T = cfg, lambda_M = mfg; mfg = 1 reduces Eq. 6 to plain CFG (one pass cheaper)
         eps_fn = guided_eps_fn(net, cond, uncond, cfg, mfg if video and mfg != 1.0 else None)
         gen = torch.Generator(device).manual_seed(sample_seed(seed, first_index + b0) + 1)  # DDPM / DDIM(eta>0) noise
-        z = sample(eps_fn, diffusion, x, sampler, steps, generator=gen, progress=progress)
+        # pixel-space data live in [-1, 1]: clip each step's x_0 estimate (diffusion.clip_denoised)
+        z = sample(eps_fn, diffusion, x, sampler, steps, generator=gen, progress=progress, clip=latent.spec == "pixel")
         out.append(to_uint8(latent.decode(z.float())).cpu())
     return torch.cat(out)
 

@@ -121,3 +121,20 @@ def test_guided_eps_fn_is_eq6_from_one_batched_forward():
         e_tm = model(x, t, **cond, motion_free=on)
     torch.testing.assert_close(got, mfg_combine(e_nn, e_nm, e_tm, 7.5, 1.2), rtol=1e-5, atol=1e-5)
     assert (e_nn - e_nm).abs().max() > 1e-3  # the motion-free flag really changes the prediction
+
+
+def test_clip_denoised_keeps_in_range_x0_and_clips_the_rest():
+    from diffusion import clip_denoised
+
+    d = Diffusion()
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.rand(6, 3, 4, 4, generator=g, dtype=torch.float64) * 2 - 1  # inside [-1, 1]
+    t = torch.tensor([0, 10, 200, 500, 900, 999])
+    xt = d.q_sample(x0, t, torch.randn(x0.shape, generator=g, dtype=torch.float64))
+    exact = oracle(d, x0)
+    torch.testing.assert_close(clip_denoised(exact, d)(xt, t), exact(xt, t))  # nothing to clip: unchanged
+    biased = lambda x, t: exact(x, t) + 0.05  # a small eps bias is a huge x_0 bias at high noise
+    ab = d.alpha_bar[t].view(-1, 1, 1, 1)
+    implied = lambda eps: (xt - (1 - ab).sqrt() * eps) / ab.sqrt()
+    assert implied(biased(xt, t))[-1].abs().max() > 5  # ~ 0.05 * 157 at t = 999
+    assert implied(clip_denoised(biased, d)(xt, t)).abs().max() <= 1 + 1e-9
