@@ -587,7 +587,7 @@ def _train(args, make_data, kind, rank, world, device):
             t0, seen, last = time.perf_counter(), 0, len(history["loss"])
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-        if step % args.ckpt_every == 0 or step == args.max_steps:
+        if args.ckpt_every and (step % args.ckpt_every == 0 or step == args.max_steps):  # 0: never (benchmarks)
             final = save_checkpoint(out, step, model, opt, ema, names, pos, cfg, meta, args, args.keep)
     bar.close()
 
