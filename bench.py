@@ -18,6 +18,7 @@ import time
 import torch
 
 from model import GenTron, flops_per_sample, make_config
+from train_t2i import matmul_peak_tflops  # the same MFU denominator as the training logs
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--size", default="XL")
@@ -32,22 +33,6 @@ p.add_argument("--warmup", type=int, default=5)
 p.add_argument("--mode", default="train,sample")
 p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one training step")
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-
-
-def matmul_peak_tflops(device, n=8192, iters=20):
-    """Measured bf16 matmul peak (TFLOP/s) of this device: the denominator of every MFU we print."""
-    if torch.device(device).type != "cuda":
-        return None
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        a @ b
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * n**3 * iters / (start.elapsed_time(end) / 1e3) / 1e12
 
 
 def timed(fn, steps, warmup, device):
