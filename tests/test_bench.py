@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 
-
 def test_bench_cpu_smoke():
     out = subprocess.run([sys.executable, "bench.py", "--size", "tiny", "--batch", "2", "--steps", "1", "--warmup", "1",
                           "--device", "cpu", "--resolution", "64"], capture_output=True, text=True, timeout=300)
