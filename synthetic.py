@@ -3,7 +3,8 @@ Built-in synthetic data: coloured shapes (text-to-image) and moving shapes (text
 
 Everything is generated from (seed, split, index), so no files are needed, any index costs O(1)
 and a resumed run sees exactly the same samples. The renderer is deliberately simple so that a
-rule-based oracle (evaluate.py) can recover every attribute exactly from a render:
+rule-based oracle can recover every attribute exactly from a render (`detect`, at the end of this file,
+is that inverse; evaluate.py scores with it):
 
 - a fixed black background; each object is one flat colour from COLORS, no anti-aliasing;
 - every shape fills its bounding box edge to edge: an object of half-size r centred at integer
@@ -23,6 +24,7 @@ in training, just never together in those pairs.
 """
 
 import functools
+from collections import deque
 
 import numpy as np
 import torch
@@ -270,3 +272,79 @@ def heldout_prompts(category, n, seed=0, size=32, num_frames=8):
     else:
         ds = ShapesDataset("heldout", size=size, seed=seed, categories=(category,))
     return [(caption_for(m), m) for m in (ds.scene(i) for i in range(n))]
+
+
+# -----------------------------------------------------------------------------
+# Exact recovery: a rule-based detector that inverts render (the oracle of evaluate.py)
+
+PALETTE = np.array([BACKGROUND, *COLORS.values()], dtype=np.float32)  # (9, 3): index 0 is the background
+NAMES = [None, *COLORS]
+MIN_SHAPE_IOU = 0.5  # below this the blob is no shape of the vocabulary
+
+
+def components(mask):
+    """4-connected components of a bool (H, W) mask -> list of (ys, xs) index arrays."""
+    h, w = mask.shape
+    seen = np.zeros_like(mask)
+    out = []
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        seen[y0, x0] = True
+        queue, ys, xs = deque([(y0, x0)]), [], []
+        while queue:  # breadth-first flood fill
+            y, x = queue.popleft()
+            ys.append(y)
+            xs.append(x)
+            for v, u in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= v < h and 0 <= u < w and mask[v, u] and not seen[v, u]:
+                    seen[v, u] = True
+                    queue.append((v, u))
+        out.append((np.array(ys), np.array(xs)))
+    return out
+
+
+def opening(mask):
+    """Morphological opening with a 2x2 square: keeps exactly the pixels that lie in some all-True 2x2 block.
+    Every rendered shape is a union of such blocks (so renders pass unchanged), while isolated speckles,
+    1-pixel lines and spurs that generation noise attaches to an object are removed."""
+    full = mask[:-1, :-1] & mask[1:, :-1] & mask[:-1, 1:] & mask[1:, 1:]  # (H-1, W-1): block with top-left here
+    out = np.zeros_like(mask)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            out[dy : dy + full.shape[0], dx : dx + full.shape[1]] |= full
+    return out
+
+
+def detect(img):
+    """uint8 (H, W, 3) render or generation -> list of {"color", "shape", "x", "y", "r", "area", "iou"}.
+
+    Exact on renders (bbox [x-r, x+r) gives centre and r; the majority colour is the flat colour). For
+    generations: a 2x2 opening drops speckles, components smaller than a third of the smallest object or
+    larger than twice the largest are ignored, and a blob whose best template IoU is < MIN_SHAPE_IOU gets
+    shape None."""
+    size = img.shape[0]
+    r_min, r_max, _, _ = geometry(size)
+    min_area = min(shape_mask(s, r_min, r_min, r_min, 2 * r_min).sum() for s in SHAPES) / 3
+    dist = ((img[:, :, None, :].astype(np.float32) - PALETTE) ** 2).sum(-1)  # (H, W, 9)
+    label = dist.argmin(-1)  # nearest palette entry per pixel
+    objects = []
+    for ys, xs in components(opening(label > 0)):
+        if len(ys) < min_area:
+            continue
+        x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1  # bbox [x0, x1) x [y0, y1)
+        r = max(x1 - x0, y1 - y0) / 2
+        if r > 2 * r_max:
+            continue
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        color = NAMES[np.bincount(label[ys, xs], minlength=len(NAMES))[1:].argmax() + 1]  # majority colour
+        blob = np.zeros(label.shape, bool)
+        blob[ys, xs] = True
+        ious = {}
+        for s in SHAPES:
+            t = shape_mask(s, cx, cy, r, size)
+            ious[s] = (blob & t).sum() / (blob | t).sum()
+        shape = max(ious, key=ious.get)
+        objects.append({"color": color, "shape": shape if ious[shape] >= MIN_SHAPE_IOU else None,
+                        "x": float(cx), "y": float(cy), "r": float(r), "area": len(ys), "iou": float(ious[shape])})
+    return objects
