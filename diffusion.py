@@ -97,16 +97,15 @@ def dpmpp_2m_sample(eps_fn, diffusion, x, steps=20, progress=False):
     x0_prev = None
     for i, t in enumerate(tqdm(ts.tolist(), disable=not progress, desc="dpm++2m")):
         x0 = (x - sigma[i].item() * eps_fn(x, _tvec(t, x))) / alpha[i].item()
-        if i + 1 == len(ts):
-            return x0  # the last grid point is t=0: return the denoised estimate
-        h = (lam[i + 1] - lam[i]).item()
-        d = x0
-        if x0_prev is not None:  # second order once a previous estimate exists
-            r = (lam[i] - lam[i - 1]).item() / h
-            d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
-        x = (sigma[i + 1] / sigma[i]).item() * x - alpha[i + 1].item() * torch.expm1(torch.tensor(-h)).item() * d
-        x0_prev = x0
-    return x
+        if i + 1 < len(ts):  # the last grid point is t=0: the result is its denoised estimate x0
+            h = (lam[i + 1] - lam[i]).item()
+            d = x0
+            if x0_prev is not None:  # second order once a previous estimate exists
+                r = (lam[i] - lam[i - 1]).item() / h
+                d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
+            x = (sigma[i + 1] / sigma[i]).item() * x - alpha[i + 1].item() * torch.expm1(torch.tensor(-h)).item() * d
+            x0_prev = x0
+    return x0
 
 
 def clip_denoised(eps_fn, diffusion, lo=-1.0, hi=1.0):
