@@ -1,7 +1,7 @@
-"""
+r"""
 Train GenTron text-to-image (paper Sec. 3.2, 4.1). One script for one CPU, one GPU and many GPUs:
 
-    python train_t2i.py                                  # toy: built-in shapes, CPU, ~7 min, writes samples.png
+    python train_t2i.py                                  # toy: built-in shapes -> samples.png + oracle scores
     torchrun --nproc_per_node 8 train_t2i.py --size XL --data /data/cache256 --batch-size 2048 \
         --max-steps 500000 --out runs/xl256              # Sec. 4.1 stage 1: 256px, batch 2048, 500K steps
     torchrun --nproc_per_node 8 train_t2i.py --size XL --data /data/cache512 --batch-size 784 \
@@ -199,12 +199,6 @@ def _checkpointed(forward):
     def checkpointed_forward(*args):
         return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False)
     return checkpointed_forward
-
-
-@torch.no_grad()
-def ema_update(ema, params, decay):
-    """ema <- decay * ema + (1 - decay) * params, on each rank's shards (no communication)."""
-    torch._foreach_lerp_([e.to_local() for e in ema], [p.to_local() for p in params], 1.0 - decay)
 
 
 def full_tensors(tensors, names):
@@ -449,6 +443,11 @@ def final_samples(cfg, weights, data, kind, out, args, device):
 # the training loop
 
 
+def due(step, every, last):
+    """Log / checkpoint at every `every` steps (0: never) and at the last step."""
+    return bool(every) and (step % every == 0 or step == last)
+
+
 def train(args, make_data, kind="t2i"):
     """Train with the data from make_data(args, device) -> Data. Returns {"loss": [...], "grad_norm": [...]}
     (per step, averaged over ranks) on every rank. The T2V script passes its own make_data."""
@@ -529,13 +528,16 @@ def _train(args, make_data, kind, rank, world, device):
     print0(f"{kind} GenTron-{args.size}: {sum(p.numel() for p in params) / 1e6:.2f}M params, {world} rank(s) on "
            f"{device.type}, global batch {B} = {world} x {micro} x {A} accum, {data.spec}, AC {ac}, compile {args.compile}")
     if kind == "t2i" and args.data == "shapes" and args.size == "toy" and device.type == "cpu":
-        print0(f"toy run: ~1 s per 64 images on 2 CPU cores; the loss falls from ~1 to ~0.05 in 800 steps. Then "
-               f"{out}/samples.png shows held-out prompts: blobs of the prompt's colour (mostly the right one), "
-               "rough shapes, noisy edges; oracle scores follow (single objects ~50%, pairs near 0 this early)")
+        print0(f"toy run on the CPU (the bar shows the time left): the loss falls from ~1 to ~0.05 in 800 steps; then "
+               f"{out}/samples.png shows held-out prompts as blobs of mostly the right colour with rough shapes, and "
+               "the oracle scores follow (single objects in the tens of %, colour pairs near 0 this early)")
 
     history = {"loss": [], "grad_norm": []}
+    pending = []  # (loss, grad norm) device scalars of the steps since the last host sync
+    with torch.no_grad():  # views of this rank's shards: the optimizer and the EMA update them in place
+        ema_shards, param_shards = [e.to_local() for e in ema], [p.to_local() for p in params]
     bar = tqdm(total=args.max_steps, initial=step, disable=not master_process(), dynamic_ncols=True, desc=kind)
-    t0, seen, last, final = time.perf_counter(), 0, 0, ckpt if master_process() else None
+    t0, seen, final = time.perf_counter(), 0, ckpt if master_process() else None
     for step in range(step + 1, args.max_steps + 1):
         t, noise, drop = step_draws(args.seed, step, B, sample_shape, device, args.caption_dropout)
         loss_sum = torch.zeros((), device=device)
@@ -553,41 +555,46 @@ def _train(args, make_data, kind, rank, world, device):
                 loss = loss * float("nan")
             (loss / A).backward()
             loss_sum += loss.detach()
-        dist.all_reduce(loss_sum)  # sum over ranks (gloo has no AVG)
-        loss_val = loss_sum.item() / (A * world)
+        dist.all_reduce(loss_sum)  # sum over ranks (gloo has no AVG); stays on the device
         norm = torch.nn.utils.clip_grad_norm_(params, args.clip if args.clip > 0 else float("inf"))
-        norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
-        if not (math.isfinite(loss_val) and math.isfinite(norm)):
-            last_good = checkpoints(out)[-1] if checkpoints(out) else "none"
-            raise SystemExit(f"step {step}: non-finite loss {loss_val} (grad norm {norm}); stopped without updating. "
-                             f"Last good checkpoint: {last_good}")
+        pending.append(torch.stack([loss_sum / (A * world), norm.full_tensor() if isinstance(norm, DTensor) else norm]))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ema_update(ema, params, args.ema)
+        with torch.no_grad():  # EMA: ema <- decay ema + (1 - decay) params, on the shards (no communication)
+            torch._foreach_lerp_(ema_shards, param_shards, 1.0 - args.ema)
         epoch, offset = next_position(pos, B, len(data.dataset) if data.dataset is not None else math.inf)
         pos = (epoch, offset + B)  # data position after this step, saved in checkpoints
-        history["loss"].append(loss_val)
-        history["grad_norm"].append(norm)
         seen += B
         bar.update()
 
-        if step % args.log_every == 0 or step == args.max_steps:
-            dt = time.perf_counter() - t0
-            n = len(history["loss"]) - last
-            rate = seen / dt
+        log, save = due(step, args.log_every, args.max_steps), due(step, args.ckpt_every, args.max_steps)
+        if not (log or save):
+            continue  # no host sync: the GPU runs ahead of Python between log and checkpoint steps
+        # One sync for all pending steps; a non-finite loss stops the run before any checkpoint is written.
+        done = torch.stack(pending).tolist()
+        for k, (loss_val, norm_val) in enumerate(done, start=step - len(done) + 1):
+            if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
+                last_good = checkpoints(out)[-1] if checkpoints(out) else "none"
+                raise SystemExit(f"step {k}: non-finite loss {loss_val} (grad norm {norm_val}); stopped at step "
+                                 f"{step} without saving. Last good checkpoint: {last_good}")
+        history["loss"] += [v[0] for v in done]
+        history["grad_norm"] += [v[1] for v in done]
+        pending.clear()
+        if log:
+            rate = seen / (time.perf_counter() - t0)  # global samples per second over the interval
             mfu = f"{100 * rate * flops / (world * peak * 1e12):.1f}%" if peak else "n/a"
             mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
-            line = (f"step {step} | loss {sum(history['loss'][-n:]) / n:.4f} | grad norm {norm:.3f} | "
+            line = (f"step {step} | loss {sum(v[0] for v in done) / len(done):.4f} | grad norm {done[-1][1]:.3f} | "
                     f"{rate:.1f} samples/s | MFU {mfu} | mem {mem:.2f} GiB | lr {args.lr:.1e}")
             print0(line)
             if master_process():
                 with open(os.path.join(out, "log.txt"), "a") as f:
                     f.write(line + "\n")
-            t0, seen, last = time.perf_counter(), 0, len(history["loss"])
+            t0, seen = time.perf_counter(), 0
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-        if args.ckpt_every and (step % args.ckpt_every == 0 or step == args.max_steps):  # 0: never (benchmarks)
+        if save:
             final = save_checkpoint(out, step, model, opt, ema, names, pos, cfg, meta, args, args.keep)
     bar.close()
 

@@ -1,4 +1,4 @@
-"""
+r"""
 Train GenTron text-to-video (Sec. 3.3) from a text-to-image checkpoint, with train_t2i.py's machinery.
 
     python train_t2v.py --init-from runs/t2i/ckpt-0001000.pt     # toy: moving shapes + shapes images, CPU
@@ -20,6 +20,7 @@ import train_t2i as T
 
 def get_parser():
     p = T.get_parser("t2v")
+    p.description = __doc__
     p.add_argument("--num-frames", type=int, default=8)  # Sec. 4.1: 8-frame clips at 4 fps
     # The paper does not give p_motion_free. 0.5 weighs the two conditions of Eq. 6 (motion on / off)
     # equally, the way CFG needs both text and "" predictions, and spends half the samples on images,
