@@ -62,7 +62,7 @@ def launch(script, out, flags, args, log):
     """Start one training run as its own process (its own CUDA context); returns the Popen."""
     device = "cuda:0" if args.device == "cuda" else args.device  # each process sees one GPU
     cmd = [sys.executable, script, "--out", out, "--device", device, "--ema", str(args.ema), "--lr", str(args.lr),
-           "--num-workers", str(args.workers), "--log-every", "250", *flags]
+           "--num-workers", str(args.workers), "--log-every", "250", "--eval-n", "0", *flags]  # scored below
     print(" ".join(cmd[1:]), flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "2"}  # several processes share the host's cores
     if torch.cuda.device_count() > 1:  # spread the arms over the GPUs, one process per GPU in turn
