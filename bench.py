@@ -1,38 +1,64 @@
 """
-Throughput and MFU of GenTron on one device: a training step (forward, backward, fused AdamW) and a
-sampling forward pass (the CFG batch: prompts + null captions), timed with CUDA events after warm-up.
+Throughput and MFU of GenTron: a training step (forward, backward, fused AdamW) and a sampling forward
+pass (the CFG batch: prompts + null captions), timed with CUDA events after warm-up. One device by
+default; with --fsdp (implied under torchrun) the model is built exactly as train_t2i.py trains it:
+FSDP2 per block, bf16 compute, optional activation checkpointing (--ac) and per-block torch.compile.
 
 MFU = model FLOP/s / the bf16 matmul peak measured in the same run (an 8192^3 product), with model
 FLOPs from model.flops_per_sample: 3x forward for a training step (recompute not counted), 1x for
-sampling. Inputs are random latents and text features of the real shapes (SD-VAE latents, CLIP+T5
-with `--text-len` tokens), so no weights or data are needed.
+sampling. With --fsdp, --batch is per GPU, samples/s is global (summed over ranks), TFLOP/s and MFU
+are per GPU and memory is the largest over ranks. Inputs are random latents and text features of the
+real shapes (SD-VAE latents, CLIP+T5 with `--text-len` tokens), so no weights or data are needed.
 
     python bench.py --size XL --batch 64 --compile                # GenTron-XL/2, 256px
     python bench.py --size XL --batch 8 --frames 8 --compile      # T2V, 8-frame clips
+    python bench.py --size XL --batch 64 --max-batch --mode train # the largest batch that fits
+    torchrun --nproc_per_node 2 bench.py --size G --fsdp --ac --compile --batch 16 --mode train
     python bench.py --size tiny --batch 2 --steps 2 --device cpu  # smoke test
 """
 
 import argparse
+import gc
+import os
 import time
+from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model import GenTron, flops_per_sample, make_config
-from train_t2i import matmul_peak_tflops  # the same MFU denominator as the training logs
+from train_t2i import build_model, matmul_peak_tflops, print0, setup_distributed  # as training builds and logs
+
+# Flash attention takes no mask, and cross-attention (and T2V temporal attention) pass a boolean one:
+# "flash" also allows the memory-efficient kernel, which then runs exactly the masked calls.
+ATTENTION = {"flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
+             "efficient": [SDPBackend.EFFICIENT_ATTENTION], "cudnn": [SDPBackend.CUDNN_ATTENTION],
+             "math": [SDPBackend.MATH]}
+MAX_BATCH = 8192  # per GPU: where the --max-batch doubling stops even if memory is left
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--size", default="XL")
 p.add_argument("--conditioning", default="cross_attn", choices=["cross_attn", "adaln"])
-p.add_argument("--batch", type=int, default=64, help="images (or clips) per training step / prompts per sampling pass")
+p.add_argument("--batch", type=int, default=64,
+               help="images (or clips) per training step / prompts per sampling pass; per GPU with --fsdp")
 p.add_argument("--resolution", type=int, default=256, help="pixels; SD-VAE latents are resolution / 8")
 p.add_argument("--frames", type=int, default=1, help=">1 benchmarks the T2V model on clips")
 p.add_argument("--text-len", type=int, default=120)
-p.add_argument("--compile", action="store_true")
+p.add_argument("--compile", action="store_true", help="torch.compile the model (with --fsdp: each block)")
+p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs (not with --fsdp)")
+p.add_argument("--fsdp", action="store_true", help="FSDP2 as in train_t2i.build_model (implied when WORLD_SIZE > 1)")
+p.add_argument("--ac", action="store_true", help="activation checkpointing per block (needs --fsdp)")
+p.add_argument("--attention", default="auto", choices=["auto", *ATTENTION],
+               help="SDPA backend for the timed steps (auto: PyTorch picks). flash also allows efficient, "
+                    "because flash takes no mask: the masked cross-attention calls then run the efficient kernel")
+p.add_argument("--max-batch", action="store_true",
+               help="CUDA: double --batch until out of memory; report the largest that fit (per GPU)")
 p.add_argument("--steps", type=int, default=20, help="timed iterations (after warm-up)")
 p.add_argument("--warmup", type=int, default=5)
 p.add_argument("--mode", default="train,sample")
 p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one training step")
-p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+p.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK with --fsdp) if available, else cpu")
 
 
 def timed(fn, steps, warmup, device):
@@ -55,6 +81,38 @@ def timed(fn, steps, warmup, device):
     return sorted(times)[len(times) // 2]
 
 
+def largest_batch(fits, start, limit):
+    """Doubling search, not bisection: try start, 2 start, 4 start, ... up to limit and stop at the first
+    batch for which fits(batch) is False. Returns the last batch that fit (None if start did not), so
+    the true largest batch lies in [result, 2 x result)."""
+    best, batch = None, start
+    while batch <= limit and fits(batch):
+        best, batch = batch, 2 * batch
+    return best
+
+
+def all_ranks(value, op, device):
+    """value reduced over the ranks (op: dist.ReduceOp.SUM or MAX); value itself in a single process."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor(float(value), device=device)  # NCCL reduces only CUDA tensors
+    dist.all_reduce(t, op=op)
+    return t.item()
+
+
+def out_of_memory(fn, device):
+    """fn() on every rank -> True on every rank if it ran out of GPU memory on any, so all ranks take the same
+    branch next (else one would wait alone in a collective). measure() asks after the first step too, where
+    memory runs out: a rank that ran out in the optimizer step meets the others here, not in the next all-gather.
+    One running out while the others wait in an all-gather would hang them; equal batches and shards prevent it."""
+    try:
+        fn()
+        oom = False
+    except torch.cuda.OutOfMemoryError:
+        oom = True
+    return all_ranks(oom, dist.ReduceOp.MAX, device) > 0
+
+
 def random_inputs(cfg, batch, resolution, frames, text_len, device, g):
     """Latents (B, [T,] 4, r/8, r/8) and CLIP+T5-shaped text with realistic padding (lengths 8..L)."""
     side = resolution // 8
@@ -70,68 +128,130 @@ def random_inputs(cfg, batch, resolution, frames, text_len, device, g):
 
 
 def main(args):
-    device = torch.device(args.device)
+    args.fsdp = args.fsdp or int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if args.ac and not args.fsdp:
+        p.error("--ac needs --fsdp (activation checkpointing is applied by train_t2i.build_model)")
+    if args.compile_mode and (args.fsdp or not args.compile):
+        p.error("--compile-mode applies to --compile without --fsdp (build_model compiles blocks in the default mode)")
+    if args.fsdp:  # a 1-process group under plain python, so one code path for any number of GPUs
+        rank, world, device, created = setup_distributed(args.device)
+    else:
+        rank, world, created = 0, 1, False
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.max_batch and (device.type != "cuda" or args.profile):
+        p.error("--max-batch needs CUDA (it stops at torch.cuda.OutOfMemoryError); --profile a found batch in a 2nd run")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     cfg = make_config(args.size, conditioning=args.conditioning, temporal=args.frames > 1, num_frames=args.frames)
-    model = GenTron(cfg).to(device)
-    fwd = torch.compile(model) if args.compile else model
-    g = torch.Generator().manual_seed(0)
+
+    def build():  # (model, the callable that is timed); build_model compiles each block itself
+        model = build_model(cfg, device, args.ac, args.compile) if args.fsdp else GenTron(cfg).to(device)
+        return model, torch.compile(model, mode=args.compile_mode) if args.compile and not args.fsdp else model
+
+    g = torch.Generator().manual_seed(rank)
     peak = matmul_peak_tflops(device)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    torch.cuda.empty_cache()  # give the peak test's buffers back before measuring memory (no-op on CPU)
+    # FSDP2's MixedPrecisionPolicy already computes in bf16; the single-device model runs under autocast
+    amp = nullcontext() if args.fsdp else torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     flops = flops_per_sample(cfg, args.text_len, args.frames, args.resolution // 8)
-    motion = {"motion_free": torch.zeros(args.batch, dtype=torch.bool, device=device)} if args.frames > 1 else {}
-    rows = []
+    attention = lambda: sdpa_kernel(ATTENTION[args.attention]) if args.attention != "auto" else nullcontext()
+    model = fwd = opt = None
+    rows, ran_out = [], False
 
-    def report(name, seconds, samples, flops_per):
-        tflops = samples * flops_per / seconds / 1e12
-        mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-        mfu = f"{100 * tflops / peak:5.1f}%" if peak else "  n/a"
-        rows.append(f"{name:<8} {samples / seconds:10.1f} {tflops:9.1f} {mfu:>7} {mem:8.1f}")
-
-    if "train" in args.mode:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
-        inp = random_inputs(cfg, args.batch, args.resolution, args.frames, args.text_len, device, g)
+    def make_step(name, batch):
+        """(fn, samples, FLOPs per sample): a training step, or a sampling pass over 2 x batch (CFG)."""
+        if args.compile and args.max_batch:
+            torch._dynamo.reset()  # compile each batch afresh with static shapes, as a run at that batch would
+        n = batch if name == "train" else 2 * batch  # sampling: prompts and null captions in one batch
+        inp = random_inputs(cfg, n, args.resolution, args.frames, args.text_len, device, g)
+        if args.frames > 1:
+            inp["motion_free"] = torch.zeros(n, dtype=torch.bool, device=device)
+        if name == "sample":
+            def sample_step():
+                with torch.no_grad(), amp:
+                    fwd(**inp)
+            return sample_step, n, flops
         noise = torch.randn_like(inp["x"])
 
         def train_step():
             with amp:
-                loss = torch.nn.functional.mse_loss(fwd(**inp, **motion).float(), noise)
+                loss = torch.nn.functional.mse_loss(fwd(**inp).float(), noise)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+        return train_step, n, 3 * flops
 
+    def measure(name, batch):
+        """Time `name` at this (per-GPU) batch and keep its row; False, on every rank, if any rank ran out of memory."""
+        nonlocal ran_out
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        report("train", timed(train_step, args.steps, args.warmup, device), args.batch, 3 * flops)
-        if args.profile:
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                train_step()
+        run = {}
+
+        def first():  # the inputs and the first step, which allocates the optimizer state: the peak
+            run["step"], run["samples"], run["flops"] = make_step(name, batch)
+            run["step"]()
+
+        def rest():  # the remaining warm-up steps, then the timed ones
+            run["seconds"] = timed(run["step"], args.steps, max(args.warmup - 1, 0), device)
+
+        with attention():
+            oom = out_of_memory(first, device) or out_of_memory(rest, device)
+        run.pop("step", None)  # the inputs
+        if oom:
+            print0(f"{name} batch {batch}: out of memory")
+            model.zero_grad(set_to_none=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+            ran_out = True
+            return False
+        rate = all_ranks(run["samples"] / run["seconds"], dist.ReduceOp.SUM, device)  # global samples/s
+        mem = all_ranks(torch.cuda.max_memory_allocated() / 2**30, dist.ReduceOp.MAX, device) \
+            if device.type == "cuda" else float("nan")
+        tflops = rate * run["flops"] / world / 1e12  # per GPU
+        mfu = f"{100 * tflops / peak:5.1f}%" if peak else "  n/a"
+        rows.append(f"{name:<8} {rate:10.1f} {tflops:9.1f} {mfu:>7} {mem:8.1f}" + (f" {batch:6d}" if args.max_batch else ""))
+        if args.max_batch:
+            print0(f"{name} batch {batch}: fits, {rate:.1f} samples/s, {mem:.1f} GiB")
+        return True
+
+    for name in [m for m in ("train", "sample") if m in args.mode]:
+        if model is None:
+            model, fwd = build()
+        if name == "train":
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
+        else:
+            model.eval()
+        n, ran_out = len(rows), False
+        # without --max-batch the limit leaves one try: --batch itself
+        batch = largest_batch(lambda b: measure(name, b), args.batch, MAX_BATCH if args.max_batch else args.batch)
+        del rows[n:-1]  # --max-batch: keep only the row of the largest batch that fit
+        if batch is None:
+            rows.append(f"{name:<8} out of memory at batch {args.batch}")
+        if name == "train" and args.profile and batch:
+            step = make_step(name, batch)[0]
+            with attention(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                step()
                 torch.cuda.synchronize()
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
-        del opt, inp
+            print0(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
+            del step
+        opt = None
         model.zero_grad(set_to_none=True)
-
-    if "sample" in args.mode:
-        # Sampling evaluates prompts and null captions in one batch (CFG): 2 x batch samples a pass.
-        inp = random_inputs(cfg, 2 * args.batch, args.resolution, args.frames, args.text_len, device, g)
-        motion2 = {k: v.repeat(2) for k, v in motion.items()}
-        model.eval()
-
-        @torch.no_grad()
-        def sample_step():
-            with amp:
-                fwd(**inp, **motion2)
-
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        report("sample", timed(sample_step, args.steps, args.warmup, device), 2 * args.batch, flops)
+        if args.fsdp and ran_out:  # FSDP2 keeps per-step state that an aborted step leaves behind: start afresh
+            model = fwd = None
+            gc.collect()
+            torch.cuda.empty_cache()
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak_s = f"{peak:.0f} TFLOP/s" if peak else "n/a"
-    print(f"GenTron-{args.size}/{cfg.patch} {cfg.conditioning} batch {args.batch} res {args.resolution} "
-          f"frames {args.frames} compile {args.compile} | {name} | torch {torch.__version__} | matmul peak {peak_s}")
-    print(f"{'mode':<8} {'samples/s':>10} {'TFLOP/s':>9} {'MFU':>7} {'mem GiB':>8}")
-    print("\n".join(rows))
+    setup = (f" ({args.compile_mode})" if args.compile_mode else "") + (f" fsdp x{world} ac {args.ac}" if args.fsdp else "") \
+        + (f" attention {args.attention}" if args.attention != "auto" else "")
+    print0(f"GenTron-{args.size}/{cfg.patch} {cfg.conditioning} batch {args.batch}{'/GPU' if args.fsdp else ''} "
+           f"res {args.resolution} frames {args.frames} compile {args.compile}{setup} | {name} | torch {torch.__version__} "
+           f"| matmul peak {peak_s}")
+    print0(f"{'mode':<8} {'samples/s':>10} {'TFLOP/s':>9} {'MFU':>7} {'mem GiB':>8}" + (f" {'batch':>6}" if args.max_batch else ""))
+    print0("\n".join(rows))
+    if created:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

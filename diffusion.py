@@ -15,10 +15,18 @@ from tqdm.auto import tqdm
 
 
 class Diffusion:
-    """Linear beta schedule, 1e-4 to 0.02 over 1000 steps (DDPM, as DiT)."""
+    """Linear beta schedule, 1e-4 to 0.02 over 1000 steps (DDPM, as DiT).
 
-    def __init__(self, num_steps=1000, beta_start=1e-4, beta_end=0.02):
-        self.num_steps = num_steps
+    prediction: what the network outputs. "eps" (the paper / DiT) is the noise itself. "v" (Salimans &
+    Ho 2022) is v = sqrt(abar) eps - sqrt(1 - abar) x_0; the pixel-space toys use it. At high noise an
+    eps error e becomes an x_0 error e sqrt((1 - abar) / abar), up to 150x at t = 999, and a small model's
+    eps errors then become speckle in the samples; v turns into eps = sqrt(abar) v + sqrt(1 - abar) x_t,
+    which is ~x_t there by construction. Samplers and guidance always see eps (`eps_fn`)."""
+
+    def __init__(self, num_steps=1000, beta_start=1e-4, beta_end=0.02, prediction="eps"):
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+        self.num_steps, self.prediction = num_steps, prediction
         self.betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
         self.alpha_bar = torch.cumprod(1.0 - self.betas, dim=0)
 
@@ -27,9 +35,25 @@ class Diffusion:
         ab = _per_sample(self.alpha_bar, t, x0)
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
-    def loss(self, eps_fn, x0, t, noise):
-        """DDPM's simple loss: MSE between the true noise and the network's prediction of it."""
-        return F.mse_loss(eps_fn(self.q_sample(x0, t, noise), t).float(), noise.float())
+    def loss(self, net, x0, t, noise):
+        """DDPM's simple loss: MSE between the network's output net(x_t, t) and its target, the true noise
+        (or for v-prediction the true v)."""
+        target = noise
+        if self.prediction == "v":
+            ab = _per_sample(self.alpha_bar, t, x0)
+            target = ab.sqrt() * noise - (1 - ab).sqrt() * x0
+        return F.mse_loss(net(self.q_sample(x0, t, noise), t).float(), target.float())
+
+    def eps_fn(self, net):
+        """The network as the samplers' eps_fn(x_t, t): eps-prediction as is, v converted to eps."""
+        if self.prediction == "eps":
+            return net
+
+        def eps(x, t):
+            ab = _per_sample(self.alpha_bar, t, x)
+            return ab.sqrt() * net(x, t) + (1 - ab).sqrt() * x
+
+        return eps
 
     def timesteps(self, steps):
         """`steps` evenly spaced timesteps from num_steps-1 down to 0 (the sampling grid)."""

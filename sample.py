@@ -204,13 +204,14 @@ def generate(model, meta, prompts, *, seed=0, sampler="dpm++2m", steps=25, cfg=7
     shape = (c.in_channels, c.input_size, c.input_size)  # latent of one frame
     if video:
         shape = (frames or meta.get("num_frames") or c.num_frames, *shape)  # (T, C, h, w)
-    diffusion = Diffusion()
+    diffusion = Diffusion(prediction=meta.get("prediction", "eps"))  # checkpoints before v-prediction: eps
     null = [t.to(device) for t in enc([""])]  # the empty caption: the unconditional branch of CFG / MFG
 
     def net(x, t, **kw):
-        # bf16 autocast on CUDA; guidance arithmetic and the sampler stay in fp32
+        # bf16 autocast on CUDA; guidance arithmetic and the sampler stay in fp32; v -> eps (diffusion.eps_fn)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            return model(x, t, **kw).float()
+            out = model(x, t, **kw).float()
+        return diffusion.eps_fn(lambda *_: out)(x, t)
 
     out = []
     starts = range(0, len(prompts), batch_size)

@@ -144,16 +144,18 @@ def _pairs(split):
     return TRAIN_PAIRS if split == "train" else HELDOUT_PAIRS
 
 
-def _apart(a, b, gap):
-    # bounding boxes separated by at least `gap` pixels along x or y
-    return abs(a["x"] - b["x"]) >= a["r"] + b["r"] + gap or abs(a["y"] - b["y"]) >= a["r"] + b["r"] + gap
-
-
-def _relation_holds(a, b, rel, gap):
-    # a REL b: centres separated along the relation's axis, which clearly dominates the other
-    dx, dy = b["x"] - a["x"], b["y"] - a["y"]  # from a to b
-    main, other = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[rel]
-    return main >= a["r"] + b["r"] + gap and 2 * abs(other) <= main
+def _placements_ok(rs, xys, gap, relation):
+    """Which candidate layouts of two objects are valid: rs (K, 2) half-sizes, xys (K, 2, 2) centres.
+    Bounding boxes at least `gap` pixels apart along x or y; for a relation "A REL B", the centres are
+    separated along its axis, which clearly dominates the other."""
+    reach = rs.sum(1) + gap  # (K,)
+    d = xys[:, 1] - xys[:, 0]  # (K, 2): displacement from A to B
+    ok = (np.abs(d) >= reach[:, None]).any(1)
+    if relation:
+        axis, sign = {"left of": (0, 1), "right of": (0, -1), "above": (1, 1), "below": (1, -1)}[relation]
+        main, other = sign * d[:, axis], d[:, 1 - axis]
+        ok &= (main >= reach) & (2 * np.abs(other) <= main)
+    return ok
 
 
 def sample_scene(rng, category, pairs, size=32):
@@ -173,15 +175,14 @@ def sample_scene(rng, category, pairs, size=32):
             continue
         break
     relation = RELATIONS[int(rng.integers(len(RELATIONS)))] if category == "spatial" else None
-    for _ in range(100):  # rejection sampling of positions, 64 candidate layouts per draw
+    for _ in range(100):  # rejection sampling of positions, 64 candidate layouts per draw; the first valid one wins
         rs = rng.integers(r_min, r_max + 1, size=(64, n))
-        xys = rng.integers(0, 1 << 30, size=(64, n, 2)) % (size - 2 * rs[..., None] + 1) + rs[..., None]
-        for r, xy in zip(rs.tolist(), xys.tolist()):  # whole object inside the frame
-            objs = [{"color": c, "shape": s, "x": p[0], "y": p[1], "r": ri} for (c, s), ri, p in zip(chosen, r, xy)]
-            if n == 2 and not _apart(objs[0], objs[1], gap):
-                continue
-            if relation and not _relation_holds(objs[0], objs[1], relation, gap):
-                continue
+        xys = rng.integers(0, 1 << 30, size=(64, n, 2)) % (size - 2 * rs[..., None] + 1) + rs[..., None]  # inside
+        ok = _placements_ok(rs, xys, gap, relation) if n == 2 else np.ones(64, bool)
+        if ok.any():
+            k = int(ok.argmax())
+            objs = [{"color": c, "shape": s, "x": int(p[0]), "y": int(p[1]), "r": int(ri)}
+                    for (c, s), ri, p in zip(chosen, rs[k], xys[k])]
             return {"category": category, "objects": objs, "relation": relation}
     raise RuntimeError(f"could not place objects for {category!r} at size {size}")
 

@@ -78,6 +78,9 @@ def load_text_encoder(spec: str, device="cpu") -> "TextEncoder":
 # the encoder
 
 
+MEMO_CHUNK = 64  # captions per encoder call when filling the memo (see TextEncoder.memoize)
+
+
 class TextEncoder(torch.nn.Module):
     """Frozen tokenizer(s) + encoder(s): captions -> (tokens (B,L,C), mask (B,L), pooled (B,P)), float32."""
 
@@ -93,7 +96,15 @@ class TextEncoder(torch.nn.Module):
         self.max_length = sum(self.lengths)  # L: sequences concatenated, CLIP first
         # Pooled = CLIP's projected EOS embedding when CLIP is present, else T5's masked mean.
         self.pooled_dim = self.models[0].config.projection_dim if self.kinds[0] == "clip" else self.dims[0]
+        self.memo, self.memo_size = None, 0  # see memoize()
         self.eval().requires_grad_(False)
+
+    def memoize(self, max_captions=100_000):
+        """Keep the features of up to max_captions distinct captions and reuse them. For a small caption
+        vocabulary (the built-in synthetic data: a few thousand captions) this removes tokenizing and
+        encoding from the training step; real data rarely repeats a caption, so it is off by default."""
+        self.memo, self.memo_size = {}, max_captions
+        return self
 
     def train(self, mode=True):
         return super().train(False)  # frozen: always in eval mode (no dropout)
@@ -122,6 +133,20 @@ class TextEncoder(torch.nn.Module):
     def forward(self, captions: list[str]):
         if isinstance(captions, str):
             raise ValueError("TextEncoder expects a list of captions, got a single string")
+        if self.memo is None:
+            return self._forward(captions)
+        new = [c for c in dict.fromkeys(captions) if c not in self.memo]
+        if new and len(self.memo) + len(new) > self.memo_size:
+            return self._forward(captions)  # full: encode as usual
+        # New captions are encoded in chunks of a fixed size (padded with ""), so a caption's features never
+        # depend on which other captions were new in the same batch: a resumed run stays bit-exact.
+        for i in range(0, len(new), MEMO_CHUNK):
+            chunk = new[i : i + MEMO_CHUNK]
+            feats = self._forward(chunk + [""] * (MEMO_CHUNK - len(chunk)))
+            self.memo.update(zip(chunk, zip(*feats)))  # caption -> its (tokens, mask, pooled) rows
+        return tuple(torch.stack(rows) for rows in zip(*(self.memo[c] for c in captions)))
+
+    def _forward(self, captions):
         feats = [self._encode(*a, list(captions)) for a in zip(self.kinds, self.tokenizers, self.models, self.lengths)]
         masks = [f[1] for f in feats]
         # Even "" keeps BOS/EOS (CLIP) or EOS (T5): the null caption is a real, attendable embedding.

@@ -65,9 +65,13 @@ def get_parser(kind="t2i"):
     p.add_argument("--pooled-text", action=argparse.BooleanOptionalAction, default=True,
                    help="add the pooled text embedding to the time embedding (Sec. 3.2.1)")
     # optimisation
+    p.add_argument("--prediction", default=None, choices=["eps", "v"],
+                   help="network output (diffusion.py): default eps (the paper, latents), v in pixel space")
     p.add_argument("--batch-size", type=int, default=32, help="global batch per step (Sec. 4.1: 2048 at 256px, 784 at 512px)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     p.add_argument("--lr", type=float, default=None, help=f"constant AdamW lr (default {LR}; {TOY_LR} for toy / tiny)")
+    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                   help="constant (DiT, the paper) or cosine decay to 0 at --max-steps (short toy runs)")
     p.add_argument("--weight-decay", type=float, default=0.0)  # DiT: AdamW without weight decay
     p.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999])  # AdamW defaults, as DiT
     p.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0: off, the norm is still logged)")
@@ -84,7 +88,8 @@ def get_parser(kind="t2i"):
     # run folder, logs, checkpoints
     p.add_argument("--out", default=f"runs/{kind}", help="run folder: log.txt, ckpt-*.pt, samples.png")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--init-from", default=None, help="a run folder or ckpt-*.pt: start from its model + EMA weights")
+    p.add_argument("--init-from", default=None,
+                   help="a run folder, ckpt-*.pt or .safetensors export: start from its model + EMA weights")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--ckpt-every", type=int, default=400)
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
@@ -234,7 +239,10 @@ def online_data(dataset, spec, args, device, frames=None):
     """Captions encoded by the frozen text encoder each step; images by the latent space (pixels: identity)."""
     res = dataset[0]["x"].shape[-1]
     enc = load_text_encoder(args.text_encoder, device=device)
-    latent = args.latent_space or ("pixel" if spec.split(":")[0] in ("shapes", "moving_shapes") else "sd-vae")
+    builtin = spec.split(":")[0] in ("shapes", "moving_shapes")
+    if builtin:
+        enc.memoize()  # a few thousand distinct captions: encode each once, not every step
+    latent = args.latent_space or ("pixel" if builtin else "sd-vae")
     space = D.load_latent_space(latent, device=device)
     return Data(dataset, spec, args.text_encoder, latent, res, space.channels,
                 res // space.downsample, enc.text_dim, enc.pooled_dim, enc.max_length, frames, enc, space)
@@ -388,7 +396,14 @@ def load_init(path, cfg, seed):
         path = checkpoints(path)[-1]  # a run folder: its newest checkpoint
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--init-from checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if path.endswith(".safetensors"):  # an export (sample.py --export) holds EMA weights only: start both from them
+        from sample import read_checkpoint
+
+        weights, config, _, step = read_checkpoint(path)
+        weights = {k: v.float() for k, v in weights.items()}
+        ckpt = {"model": weights, "ema": weights, "config": config, "step": step}
+    else:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     have = {k: v for k, v in ckpt["config"].items() if k != "input_size"}
     want = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "input_size"}
     if cfg.temporal and not have["temporal"]:  # T2I -> T2V
@@ -420,7 +435,7 @@ def final_samples(cfg, weights, data, kind, out, args, device):
     model = GenTron(cfg).to(device).eval()
     model.load_state_dict(weights)
     meta = {"text_encoder": data.text_encoder, "latent_space": data.latent_space, "resolution": data.resolution,
-            "num_frames": data.frames, "encoder": data.encoder, "latent": data.latents}
+            "num_frames": data.frames, "encoder": data.encoder, "latent": data.latents, "prediction": args.prediction}
     kw = dict(seed=args.seed, steps=args.sample_steps, cfg=args.cfg_scale, mfg=getattr(args, "mfg_scale", 1.0),
               device=device, progress=False)
     prompts = data.prompts[: args.num_samples]
@@ -441,6 +456,13 @@ def final_samples(cfg, weights, data, kind, out, args, device):
 
 # -----------------------------------------------------------------------------
 # the training loop
+
+
+def lr_at(args, step):
+    """Learning rate of optimizer step `step` (1-based): constant, or cosine from --lr down to 0 at --max-steps."""
+    if args.lr_schedule == "constant":
+        return args.lr
+    return args.lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / args.max_steps))
 
 
 def due(step, every, last):
@@ -481,8 +503,10 @@ def _train(args, make_data, kind, rank, world, device):
     if data.null is not None:
         data.null = tuple(t.to(device) for t in data.null)
     cfg = model_config(args, data, **({"temporal": True, "num_frames": data.frames} if kind == "t2v" else {}))
+    args.prediction = args.prediction or ("v" if data.latent_space == "pixel" else "eps")  # resolved, as lr
     meta = {"kind": kind, "text_encoder": data.text_encoder, "latent_space": data.latent_space,
-            "resolution": data.resolution, "num_frames": data.frames, "dataset": data.spec}
+            "resolution": data.resolution, "num_frames": data.frames, "dataset": data.spec,
+            "prediction": args.prediction}
     ac = args.ac if args.ac is not None else args.size == "G"
 
     # model, optimizer, EMA - from the newest checkpoint (--resume), another run (--init-from) or a fresh init
@@ -522,7 +546,7 @@ def _train(args, make_data, kind, rank, world, device):
         loader = iter(torch.utils.data.DataLoader(data.dataset, batch_sampler=sampler, num_workers=workers,
                                                   collate_fn=D.collate, pin_memory=device.type == "cuda"))
     sample_shape = ((data.frames,) if data.frames else ()) + (data.channels, data.latent_size, data.latent_size)
-    diffusion = Diffusion()
+    diffusion = Diffusion(prediction=args.prediction)
     peak = matmul_peak_tflops(device) if master_process() else None
     flops = 3 * flops_per_sample(cfg, data.text_len, data.frames or 1)  # fwd + bwd = 3x fwd; recompute not counted
     print0(f"{kind} GenTron-{args.size}: {sum(p.numel() for p in params) / 1e6:.2f}M params, {world} rank(s) on "
@@ -558,6 +582,9 @@ def _train(args, make_data, kind, rank, world, device):
         dist.all_reduce(loss_sum)  # sum over ranks (gloo has no AVG); stays on the device
         norm = torch.nn.utils.clip_grad_norm_(params, args.clip if args.clip > 0 else float("inf"))
         pending.append(torch.stack([loss_sum / (A * world), norm.full_tensor() if isinstance(norm, DTensor) else norm]))
+        lr = lr_at(args, step)
+        for group in opt.param_groups:
+            group["lr"] = lr
         opt.step()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():  # EMA: ema <- decay ema + (1 - decay) params, on the shards (no communication)
@@ -586,7 +613,7 @@ def _train(args, make_data, kind, rank, world, device):
             mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
             line = (f"step {step} | loss {sum(v[0] for v in done) / len(done):.4f} | grad norm {done[-1][1]:.3f} | "
-                    f"{rate:.1f} samples/s | MFU {mfu} | mem {mem:.2f} GiB | lr {args.lr:.1e}")
+                    f"{rate:.1f} samples/s | MFU {mfu} | mem {mem:.2f} GiB | lr {lr:.1e}")
             print0(line)
             if master_process():
                 with open(os.path.join(out, "log.txt"), "a") as f:

@@ -1,13 +1,42 @@
-"""bench.py runs on CPU as a smoke test (its FLOP formula is pinned in test_model.py)."""
+"""bench.py on CPU: the single-device smoke test, the FSDP2 path of train_t2i.build_model in one process, and the
+--max-batch search (its FLOP formula is pinned in test_model.py)."""
 
+import os
 import subprocess
 import sys
 
+from bench import largest_batch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--size", "tiny", "--batch", "2", "--steps", "1", "--warmup", "1", "--device", "cpu", "--resolution", "64"]
+
+
+def bench(*argv):
+    """(header line, {mode: row fields}) of a bench.py run."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    out = subprocess.run([sys.executable, "bench.py", *TINY, *argv], capture_output=True, text=True, timeout=300,
+                         cwd=REPO, env={**env, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    rows = {line.split()[0]: line.split() for line in lines if line.startswith(("train", "sample"))}
+    return next(line for line in lines if line.startswith("GenTron-")), rows
+
 
 def test_bench_cpu_smoke():
-    out = subprocess.run([sys.executable, "bench.py", "--size", "tiny", "--batch", "2", "--steps", "1", "--warmup", "1",
-                          "--device", "cpu", "--resolution", "64"], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines() if line.startswith(("train", "sample"))}
+    _, rows = bench()
     assert set(rows) == {"train", "sample"} and all(float(r[1]) > 0 for r in rows.values())  # samples/s > 0
 
+
+def test_bench_fsdp_one_process():
+    # train_t2i.build_model on a 1-process gloo group, with activation checkpointing and a fixed SDPA backend
+    header, rows = bench("--fsdp", "--ac", "--attention", "math", "--mode", "train")
+    assert set(rows) == {"train"} and float(rows["train"][1]) > 0
+    assert "batch 2/GPU" in header and "fsdp x1 ac True" in header and "attention math" in header
+
+
+def test_largest_batch_doubles_until_the_first_failure():
+    tried = []
+    fits = lambda b: tried.append(b) or b <= 48
+    assert largest_batch(fits, 8, 4096) == 32 and tried == [8, 16, 32, 64]  # doubling: 48 itself is never tried
+    assert largest_batch(fits, 64, 4096) is None  # not even the start fits
+    assert largest_batch(lambda b: True, 8, 100) == 64  # stops at the limit with memory to spare

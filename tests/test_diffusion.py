@@ -138,3 +138,31 @@ def test_clip_denoised_keeps_in_range_x0_and_clips_the_rest():
     implied = lambda eps: (xt - (1 - ab).sqrt() * eps) / ab.sqrt()
     assert implied(biased(xt, t))[-1].abs().max() > 5  # ~ 0.05 * 157 at t = 999
     assert implied(clip_denoised(biased, d)(xt, t)).abs().max() <= 1 + 1e-9
+
+
+def test_v_prediction_matches_eps_oracle():
+    """v-prediction: the perfect v-network, v = sqrt(abar) eps - sqrt(1 - abar) x_0 written as a function of
+    (x_t, t), has zero v-loss, and Diffusion.eps_fn turns it back into the exact eps oracle - so every
+    sampler reaches x_0 from it exactly as from the eps oracle."""
+    d = Diffusion(prediction="v")
+    x0 = torch.randn(8, 4, dtype=torch.float64)
+    eps_oracle = oracle(d, x0)
+
+    def v_oracle(x, t):
+        ab = d.alpha_bar[t].view(-1, 1).to(x.dtype)
+        return ab.sqrt() * eps_oracle(x, t) - (1 - ab).sqrt() * x0
+
+    t = torch.randint(0, 1000, (8,))
+    noise = torch.randn_like(x0)
+    assert d.loss(v_oracle, x0, t, noise).item() < 1e-20
+    xt = d.q_sample(x0, t, noise)
+    torch.testing.assert_close(d.eps_fn(v_oracle)(xt, t), noise, rtol=1e-9, atol=1e-9)
+    out = sample(d.eps_fn(v_oracle), d, torch.randn(8, 4, dtype=torch.float64), "ddim", steps=10)
+    torch.testing.assert_close(out, x0, rtol=1e-6, atol=1e-6)
+    # at t = 999 a v-network that knows nothing (v = 0) still gives eps = sqrt(1 - abar) x_t ~ x_t
+    zero = lambda x, t: torch.zeros_like(x)
+    t999 = torch.full((8,), 999)
+    xt = d.q_sample(x0, t999, noise)
+    assert (d.eps_fn(zero)(xt, t999) - noise).pow(2).mean() < 1e-3 < (zero(xt, t999) - noise).pow(2).mean()
+    with pytest.raises(ValueError, match="prediction"):
+        Diffusion(prediction="x0")

@@ -162,3 +162,19 @@ def test_cuda_dtypes(enc):
         Lc, Cc = e.lengths[0], e.dims[0]
         t5_err = (out[0][:, Lc:, Cc:].cpu() - cpu[0][:, Lc:, Cc:]).abs().max() / cpu[0][:, Lc:, Cc:].abs().max()
         assert t5_err < 0.05  # bf16 rounding only
+
+
+def test_memoized_features_match():
+    """memoize(): each distinct caption is encoded once and later batches reuse its rows; the features are
+    those of plain encoding, and a full memo falls back to plain encoding."""
+    plain = load_text_encoder("tiny-clip+t5")
+    memo = load_text_encoder("tiny-clip+t5").memoize(max_captions=3)
+    a = ["a red circle", "", "a blue square above a green cross", "a red circle"]
+    for caps in (a, a[::-1]):
+        for x, y in zip(memo(caps), plain(caps)):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    assert len(memo.memo) == 3  # the three distinct captions
+    b = ["a white diamond", "a red circle"]  # a fourth caption does not fit: encoded without the memo
+    for x, y in zip(memo(b), plain(b)):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    assert len(memo.memo) == 3

@@ -131,7 +131,8 @@ def test_checkpoint_format(tmp_path):
     ckpt = load(tmp_path / "ckpt-0000004.pt")
     assert set(ckpt) == CKPT_KEYS and ckpt["step"] == 4
     assert ckpt["meta"] == {"kind": "t2i", "text_encoder": "tiny-clip+t5", "latent_space": "pixel", "resolution": 32,
-                            "num_frames": None, "dataset": "shapes:train:size=32:seed=0:single+color+shape+spatial"}
+                            "num_frames": None, "dataset": "shapes:train:size=32:seed=0:single+color+shape+spatial",
+                            "prediction": "v"}  # pixel space: v-prediction by default
     # the config alone rebuilds the model, and both weight sets have GenTron's own key names
     model = GenTron(GenTronConfig(**ckpt["config"]))
     assert list(ckpt["model"]) == list(ckpt["ema"]) == list(model.state_dict())
@@ -188,12 +189,21 @@ def test_t2v_starts_at_the_t2i_loss_on_pseudo_videos(tmp_path):
     rep = lambda z: z.repeat_interleave(4, dim=0)  # one clip of 4 frames -> 4 images
     with torch.no_grad():
         eps = lambda xt, tt: model(xt, tt, rep(text), rep(mask), rep(pooled))
-        loss_t2i = Diffusion().loss(eps, batch["x"].flatten(0, 1), rep(t), noise.flatten(0, 1)).item()
+        loss_t2i = Diffusion(prediction="v").loss(eps, batch["x"].flatten(0, 1), rep(t), noise.flatten(0, 1)).item()
     assert loss_t2v == pytest.approx(loss_t2i, rel=1e-6)
     new = set(load(tmp_path / "t2v" / "ckpt-0000001.pt")["model"]) - set(ckpt["model"])
     assert new and all(".temporal." in k for k in new)
     with pytest.raises(SystemExit, match="--init-from"):
         V.main(tiny(tmp_path / "none", 1))
+    # An export (EMA weights only) is a T2I parent too: both the model and its EMA start from those weights.
+    from sample import export
+
+    export(str(t2i), str(tmp_path / "t2i.safetensors"))
+    cfg = GenTronConfig(**{**ckpt["config"], "temporal": True, "num_frames": 4})
+    model_sd, ema_sd = T.load_init(str(tmp_path / "t2i.safetensors"), cfg, 0)
+    for k, v in ckpt["ema"].items():
+        assert torch.equal(model_sd[k], v) and torch.equal(ema_sd[k], v)
+    assert {k for k in model_sd if k not in ckpt["ema"]} == new
 
 
 # -----------------------------------------------------------------------------
