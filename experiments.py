@@ -203,13 +203,15 @@ def slug(name):
 def tables(results):
     """Markdown tables in the layout of Table 2 (T2I) and of the MFG ablation (T2V), in percent."""
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
-    lines = ["| arm | seed | CFG | Color | Shape | Spatial | Overall | Single obj. |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| arm | seed | CFG | Color | Shape | Spatial | Overall | Single obj. | Obj. recall |",
+             "|---|---|---|---|---|---|---|---|---|"]
     rows = sorted(results.get("t2i", []), key=lambda r: r.get("group") == "scale")  # conditioning first
     for i, r in enumerate(rows):
         if i and r.get("group") != rows[i - 1].get("group"):
-            lines.append("| *model scale (own budget)* | | | | | | | |")
+            lines.append("| *model scale (own budget)* | | | | | | | | |")
         lines.append(f"| {r['arm']} | {r['seed']} | {r['cfg']} | {pct(r.get('color'))} | {pct(r.get('shape'))} | "
-                     f"{pct(r.get('spatial'))} | {pct(r.get('overall'))} | {pct(r.get('single'))} |")
+                     f"{pct(r.get('spatial'))} | {pct(r.get('overall'))} | {pct(r.get('single'))} | "
+                     f"{pct(r.get('object_recall'))} |")
     lines += ["", "| T2V arm | lambda_M | Frame attr. | Direction | Consistency |", "|---|---|---|---|---|"]
     for r in results.get("t2v", []):
         lines.append(f"| {r['arm']} | {r['mfg']} | {pct(r['frame_attribute'])} | {pct(r['direction'])} | "
