@@ -104,10 +104,12 @@ def run_all(jobs):
 def phase_t2i(args, results, t0):
     """The T2I arms (all seeds) and the scale pair, concurrently; then every arm on the same held-out
     prompts and noise seeds. The baseline arm's EMA weights are exported: the T2V parent."""
+    # --patch 2 for every arm: the toy row would otherwise switch to 4x4 patches on a CPU (train_t2i.py)
     budget = ["--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--ckpt-every", str(args.steps),
-              "--lr", str(args.lr)]
+              "--lr", str(args.lr), "--patch", "2"]
     scale = ["--max-steps", str(args.scale_steps), "--batch-size", str(args.scale_batch_size),
-             "--ckpt-every", str(args.scale_steps), "--lr", str(args.scale_lr), "--seed", str(args.seeds[0])]
+             "--ckpt-every", str(args.scale_steps), "--lr", str(args.scale_lr), "--seed", str(args.seeds[0]),
+             "--patch", "2"]
     arms = [("conditioning", name, seed, [*budget, "--seed", str(seed), *T2I_ARMS[name]])
             for seed in args.seeds for name in args.t2i_arms]
     if args.scale_steps:
