@@ -60,6 +60,7 @@ p.add_argument("--n-eval", type=int, default=100, help="held-out prompts per cat
 p.add_argument("--cfg", type=float, nargs="+", default=[4.0, 7.5], help="lambda_T values for T2I scoring")
 p.add_argument("--t2v-cfg", type=float, default=7.5, help="lambda_T for T2V, fixed as in Sec. 3.3.2")
 p.add_argument("--mfg", type=float, nargs="+", default=[1.0, 1.1, 1.2, 1.3])
+p.add_argument("--num-samples", type=int, default=16, help="held-out prompts in each arm's samples.png")
 p.add_argument("--workers", type=int, default=3, help="DataLoader workers per training process")
 p.add_argument("--compile", action="store_true", help="torch.compile the blocks of every arm")
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -73,7 +74,7 @@ def launch(script, out, flags, args, log):
     device = "cuda:0" if args.device == "cuda" else args.device  # each process sees one GPU
     cmd = [sys.executable, script, "--out", out, "--device", device, "--ema", str(args.ema),
            "--lr-schedule", args.lr_schedule,
-           "--num-workers", str(args.workers), "--log-every", "250", "--eval-n", "0", "--num-samples", "16",
+           "--num-workers", str(args.workers), "--log-every", "250", "--eval-n", "0", "--num-samples", str(args.num_samples),
            *(["--compile"] if args.compile else []), *flags]  # oracle scores: below, for every arm alike
     print(" ".join(cmd[1:]), flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TQDM_DISABLE": "1"}  # shared cores; logs: step lines only
@@ -168,7 +169,7 @@ def main(args):
     if args.smoke:
         args.steps, args.scale_steps, args.t2v_steps, args.n_eval = 20, 10, 10, 4
         args.batch_size, args.scale_batch_size, args.t2v_batch_size = 8, 8, 4
-        args.cfg, args.mfg = args.cfg[:1], args.mfg[:2]
+        args.cfg, args.mfg, args.num_samples = args.cfg[:1], args.mfg[:2], 2
     os.makedirs(args.out, exist_ok=True)
     file = os.path.join(args.out, "results.json")
     results = json.load(open(file)) if os.path.exists(file) else {}  # a later phase adds to an earlier one
