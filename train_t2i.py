@@ -66,7 +66,8 @@ def get_parser(kind="t2i"):
                    help="add the pooled text embedding to the time embedding (Sec. 3.2.1)")
     # optimisation
     p.add_argument("--prediction", default=None, choices=["eps", "v"],
-                   help="network output (diffusion.py): default eps (the paper, latents), v in pixel space")
+                   help="network output (diffusion.py): default eps (the paper, latents), v in pixel space; "
+                        "a resumed or --init-from run keeps its parent's")
     p.add_argument("--batch-size", type=int, default=32, help="global batch per step (Sec. 4.1: 2048 at 256px, 784 at 512px)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     p.add_argument("--lr", type=float, default=None, help=f"constant AdamW lr (default {LR}; {TOY_LR} for toy / tiny)")
@@ -365,8 +366,8 @@ def text_condition(batch, drop, data, device):
 # checkpoints
 
 
-def stored_config(path):
-    """The model config of a run folder, checkpoint or export, without reading its weights (None if absent)."""
+def stored_settings(path):
+    """(config, meta) of a run folder, checkpoint or export, without reading its weights; None if absent."""
     if os.path.isdir(path) and checkpoints(path):
         path = checkpoints(path)[-1]
     if not os.path.isfile(path):
@@ -375,8 +376,10 @@ def stored_config(path):
         from safetensors import safe_open
 
         with safe_open(path, "pt") as f:
-            return json.loads((f.metadata() or {}).get("config", "null"))
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("config")
+            md = f.metadata() or {}
+        return json.loads(md.get("config", "{}")), json.loads(md.get("meta", "{}"))
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return ckpt.get("config", {}), ckpt.get("meta", {})
 
 
 def checkpoints(out):
@@ -516,12 +519,13 @@ def _train(args, make_data, kind, rank, world, device):
         data.prompts = prompts
     if data.null is not None:
         data.null = tuple(t.to(device) for t in data.null)
-    if args.patch is None:  # a resumed run or a child run keeps its parent's patch size
-        parent = stored_config(out if found else args.init_from) if found or args.init_from else None
-        if parent:
-            args.patch = parent["patch"]
-        elif args.size == "toy" and device.type == "cpu":
-            args.patch = 4  # the no-argument CPU demo: 64 tokens train ~4x faster than the row's 2x2 (README)
+    # A resumed run or a child run (--init-from) keeps its parent's patch size and prediction unless told
+    parent = stored_settings(out if found else args.init_from) if found or args.init_from else None
+    if parent:
+        args.patch = args.patch or parent[0].get("patch")
+        args.prediction = args.prediction or parent[1].get("prediction", "eps")  # older checkpoints: eps
+    elif args.patch is None and args.size == "toy" and device.type == "cpu":
+        args.patch = 4  # the no-argument CPU demo: 64 tokens train ~4x faster than the row's 2x2 (README)
     cfg = model_config(args, data, **({"temporal": True, "num_frames": data.frames} if kind == "t2v" else {}))
     args.prediction = args.prediction or ("v" if data.latent_space == "pixel" else "eps")  # resolved, as lr
     meta = {"kind": kind, "text_encoder": data.text_encoder, "latent_space": data.latent_space,

@@ -206,8 +206,9 @@ def test_t2v_starts_at_the_t2i_loss_on_pseudo_videos(tmp_path):
     assert {k for k in model_sd if k not in ckpt["ema"]} == new
 
 
-def test_cpu_toy_uses_patch_4_and_children_keep_their_parents_patch(tmp_path):
-    """The no-argument demo on a CPU trains the toy at patch 4; --resume and a T2V child keep that patch."""
+def test_cpu_toy_uses_patch_4_and_children_keep_their_parents_settings(tmp_path):
+    """The no-argument demo on a CPU trains the toy at patch 4; --resume and a T2V child keep that patch
+    and the parent's prediction."""
     run = lambda out, *a: ["--size", "toy", "--batch-size", "2", "--num-samples", "0", "--device", "cpu",
                            "--out", str(tmp_path / out), *a]
     T.main(run("t2i", "--max-steps", "1"))
@@ -215,6 +216,10 @@ def test_cpu_toy_uses_patch_4_and_children_keep_their_parents_patch(tmp_path):
     assert load(tmp_path / "t2i" / "ckpt-0000002.pt")["config"]["patch"] == 4
     V.main(run("t2v", "--max-steps", "1", "--init-from", str(tmp_path / "t2i"), "--num-frames", "2"))
     assert load(tmp_path / "t2v" / "ckpt-0000001.pt")["config"]["patch"] == 4
+    # likewise the prediction: an eps run in pixel space (not the default there) resumes as eps
+    T.main(run("eps", "--max-steps", "1", "--prediction", "eps"))
+    T.main(run("eps", "--max-steps", "2", "--resume"))
+    assert load(tmp_path / "eps" / "ckpt-0000002.pt")["meta"]["prediction"] == "eps"
 
 
 # -----------------------------------------------------------------------------
