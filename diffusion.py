@@ -45,13 +45,13 @@ class Diffusion:
         return F.mse_loss(net(self.q_sample(x0, t, noise), t).float(), target.float())
 
     def eps_fn(self, net):
-        """The network as the samplers' eps_fn(x_t, t): eps-prediction as is, v converted to eps."""
+        """The network as the samplers' eps_fn(x_t, t, **cond): eps-prediction as is, v converted to eps."""
         if self.prediction == "eps":
             return net
 
-        def eps(x, t):
+        def eps(x, t, **cond):
             ab = _per_sample(self.alpha_bar, t, x)
-            return ab.sqrt() * net(x, t) + (1 - ab).sqrt() * x
+            return ab.sqrt() * net(x, t, **cond) + (1 - ab).sqrt() * x
 
         return eps
 

@@ -31,6 +31,7 @@ import torch
 
 from evaluate import oracle_eval
 from sample import export, load_model
+from train_t2i import checkpoints
 
 T2I_ARMS = {  # name -> extra train_t2i.py flags (the first arm is the baseline and the T2V parent)
     "cross-attn": [],
@@ -90,10 +91,6 @@ def launch(script, out, flags, args, log):
 launch.count = 0
 
 
-def trained(out):
-    return os.path.isdir(out) and any(f.startswith("ckpt-") for f in os.listdir(out))
-
-
 def run_all(jobs):
     """Wait for every job; a failed run stops the experiment with its log's tail."""
     for name, (proc, log) in jobs.items():
@@ -119,7 +116,7 @@ def phase_t2i(args, results, t0):
     for group, name, seed, flags in arms:  # the scale pair last, S first: the slowest arm gets a GPU of its own
         out = os.path.join(args.out, f"t2i-{slug(name)}-s{seed}")
         runs[(group, name, seed)] = out
-        if not trained(out):
+        if not checkpoints(out):  # an arm that already finished is scored, not retrained
             jobs[(name, seed)] = (launch("train_t2i.py", out, flags, args, out + ".log"), out + ".log")
     run_all(jobs)
     print(f"T2I arms done in {time.time() - t0:.0f}s", flush=True)
@@ -145,7 +142,7 @@ def phase_t2v(args, results, t0, parent):
     for name, arm in T2V_ARMS.items():
         out = os.path.join(args.out, f"t2v-{slug(name)}")
         runs[name] = out
-        if not trained(out):
+        if not checkpoints(out):  # an arm that already finished is scored, not retrained
             jobs[name] = (launch("train_t2v.py", out, [*flags, *arm], args, out + ".log"), out + ".log")
     run_all(jobs)
     print(f"T2V arms done in {time.time() - t0:.0f}s", flush=True)

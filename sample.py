@@ -207,11 +207,12 @@ def generate(model, meta, prompts, *, seed=0, sampler="dpm++2m", steps=25, cfg=7
     diffusion = Diffusion(prediction=meta.get("prediction", "eps"))  # checkpoints before v-prediction: eps
     null = [t.to(device) for t in enc([""])]  # the empty caption: the unconditional branch of CFG / MFG
 
-    def net(x, t, **kw):
-        # bf16 autocast on CUDA; guidance arithmetic and the sampler stay in fp32; v -> eps (diffusion.eps_fn)
+    def forward(x, t, **kw):
+        # bf16 autocast on CUDA; guidance arithmetic and the sampler stay in fp32
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = model(x, t, **kw).float()
-        return diffusion.eps_fn(lambda *_: out)(x, t)
+            return model(x, t, **kw).float()
+
+    net = diffusion.eps_fn(forward)  # v-prediction -> eps; guidance (CFG / MFG) combines eps
 
     out = []
     starts = range(0, len(prompts), batch_size)

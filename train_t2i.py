@@ -40,6 +40,7 @@ from tqdm import tqdm
 import data as D
 from diffusion import Diffusion
 from model import SIZES, GenTron, GenTronConfig, flops_per_sample
+from sample import generate, make_grid, read_checkpoint, resolve_checkpoint, upscale
 from text_encoders import load_text_encoder
 
 # -----------------------------------------------------------------------------
@@ -366,12 +367,17 @@ def text_condition(batch, drop, data, device):
 # checkpoints
 
 
+def init_file(path):
+    """--init-from: a run folder (its newest checkpoint), a ckpt-*.pt or a .safetensors export."""
+    try:
+        return resolve_checkpoint(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--init-from: {e}") from None
+
+
 def stored_settings(path):
-    """(config, meta) of a run folder, checkpoint or export, without reading its weights; None if absent."""
-    if os.path.isdir(path) and checkpoints(path):
-        path = checkpoints(path)[-1]
-    if not os.path.isfile(path):
-        return None  # load_init names the missing file
+    """(config, meta) of an --init-from run folder, checkpoint or export, without reading its weights."""
+    path = init_file(path)
     if path.endswith(".safetensors"):
         from safetensors import safe_open
 
@@ -409,13 +415,8 @@ def load_init(path, cfg, seed):
     """(model, EMA) full state dicts of another run for a new run. Same architecture: any resolution (sin-cos
     positions are computed in forward, so a new grid needs nothing else; Sec. 4.1 256 -> 512). A T2I checkpoint
     into a T2V model: shared weights copied, new temporal layers keep their zero-output init (Sec. 3.3.1)."""
-    if os.path.isdir(path) and checkpoints(path):
-        path = checkpoints(path)[-1]  # a run folder: its newest checkpoint
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--init-from checkpoint {path} does not exist")
+    path = init_file(path)
     if path.endswith(".safetensors"):  # an export (sample.py --export) holds EMA weights only: start both from them
-        from sample import read_checkpoint
-
         weights, config, _, step = read_checkpoint(path)
         weights = {k: v.float() for k, v in weights.items()}
         ckpt = {"model": weights, "ema": weights, "config": config, "step": step}
@@ -447,7 +448,6 @@ def final_samples(cfg, weights, data, kind, out, args, device):
     motion-free guidance (Eq. 6); then evaluate.py's oracle on held-out compositions. Rank 0 only."""
     from evaluate import oracle_eval, oracle_table
     from PIL import Image
-    from sample import generate, make_grid, upscale
 
     model = GenTron(cfg).to(device).eval()
     model.load_state_dict(weights)
@@ -519,8 +519,9 @@ def _train(args, make_data, kind, rank, world, device):
         data.prompts = prompts
     if data.null is not None:
         data.null = tuple(t.to(device) for t in data.null)
+    ckpt = torch.load(found[-1], map_location="cpu", weights_only=True, mmap=True) if found else None  # --resume
     # A resumed run or a child run (--init-from) keeps its parent's patch size and prediction unless told
-    parent = stored_settings(out if found else args.init_from) if found or args.init_from else None
+    parent = (ckpt["config"], ckpt["meta"]) if ckpt else stored_settings(args.init_from) if args.init_from else None
     if parent:
         args.patch = args.patch or parent[0].get("patch")
         args.prediction = args.prediction or parent[1].get("prediction", "eps")  # older checkpoints: eps
@@ -534,7 +535,6 @@ def _train(args, make_data, kind, rank, world, device):
     ac = args.ac if args.ac is not None else args.size == "G"
 
     # model, optimizer, EMA - from the newest checkpoint (--resume), another run (--init-from) or a fresh init
-    ckpt = torch.load(found[-1], map_location="cpu", weights_only=True, mmap=True) if found else None
     if ckpt and ckpt["config"] != dataclasses.asdict(cfg):
         raise ValueError(f"{found[-1]} was trained with another model config {ckpt['config']}; use the same flags")
     model_sd = ema_sd = None  # full state dicts, needed on rank 0 only (None: the fresh seeded init)
