@@ -80,6 +80,8 @@ def get_parser(kind="t2i"):
     p.add_argument("--ema", type=float, default=0.9999)  # DiT's EMA decay
     p.add_argument("--caption-dropout", type=float, default=0.1)  # null caption 10% of the time: CFG (Ho & Salimans)
     p.add_argument("--max-steps", type=int, default=800)  # the toy: ~7 min on 2 CPU cores; Sec. 4.1: 500K + 300K
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="minutes: stop cleanly (checkpoint, samples, scores) at the first log step past it")
     p.add_argument("--seed", type=int, default=0)
     # system
     p.add_argument("--ac", action=argparse.BooleanOptionalAction, default=None,
@@ -576,7 +578,7 @@ def _train(args, make_data, kind, rank, world, device):
     print0(f"{kind} GenTron-{args.size}: {sum(p.numel() for p in params) / 1e6:.2f}M params, {world} rank(s) on "
            f"{device.type}, global batch {B} = {world} x {micro} x {A} accum, {data.spec}, AC {ac}, compile {args.compile}")
     if kind == "t2i" and args.data == "shapes" and args.size == "toy" and device.type == "cpu":
-        print0(f"toy run on the CPU at patch {cfg.patch} (the bar shows the time left): 800 steps; then "
+        print0(f"toy run on the CPU at patch {cfg.patch} (the bar shows the time left): {args.max_steps} steps; then "
                f"{out}/samples.png shows held-out prompts as blobs of mostly the right colour with rough shapes, and "
                "the oracle scores follow (single objects in the tens of %, colour pairs near 0 this early)")
 
@@ -586,6 +588,7 @@ def _train(args, make_data, kind, rank, world, device):
         ema_shards, param_shards = [e.to_local() for e in ema], [p.to_local() for p in params]
     bar = tqdm(total=args.max_steps, initial=step, disable=not master_process(), dynamic_ncols=True, desc=kind)
     t0, seen, final = time.perf_counter(), 0, ckpt if master_process() else None
+    deadline = time.perf_counter() + 60 * args.time_limit if args.time_limit is not None else math.inf
     for step in range(step + 1, args.max_steps + 1):
         t, noise, drop = step_draws(args.seed, step, B, sample_shape, device, args.caption_dropout)
         loss_sum = torch.zeros((), device=device)
@@ -647,6 +650,13 @@ def _train(args, make_data, kind, rank, world, device):
                 torch.cuda.reset_peak_memory_stats(device)
         if save:
             final = save_checkpoint(out, step, model, opt, ema, names, pos, cfg, meta, args, args.keep)
+        late = torch.tensor(float(time.perf_counter() > deadline), device=device)
+        dist.all_reduce(late)  # the ranks' clocks differ: all stop at the same step, or none does
+        if late.item():
+            if not save:
+                final = save_checkpoint(out, step, model, opt, ema, names, pos, cfg, meta, args, args.keep)
+            print0(f"--time-limit {args.time_limit} min reached: stopped at step {step} of {args.max_steps}")
+            break
     bar.close()
 
     if master_process() and args.num_samples and data.prompts and final is not None:

@@ -113,6 +113,16 @@ def test_resume_is_exact(tmp_path):
     assert a["data"] == b["data"] == {"epoch": 0, "offset": 24}
 
 
+def test_time_limit_stops_with_a_checkpoint_and_resumes_exactly(tmp_path):
+    full = T.main(tiny(tmp_path / "full", 4, "--log-every", "2"))
+    # a limit of 0 minutes is past at the first log step (2): a checkpoint is written there, although
+    # --ckpt-every would not have saved before step 100, and the resumed run continues bit for bit
+    first = T.main(tiny(tmp_path / "cut", 4, "--log-every", "2", "--ckpt-every", "100", "--time-limit", "0"))
+    assert len(first["loss"]) == 2 and sorted(os.listdir(tmp_path / "cut")) == ["ckpt-0000002.pt", "log.txt"]
+    second = T.main(tiny(tmp_path / "cut", 4, "--log-every", "2", "--resume"))
+    assert first["loss"] + second["loss"] == full["loss"]
+
+
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     # losses reach the host only at log / checkpoint steps (3, 4, 6 here): the NaN of step 5 is caught at 6
     with pytest.raises(SystemExit) as e:
