@@ -120,7 +120,8 @@ def phase_t2i(args, results, t0):
             jobs[(name, seed)] = (launch("train_t2i.py", out, flags, args, out + ".log"), out + ".log")
     run_all(jobs)
     print(f"T2I arms done in {time.time() - t0:.0f}s", flush=True)
-    results["t2i"] = []
+    # rows of arms not rerun here (e.g. seed 0 when this call adds --seeds 1) are kept
+    results["t2i"] = [r for r in results.get("t2i", []) if (r["group"], r["arm"], r["seed"]) not in runs]
     for (group, name, seed), out in runs.items():
         model, meta = load_model(out, ema=True, device=args.device)
         for cfg in args.cfg:
