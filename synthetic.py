@@ -362,6 +362,9 @@ def detect(img):
 #   spatial  both objects found as above and the relation holds between their centres with CompBench's rule:
 #            "A left of B" iff x_B - x_A > 0 and |dx| > |dy| (likewise right / above / below, y pointing down).
 #   overall  mean of color, shape and spatial (the columns of Table 2 this data has; texture: none, "-").
+#   colors_placed  diagnostic, not a Table 2 column: over the two-object prompts, two distinct detections carry
+#            the prompt's two colours, whatever their shapes (a colour-swapped image passes it). It separates
+#            "the colours went to two objects" from "the shapes came out right", which the binding scores need too.
 # Videos (one moving object, MovingShapesDataset):
 #   frame_attribute  fraction of frames with a detection of the prompt's colour and shape.
 #   direction        least-squares fit of the centre track of the largest detection (frames where one exists,
@@ -393,28 +396,33 @@ def score_image(img, meta):
     dets = detect(img)
     objs = meta["objects"]
     found = [_matches(dets, o) for o in objs]
+    out = {"found": sum(bool(f) for f in found), "objects": len(objs)}
     if meta["category"] == "single":
-        correct = bool(found[0])
-    else:  # two distinct detections, one per prompt object (and for spatial, the relation between them)
-        pairs = [(i, j) for i in found[0] for j in found[1] if i != j]
-        if meta["category"] == "spatial":
-            pairs = [(i, j) for i, j in pairs if relation_holds(dets[i], dets[j], meta["relation"])]
-        correct = bool(pairs)
-    return {"correct": correct, "found": sum(bool(f) for f in found), "objects": len(objs)}
+        return {"correct": bool(found[0]), **out}
+    # two distinct detections, one per prompt object (and for spatial, the relation between them)
+    pairs = [(i, j) for i in found[0] for j in found[1] if i != j]
+    if meta["category"] == "spatial":
+        pairs = [(i, j) for i, j in pairs if relation_holds(dets[i], dets[j], meta["relation"])]
+    colored = [[i for i, d in enumerate(dets) if d["color"] == o["color"]] for o in objs]
+    placed = any(i != j for i in colored[0] for j in colored[1])
+    return {"correct": bool(pairs), "colors_placed": placed, **out}
 
 
 def score_images(images, metas):
     """uint8 (B, H, W, 3) images + ground-truth metas -> {category: accuracy, "overall", "object_recall", "n"}."""
-    per = {}
+    per, placed = {}, []
     found = total = 0
     for img, meta in zip(np.asarray(images), metas):
         s = score_image(img, meta)
         per.setdefault(meta["category"], []).append(s["correct"])
         found, total = found + s["found"], total + s["objects"]
+        if "colors_placed" in s:
+            placed.append(s["colors_placed"])
     out = {c: float(np.mean(v)) for c, v in per.items()}
     table = [out[c] for c in ("color", "shape", "spatial") if c in out]
     out["overall"] = float(np.mean(table)) if table else None
     out["object_recall"] = found / max(1, total)  # prompt objects detected with the right colour and shape
+    out["colors_placed"] = float(np.mean(placed)) if placed else None  # diagnostic (see above)
     out["n"] = {c: len(v) for c, v in per.items()}
     return out
 

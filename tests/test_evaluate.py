@@ -57,7 +57,7 @@ def test_detector_is_exact_on_renders(scenes):
 def test_oracle_on_ground_truth_renders(scenes, clips):
     s = ev.score_images(*scenes)
     assert s["n"] == {c: N for c in CATEGORIES}
-    for k in ("single", "color", "shape", "spatial", "overall", "object_recall"):
+    for k in ("single", "color", "shape", "spatial", "overall", "object_recall", "colors_placed"):
         assert s[k] >= 0.99, (k, s[k])
     v = ev.score_videos(*clips)
     assert v["n"] == N and min(v["frame_attribute"], v["direction"], v["consistency"]) >= 0.99, v
@@ -92,6 +92,7 @@ def test_oracle_catches_binding_and_relation_errors(scenes, clips):
             moved.append((render(objs), m))
     s = ev.score_images(np.stack([x for x, _ in swapped]), [m for _, m in swapped])
     assert len(swapped) > N and s["color"] == s["shape"] == 0.0 and s["object_recall"] == 0.0
+    assert s["colors_placed"] == 1.0  # the diagnostic ignores shapes: every swapped render still places both colours
     s = ev.score_images(np.stack([x for x, _ in moved]), [m for _, m in moved])
     assert s["spatial"] == 0.0 and s["object_recall"] == 1.0  # right objects, wrong places
     videos, vmetas = clips
@@ -140,6 +141,7 @@ def test_oracle_near_chance_on_noise(scenes, clips):
     for x in (random_blobs(rng, len(metas)), random_scenes(rng, len(metas))):
         s = ev.score_images(x, metas)
         assert s["single"] <= 0.10 and max(s["color"], s["shape"], s["spatial"]) <= 0.02, s
+        assert s["colors_placed"] <= 0.08, s  # two given colours out of 8 on two random objects: ~3%
     # videos: frames drawn independently (blobs) or uniform noise; direction chance is 25%
     videos, vmetas = clips
     T = videos.shape[1]
