@@ -98,9 +98,45 @@ def render(objects, size=32):
     return img
 
 
+_PALETTE = np.array([BACKGROUND, *COLORS.values()], np.uint8)  # (9, 3) RGB of render_batch's labels
+_COLOR_INDEX = {c: i + 1 for i, c in enumerate(COLORS)}  # label 0 is the background
+
+
+@functools.lru_cache(maxsize=8)
+def _stamps(R):
+    """(shapes, R + 1, 2R, 2R) bool: shape_mask of every shape and half-size r <= R, centred in a 2R x 2R window."""
+    return np.stack([[shape_mask(s, R, R, r, 2 * R) for r in range(R + 1)] for s in SHAPES])
+
+
+def render_batch(scenes, size=32):
+    """Batched `render` for data loading: B object lists (integer centres inside the image, as the datasets
+    draw them) -> uint8 (B, size, size, 3), equal to np.stack([render(s, size) for s in scenes]).
+
+    shape_mask only looks at pixel-centre offsets from the object centre (exact half-integers in float64)
+    and is empty outside the bbox, so an object is the shape_mask of its (shape, r) drawn once in a
+    2R x 2R window and pasted with its top-left at (x - R, y - R); the whole batch pastes at once."""
+    objs = [(b, j, o) for b, scene in enumerate(scenes) for j, o in enumerate(scene)]  # (scene, order, object)
+    R = max([o["r"] for _, _, o in objs], default=1)  # window half-side: the largest object
+    P = size + 2 * R  # labels are padded by R per side, so every window lies inside
+    label = np.zeros((len(scenes), P, P), np.uint8)  # index into _PALETTE, 0 = background
+    if objs:
+        b, j, x, y, r = (np.array(v) for v in zip(*[(b, j, o["x"], o["y"], o["r"]) for b, j, o in objs]))
+        if min(x.min(), y.min()) < 0 or max(x.max(), y.max()) > size:
+            raise ValueError(f"render_batch needs object centres inside the {size}x{size} image")
+        stamp = _stamps(R)[[SHAPES.index(o["shape"]) for _, _, o in objs], r]  # (N, 2R, 2R)
+        color = np.array([_COLOR_INDEX[o["color"]] for _, _, o in objs], np.uint8)[:, None, None]  # (N, 1, 1)
+        # flat index into label of each window pixel: scene b, padded row y + dy, padded column x + dx
+        w = np.arange(2 * R)
+        flat = ((b[:, None, None] * P + y[:, None, None] + w[:, None]) * P + x[:, None, None] + w)  # (N, 2R, 2R)
+        for k in range(j.max() + 1):  # every scene's k-th object, in render's order (later objects on top)
+            m = stamp & (j == k)[:, None, None]  # one object per scene here, so no pixel is written twice
+            label.reshape(-1)[flat[m]] = np.broadcast_to(color, stamp.shape)[m]  # reshape of contiguous: a view
+    return np.take(_PALETTE, label[:, R : R + size, R : R + size], axis=0)  # crop the pad; (B, H, W, 3)
+
+
 def to_tensor(img):
-    """uint8 (H, W, 3) -> float (3, H, W) in [-1, 1]."""
-    return torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W)
+    """uint8 (..., H, W, 3) -> float (..., 3, H, W) in [-1, 1]; one image or a whole batch."""
+    return torch.from_numpy(img).movedim(-1, -3).float() / 127.5 - 1.0  # (..., 3, H, W)
 
 
 # -----------------------------------------------------------------------------
@@ -238,6 +274,13 @@ class ShapesDataset(torch.utils.data.Dataset):
         x = to_tensor(render(meta["objects"], self.size))
         return {"x": x, "caption": caption_for(meta), "meta": meta}
 
+    def __getitems__(self, indices):
+        """[self[i] for i in indices], faster: DataLoader (torch >= 2.1) calls this with a whole batch.
+        Scenes are drawn per index as above; only rendering and the float conversion are batched."""
+        metas = [self.scene(i) for i in indices]
+        x = to_tensor(render_batch([m["objects"] for m in metas], self.size))  # (B, 3, H, W)
+        return [{"x": xi, "caption": caption_for(m), "meta": m} for xi, m in zip(x, metas)]
+
 
 class MovingShapesDataset(torch.utils.data.Dataset):
     """Text-to-video moving shapes: item i -> {"x": (T, 3, H, W) in [-1, 1], "caption", "meta"}.
@@ -264,6 +307,14 @@ class MovingShapesDataset(torch.utils.data.Dataset):
         meta = self.scene(i)
         x = torch.stack([to_tensor(render(objs, self.size)) for objs in meta["frames"]])  # (T, 3, H, W)
         return {"x": x, "caption": caption_for(meta), "meta": meta}
+
+    def __getitems__(self, indices):
+        """[self[i] for i in indices], rendering all B x T frames of the batch at once (see ShapesDataset)."""
+        metas = [self.scene(i) for i in indices]
+        frames = render_batch([objs for m in metas for objs in m["frames"]], self.size)  # (B T, H, W, 3)
+        x = to_tensor(frames).unflatten(0, (len(metas), self.num_frames))  # (B, T, 3, H, W)
+        x = x.contiguous()  # the memory layout of __getitem__'s torch.stack of frames, so batches match exactly
+        return [{"x": xi, "caption": caption_for(m), "meta": m} for xi, m in zip(x, metas)]
 
 
 def heldout_prompts(category, n, seed=0, size=32, num_frames=8):

@@ -185,6 +185,68 @@ def test_collate_images_and_videos():
     assert c["pooled"].shape == (2, 7)
 
 
+def _same_items(a, b):
+    # same values bit for bit and the same memory layout, same captions, same ground truth
+    return (len(a) == len(b) and all(torch.equal(p["x"], q["x"]) and p["x"].stride() == q["x"].stride()
+                                     for p, q in zip(a, b))
+            and [p["caption"] for p in a] == [q["caption"] for q in b] and [p["meta"] for p in a] == [q["meta"] for q in b])
+
+
+@pytest.mark.parametrize("size", [32, 64, 20])
+def test_batched_fetch_equals_per_item(size):
+    # __getitems__ renders a whole batch at once (render_batch); every item must equal __getitem__'s bit for bit
+    rng = np.random.default_rng(size)
+    for split in ("train", "heldout"):
+        ds = S.ShapesDataset(split, size=size)
+        idx = [int(i) for i in rng.integers(len(ds), size=150)] + [0, len(ds) - 1]
+        ref = [ds[i] for i in idx]
+        assert {it["meta"]["category"] for it in ref} == set(S.CATEGORIES)  # one- and two-object scenes
+        assert _same_items(ds.__getitems__(idx), ref)
+        vs = S.MovingShapesDataset(split, size=size, num_frames=4 if size == 20 else 8)
+        idx = [int(i) for i in rng.integers(len(vs), size=24)]
+        ref = [vs[i] for i in idx]
+        assert {it["meta"]["direction"] for it in ref} == set(S.DIRECTIONS)
+        assert _same_items(vs.__getitems__(idx), ref)
+    assert ds.__getitems__([]) == []
+
+
+def test_render_batch_overlap_clipping_and_empty():
+    # beyond what the datasets draw: overlapping objects (the later one on top, as in render), shapes cut
+    # off at the border, an empty scene
+    o = lambda s, c, x, y, r: {"shape": s, "color": c, "x": x, "y": y, "r": r}  # noqa: E731
+    pair = [o("circle", "red", 1, 2, 7), o("square", "blue", 5, 4, 4)]
+    border = [o(s, c, x, y, r) for s, c, x, y, r in zip(S.SHAPES, S.COLORS, (0, 32, 16, 9, 30), (31, 0, 16, 27, 5),
+                                                         (3, 9, 6, 2, 5))]
+    scenes = [pair, pair[::-1], [], border]
+    out = S.render_batch(scenes, 32)
+    assert np.array_equal(out, np.stack([S.render(s, 32) for s in scenes]))
+    assert not np.array_equal(out[0], out[1])  # the order matters here, and is kept
+    assert (out[0] == S.COLORS["blue"]).all(-1).sum() == 64  # the 8x8 square drawn last is whole
+    with pytest.raises(ValueError, match="inside"):
+        S.render_batch([[o("circle", "red", -1, 5, 3)]], 32)
+
+
+def test_dataloader_batches_same_with_and_without_batched_fetch(monkeypatch):
+    # DataLoader calls __getitems__ for a batch_sampler (torch >= 2.1, _MapDatasetFetcher); a dataset whose
+    # __getitems__ is None falls back to per-item __getitem__ calls: the collated batches must be identical
+    calls = []
+    render_batch = S.render_batch
+    monkeypatch.setattr(S, "render_batch", lambda *a: calls.append(1) or render_batch(*a))
+    perm = np.random.default_rng(1).permutation(4000)
+    batches = [perm[a:b].tolist() for a, b in ((0, 64), (64, 65), (100, 300))]
+    for make in (S.ShapesDataset, S.MovingShapesDataset):
+        ds, ref_ds = make(), make()
+        ref_ds.__getitems__ = None  # the fetcher's switch: hasattr(dataset, "__getitems__") and dataset.__getitems__
+        n = len(calls)
+        got, ref = (list(torch.utils.data.DataLoader(d, batch_sampler=batches, collate_fn=data.collate))
+                    for d in (ds, ref_ds))
+        assert len(calls) == n + len(batches)  # the batched path ran once per batch, and only for ds
+        for g, r in zip(got, ref, strict=True):
+            assert g.keys() == r.keys() and g["caption"] == r["caption"] and g["meta"] == r["meta"]
+            assert torch.equal(g["x"], r["x"]) and g["x"].stride() == r["x"].stride()
+            assert torch.equal(g.get("motion_free", torch.ones(1)), r.get("motion_free", torch.ones(1)))
+
+
 # -----------------------------------------------------------------------------
 # real image / video data
 
