@@ -272,18 +272,40 @@ class JointImageVideoDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.videos)
 
-    def __getitem__(self, i):
+    def source(self, i):
+        """(True, image index) if item i is a motion-free pseudo-video, else (False, i); fixed by (seed, i)."""
         rng = np.random.default_rng([self.seed, i])
         if rng.random() < self.p:
-            item = dict(self.images[int(rng.integers(len(self.images)))])
-            item["x"] = item["x"].unsqueeze(0).repeat(self.num_frames, 1, 1, 1)  # (T, C, H, W) exact repeats
-            item["motion_free"] = True
-            return item
-        item = dict(self.videos[i])
-        if item["x"].shape[0] != self.num_frames:
-            raise ValueError(f"video item {i} has {item['x'].shape[0]} frames, expected {self.num_frames}")
-        item["motion_free"] = False
-        return item
+            return True, int(rng.integers(len(self.images)))
+        return False, i
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices):
+        # The DataLoader's batched fetch: the images and the clips of a batch are each fetched in one
+        # call, so a source with a batched __getitems__ (the synthetic data) renders its share at once.
+        sources = [self.source(i) for i in indices]
+        out = [None] * len(indices)
+        for motion_free, ds in ((True, self.images), (False, self.videos)):
+            pos = [k for k, (mf, _) in enumerate(sources) if mf == motion_free]
+            if not pos:
+                continue
+            for k, item in zip(pos, _fetch(ds, [sources[k][1] for k in pos])):
+                item = dict(item)
+                if motion_free:
+                    item["x"] = item["x"].unsqueeze(0).repeat(self.num_frames, 1, 1, 1)  # (T, C, H, W) exact repeats
+                elif item["x"].shape[0] != self.num_frames:
+                    raise ValueError(f"video item {indices[k]} has {item['x'].shape[0]} frames, expected {self.num_frames}")
+                item["motion_free"] = motion_free
+                out[k] = item
+        return out
+
+
+def _fetch(ds, indices):
+    """ds's items at indices, in one batched call where the dataset has one."""
+    getitems = getattr(ds, "__getitems__", None)
+    return getitems(indices) if getitems is not None else [ds[i] for i in indices]
 
 
 # -----------------------------------------------------------------------------

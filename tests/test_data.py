@@ -414,6 +414,12 @@ def test_joint_dataset_pseudo_videos():
     for x, mf in zip(b["x"], b["motion_free"]):
         assert bool((x == x[:1]).all()) == bool(mf)  # only pseudo-videos are static
     assert 0 < b["motion_free"].sum() < 8
+    # the DataLoader's batched fetch gives the same items as indexing one by one
+    idx = [int(i) for i in np.random.default_rng(1).permutation(400)[:64]]
+    for a, ref in zip(sd.__getitems__(idx), [sd[i] for i in idx]):
+        assert torch.equal(a["x"], ref["x"]) and a["caption"] == ref["caption"] and a["meta"] == ref["meta"]
+        assert a["motion_free"] == ref["motion_free"]
+    assert {a["motion_free"] for a in sd.__getitems__(idx)} == {True, False}
 
 
 # -----------------------------------------------------------------------------
