@@ -98,8 +98,8 @@ def render(objects, size=32):
     return img
 
 
-_PALETTE = np.array([BACKGROUND, *COLORS.values()], np.uint8)  # (9, 3) RGB of render_batch's labels
-_COLOR_INDEX = {c: i + 1 for i, c in enumerate(COLORS)}  # label 0 is the background
+NAMES = [None, *COLORS]  # colour labels: 0 is the background (render_batch paints labels, detect reads them)
+PALETTE = np.array([BACKGROUND, *COLORS.values()], dtype=np.uint8)  # (9, 3): RGB of each label
 
 
 @functools.lru_cache(maxsize=8)
@@ -118,20 +118,20 @@ def render_batch(scenes, size=32):
     objs = [(b, j, o) for b, scene in enumerate(scenes) for j, o in enumerate(scene)]  # (scene, order, object)
     R = max([o["r"] for _, _, o in objs], default=1)  # window half-side: the largest object
     P = size + 2 * R  # labels are padded by R per side, so every window lies inside
-    label = np.zeros((len(scenes), P, P), np.uint8)  # index into _PALETTE, 0 = background
+    label = np.zeros((len(scenes), P, P), np.uint8)  # index into PALETTE, 0 = background
     if objs:
         b, j, x, y, r = (np.array(v) for v in zip(*[(b, j, o["x"], o["y"], o["r"]) for b, j, o in objs]))
         if min(x.min(), y.min()) < 0 or max(x.max(), y.max()) > size:
             raise ValueError(f"render_batch needs object centres inside the {size}x{size} image")
         stamp = _stamps(R)[[SHAPES.index(o["shape"]) for _, _, o in objs], r]  # (N, 2R, 2R)
-        color = np.array([_COLOR_INDEX[o["color"]] for _, _, o in objs], np.uint8)[:, None, None]  # (N, 1, 1)
+        color = np.array([NAMES.index(o["color"]) for _, _, o in objs], np.uint8)[:, None, None]  # (N, 1, 1)
         # flat index into label of each window pixel: scene b, padded row y + dy, padded column x + dx
         w = np.arange(2 * R)
         flat = ((b[:, None, None] * P + y[:, None, None] + w[:, None]) * P + x[:, None, None] + w)  # (N, 2R, 2R)
         for k in range(j.max() + 1):  # every scene's k-th object, in render's order (later objects on top)
             m = stamp & (j == k)[:, None, None]  # one object per scene here, so no pixel is written twice
             label.reshape(-1)[flat[m]] = np.broadcast_to(color, stamp.shape)[m]  # reshape of contiguous: a view
-    return np.take(_PALETTE, label[:, R : R + size, R : R + size], axis=0)  # crop the pad; (B, H, W, 3)
+    return np.take(PALETTE, label[:, R : R + size, R : R + size], axis=0)  # crop the pad; (B, H, W, 3)
 
 
 def to_tensor(img):
@@ -270,13 +270,11 @@ class ShapesDataset(torch.utils.data.Dataset):
         return sample_scene(rng, category, self.pairs, self.size)
 
     def __getitem__(self, i):
-        meta = self.scene(i)
-        x = to_tensor(render(meta["objects"], self.size))
-        return {"x": x, "caption": caption_for(meta), "meta": meta}
+        return self.__getitems__([i])[0]
 
     def __getitems__(self, indices):
-        """[self[i] for i in indices], faster: DataLoader (torch >= 2.1) calls this with a whole batch.
-        Scenes are drawn per index as above; only rendering and the float conversion are batched."""
+        """Items of a whole batch: DataLoader (torch >= 2.1) calls this with the batch's indices. Scenes are
+        drawn per index as above; rendering and the float conversion are batched (render_batch)."""
         metas = [self.scene(i) for i in indices]
         x = to_tensor(render_batch([m["objects"] for m in metas], self.size))  # (B, 3, H, W)
         return [{"x": xi, "caption": caption_for(m), "meta": m} for xi, m in zip(x, metas)]
@@ -304,16 +302,13 @@ class MovingShapesDataset(torch.utils.data.Dataset):
         return sample_motion(_rng(self.seed, self.split, i), self.pairs, self.num_frames, self.size)
 
     def __getitem__(self, i):
-        meta = self.scene(i)
-        x = torch.stack([to_tensor(render(objs, self.size)) for objs in meta["frames"]])  # (T, 3, H, W)
-        return {"x": x, "caption": caption_for(meta), "meta": meta}
+        return self.__getitems__([i])[0]
 
     def __getitems__(self, indices):
-        """[self[i] for i in indices], rendering all B x T frames of the batch at once (see ShapesDataset)."""
+        """Items of a whole batch, all B x T frames rendered at once (see ShapesDataset)."""
         metas = [self.scene(i) for i in indices]
         frames = render_batch([objs for m in metas for objs in m["frames"]], self.size)  # (B T, H, W, 3)
-        x = to_tensor(frames).unflatten(0, (len(metas), self.num_frames))  # (B, T, 3, H, W)
-        x = x.contiguous()  # the memory layout of __getitem__'s torch.stack of frames, so batches match exactly
+        x = to_tensor(frames).unflatten(0, (len(metas), self.num_frames)).contiguous()  # (B, T, 3, H, W)
         return [{"x": xi, "caption": caption_for(m), "meta": m} for xi, m in zip(x, metas)]
 
 
@@ -329,8 +324,6 @@ def heldout_prompts(category, n, seed=0, size=32, num_frames=8):
 # -----------------------------------------------------------------------------
 # Exact recovery: a rule-based detector that inverts render (the oracle of evaluate.py)
 
-PALETTE = np.array([BACKGROUND, *COLORS.values()], dtype=np.float32)  # (9, 3): index 0 is the background
-NAMES = [None, *COLORS]
 MIN_SHAPE_IOU = 0.5  # below this the blob is no shape of the vocabulary
 
 
@@ -378,7 +371,7 @@ def detect(img):
     size = img.shape[0]
     r_min, r_max, _, _ = geometry(size)
     min_area = min(shape_mask(s, r_min, r_min, r_min, 2 * r_min).sum() for s in SHAPES) / 3
-    dist = ((img[:, :, None, :].astype(np.float32) - PALETTE) ** 2).sum(-1)  # (H, W, 9)
+    dist = ((img[:, :, None, :].astype(np.float32) - PALETTE.astype(np.float32)) ** 2).sum(-1)  # (H, W, 9)
     label = dist.argmin(-1)  # nearest palette entry per pixel
     objects = []
     for ys, xs in components(opening(label > 0)):

@@ -192,21 +192,32 @@ def _same_items(a, b):
             and [p["caption"] for p in a] == [q["caption"] for q in b] and [p["meta"] for p in a] == [q["meta"] for q in b])
 
 
+def _reference_item(ds, i):
+    """Item i rendered on its own by the reference renderer (render, one frame at a time)."""
+    meta = ds.scene(i)
+    if "frames" in meta:
+        x = torch.stack([S.to_tensor(S.render(objs, ds.size)) for objs in meta["frames"]])  # (T, 3, H, W)
+    else:
+        x = S.to_tensor(S.render(meta["objects"], ds.size))  # (3, H, W)
+    return {"x": x, "caption": S.caption_for(meta), "meta": meta}
+
+
 @pytest.mark.parametrize("size", [32, 64, 20])
 def test_batched_fetch_equals_per_item(size):
-    # __getitems__ renders a whole batch at once (render_batch); every item must equal __getitem__'s bit for bit
+    # __getitems__ renders a whole batch at once (render_batch); every item must equal the reference
+    # renderer's bit for bit, and indexing one item (a batch of one) too
     rng = np.random.default_rng(size)
     for split in ("train", "heldout"):
         ds = S.ShapesDataset(split, size=size)
         idx = [int(i) for i in rng.integers(len(ds), size=150)] + [0, len(ds) - 1]
-        ref = [ds[i] for i in idx]
+        ref = [_reference_item(ds, i) for i in idx]
         assert {it["meta"]["category"] for it in ref} == set(S.CATEGORIES)  # one- and two-object scenes
-        assert _same_items(ds.__getitems__(idx), ref)
+        assert _same_items(ds.__getitems__(idx), ref) and _same_items([ds[i] for i in idx[:20]], ref[:20])
         vs = S.MovingShapesDataset(split, size=size, num_frames=4 if size == 20 else 8)
         idx = [int(i) for i in rng.integers(len(vs), size=24)]
-        ref = [vs[i] for i in idx]
+        ref = [_reference_item(vs, i) for i in idx]
         assert {it["meta"]["direction"] for it in ref} == set(S.DIRECTIONS)
-        assert _same_items(vs.__getitems__(idx), ref)
+        assert _same_items(vs.__getitems__(idx), ref) and _same_items([vs[i] for i in idx[:5]], ref[:5])
     assert ds.__getitems__([]) == []
 
 
@@ -227,20 +238,19 @@ def test_render_batch_overlap_clipping_and_empty():
 
 
 def test_dataloader_batches_same_with_and_without_batched_fetch(monkeypatch):
-    # DataLoader calls __getitems__ for a batch_sampler (torch >= 2.1, _MapDatasetFetcher); a dataset whose
-    # __getitems__ is None falls back to per-item __getitem__ calls: the collated batches must be identical
+    # DataLoader calls __getitems__ for a batch_sampler (torch >= 2.1, _MapDatasetFetcher): its collated
+    # batches must be identical to those of the reference renderer's items
     calls = []
     render_batch = S.render_batch
     monkeypatch.setattr(S, "render_batch", lambda *a: calls.append(1) or render_batch(*a))
     perm = np.random.default_rng(1).permutation(4000)
     batches = [perm[a:b].tolist() for a, b in ((0, 64), (64, 65), (100, 300))]
     for make in (S.ShapesDataset, S.MovingShapesDataset):
-        ds, ref_ds = make(), make()
-        ref_ds.__getitems__ = None  # the fetcher's switch: hasattr(dataset, "__getitems__") and dataset.__getitems__
+        ds = make()
         n = len(calls)
-        got, ref = (list(torch.utils.data.DataLoader(d, batch_sampler=batches, collate_fn=data.collate))
-                    for d in (ds, ref_ds))
-        assert len(calls) == n + len(batches)  # the batched path ran once per batch, and only for ds
+        got = list(torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=data.collate))
+        assert len(calls) == n + len(batches)  # the batched path ran once per batch
+        ref = [data.collate([_reference_item(ds, i) for i in b]) for b in batches]
         for g, r in zip(got, ref, strict=True):
             assert g.keys() == r.keys() and g["caption"] == r["caption"] and g["meta"] == r["meta"]
             assert torch.equal(g["x"], r["x"]) and g["x"].stride() == r["x"].stride()
