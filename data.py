@@ -272,20 +272,17 @@ class JointImageVideoDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.videos)
 
-    def source(self, i):
-        """(True, image index) if item i is a motion-free pseudo-video, else (False, i); fixed by (seed, i)."""
-        rng = np.random.default_rng([self.seed, i])
-        if rng.random() < self.p:
-            return True, int(rng.integers(len(self.images)))
-        return False, i
-
     def __getitem__(self, i):
         return self.__getitems__([i])[0]
 
     def __getitems__(self, indices):
         # The DataLoader's batched fetch: the images and the clips of a batch are each fetched in one
         # call, so a source with a batched __getitems__ (the synthetic data) renders its share at once.
-        sources = [self.source(i) for i in indices]
+        sources = []  # (motion-free?, index into images or videos), fixed by (seed, i)
+        for i in indices:
+            rng = np.random.default_rng([self.seed, i])
+            mf = bool(rng.random() < self.p)
+            sources.append((mf, int(rng.integers(len(self.images))) if mf else i))
         out = [None] * len(indices)
         for motion_free, ds in ((True, self.images), (False, self.videos)):
             pos = [k for k, (mf, _) in enumerate(sources) if mf == motion_free]
