@@ -30,8 +30,7 @@ import time
 import torch
 
 from evaluate import oracle_eval
-from sample import export, load_model
-from train_t2i import checkpoints
+from sample import checkpoints, export, load_model
 
 T2I_ARMS = {  # name -> extra train_t2i.py flags (the first arm is the baseline and the T2V parent)
     "cross-attn": [],
@@ -78,7 +77,7 @@ def launch(script, out, flags, args, log):
            "--num-workers", str(args.workers), "--log-every", "250", "--eval-n", "0", "--num-samples", str(args.num_samples),
            *(["--compile"] if args.compile else []), *flags]  # oracle scores: below, for every arm alike
     print(" ".join(cmd[1:]), flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "TQDM_DISABLE": "1"}  # shared cores; logs: step lines only
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}  # several processes share the host's cores
     if torch.cuda.device_count() > 1:  # spread the arms over the GPUs, one process per GPU in turn
         env["CUDA_VISIBLE_DEVICES"] = str(launch.count % torch.cuda.device_count())
     launch.count += 1

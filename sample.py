@@ -56,35 +56,48 @@ def bundled_path(kind):
     return path
 
 
+def checkpoints(run_dir):
+    """A run directory's ckpt-*.pt paths, oldest (lowest step) first; [] if there are none."""
+    if not os.path.isdir(run_dir):
+        return []
+    steps = sorted((int(m.group(1)), f) for f in os.listdir(run_dir) if (m := re.fullmatch(r"ckpt-(\d+)\.pt", f)))
+    return [os.path.join(run_dir, f) for _, f in steps]
+
+
 def resolve_checkpoint(path):
     """A run directory -> its newest ckpt-*.pt (highest step); a file -> itself."""
     if os.path.isdir(path):
-        steps = [(int(m.group(1)), os.path.join(path, f)) for f in os.listdir(path)
-                 if (m := re.fullmatch(r"ckpt-(\d+)\.pt", f))]
-        if not steps:
+        if not checkpoints(path):
             raise FileNotFoundError(f"no ckpt-*.pt checkpoint in run directory {path}")
-        return max(steps)[1]
+        return checkpoints(path)[-1]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     return path
 
 
+def export_metadata(path):
+    """(config dict, meta dict, step) of a .safetensors export, read without its weights."""
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise ImportError("reading .safetensors models needs `pip install safetensors`") from None
+    with safe_open(path, "pt") as f:
+        md = f.metadata() or {}
+    if "config" not in md or "meta" not in md:
+        raise ValueError(f"{path} has no GenTron metadata ('config', 'meta'); make it with sample.py --export")
+    step = int(md["step"]) if md.get("step", "").lstrip("-").isdigit() else None
+    return json.loads(md["config"]), json.loads(md["meta"]), step
+
+
 def read_checkpoint(path, ema=True):
     """-> (state dict, config dict, meta dict, step) of a .pt checkpoint or a .safetensors export."""
     if path.endswith(".safetensors"):
-        try:
-            from safetensors import safe_open
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ImportError("reading .safetensors models needs `pip install safetensors`") from None
-        with safe_open(path, "pt") as f:
-            md = f.metadata() or {}
-        if "config" not in md or "meta" not in md:
-            raise ValueError(f"{path} has no GenTron metadata ('config', 'meta'); make it with sample.py --export")
+        config, meta, step = export_metadata(path)
         if not ema:
             raise ValueError(f"{path} is an export and holds EMA weights only; pass a ckpt-*.pt for --no-ema")
-        step = int(md["step"]) if md.get("step", "").lstrip("-").isdigit() else None
-        return load_file(path), json.loads(md["config"]), json.loads(md["meta"]), step
+        from safetensors.torch import load_file
+
+        return load_file(path), config, meta, step
     try:  # plain types only (STYLE.md): never unpickle arbitrary objects
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -18,11 +18,9 @@ train_t2v.py and bench.py import the pieces below.
 
 import argparse
 import dataclasses
-import glob
 import json
 import math
 import os
-import re
 import resource
 import time
 
@@ -40,7 +38,7 @@ from tqdm import tqdm
 import data as D
 from diffusion import Diffusion
 from model import SIZES, GenTron, GenTronConfig, flops_per_sample
-from sample import generate, make_grid, read_checkpoint, resolve_checkpoint, upscale
+from sample import checkpoints, export_metadata, generate, make_grid, read_checkpoint, resolve_checkpoint, upscale
 from text_encoders import load_text_encoder
 
 # -----------------------------------------------------------------------------
@@ -381,18 +379,9 @@ def stored_settings(path):
     """(config, meta) of an --init-from run folder, checkpoint or export, without reading its weights."""
     path = init_file(path)
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(path, "pt") as f:
-            md = f.metadata() or {}
-        return json.loads(md.get("config", "{}")), json.loads(md.get("meta", "{}"))
+        return export_metadata(path)[:2]
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     return ckpt.get("config", {}), ckpt.get("meta", {})
-
-
-def checkpoints(out):
-    """This run's checkpoint paths, oldest first."""
-    return sorted(glob.glob(os.path.join(out, "ckpt-*.pt")), key=lambda p: int(re.findall(r"(\d+)\.pt$", p)[0]))
 
 
 def save_checkpoint(out, step, model, opt, ema, names, pos, cfg, meta, args, keep):
@@ -586,9 +575,11 @@ def _train(args, make_data, kind, rank, world, device):
     pending = []  # (loss, grad norm) device scalars of the steps since the last host sync
     with torch.no_grad():  # views of this rank's shards: the optimizer and the EMA update them in place
         ema_shards, param_shards = [e.to_local() for e in ema], [p.to_local() for p in params]
-    bar = tqdm(total=args.max_steps, initial=step, disable=not master_process(), dynamic_ncols=True, desc=kind)
+    # the bar only on rank 0 and only on a terminal (disable=None): a log file gets the step lines alone
+    bar = tqdm(total=args.max_steps, initial=step, disable=None if master_process() else True, dynamic_ncols=True,
+               desc=kind)
     t0, seen, final = time.perf_counter(), 0, ckpt if master_process() else None
-    deadline = time.perf_counter() + 60 * args.time_limit if args.time_limit is not None else math.inf
+    deadline = time.perf_counter() + 60 * (args.time_limit or 0)
     for step in range(step + 1, args.max_steps + 1):
         t, noise, drop = step_draws(args.seed, step, B, sample_shape, device, args.caption_dropout)
         loss_sum = torch.zeros((), device=device)
@@ -650,6 +641,8 @@ def _train(args, make_data, kind, rank, world, device):
                 torch.cuda.reset_peak_memory_stats(device)
         if save:
             final = save_checkpoint(out, step, model, opt, ema, names, pos, cfg, meta, args, args.keep)
+        if args.time_limit is None:
+            continue
         late = torch.tensor(float(time.perf_counter() > deadline), device=device)
         dist.all_reduce(late)  # the ranks' clocks differ: all stop at the same step, or none does
         if late.item():
