@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model import GenTron, flops_per_sample, make_config
-from train_t2i import build_model, matmul_peak_tflops, print0, setup_distributed  # as training builds and logs
+from fsdp import build_model, matmul_peak_tflops, print0, setup_distributed  # as training builds and logs
 
 # Flash attention takes no mask, and cross-attention (and T2V temporal attention) pass a boolean one:
 # "flash" also allows the memory-efficient kernel, which then runs exactly the masked calls.
@@ -47,7 +47,7 @@ p.add_argument("--frames", type=int, default=1, help=">1 benchmarks the T2V mode
 p.add_argument("--text-len", type=int, default=120)
 p.add_argument("--compile", action="store_true", help="torch.compile the model (with --fsdp: each block)")
 p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs (not with --fsdp)")
-p.add_argument("--fsdp", action="store_true", help="FSDP2 as in train_t2i.build_model (implied when WORLD_SIZE > 1)")
+p.add_argument("--fsdp", action="store_true", help="FSDP2 as training builds it (fsdp.build_model) (implied when WORLD_SIZE > 1)")
 p.add_argument("--ac", action="store_true", help="activation checkpointing per block (needs --fsdp)")
 p.add_argument("--attention", default="auto", choices=["auto", *ATTENTION],
                help="SDPA backend for the timed steps (auto: PyTorch picks). flash also allows efficient, "
@@ -130,7 +130,7 @@ def random_inputs(cfg, batch, resolution, frames, text_len, device, g):
 def main(args):
     args.fsdp = args.fsdp or int(os.environ.get("WORLD_SIZE", 1)) > 1
     if args.ac and not args.fsdp:
-        p.error("--ac needs --fsdp (activation checkpointing is applied by train_t2i.build_model)")
+        p.error("--ac needs --fsdp (activation checkpointing is applied by fsdp.build_model)")
     if args.compile_mode and (args.fsdp or not args.compile):
         p.error("--compile-mode applies to --compile without --fsdp (build_model compiles blocks in the default mode)")
     if args.fsdp:  # a 1-process group under plain python, so one code path for any number of GPUs

@@ -7,13 +7,10 @@ Train GenTron text-to-image (paper Sec. 3.2, 4.1). One script for one CPU, one G
     torchrun --nproc_per_node 8 train_t2i.py --size XL --data /data/cache512 --batch-size 784 \
         --max-steps 300000 --init-from runs/xl256/ckpt-0500000.pt --out runs/xl512   # stage 2: 512px
 
-FSDP2 in torchtitan order: the model is built on the meta device, each block gets activation
-checkpointing and torch.compile, then fully_shard per block and at the root (bf16 compute, fp32
-gradient reduction), then to_empty and the weights of a seeded single-process init, broadcast
-from rank 0 - so N ranks x batch b trains exactly like 1 rank x batch Nb. Every random draw of a
-step (timesteps, noise, caption dropout) is a function of (seed, step) drawn for the whole global
-batch, and the data order a function of (seed, epoch): a resumed run repeats an uninterrupted one.
-train_t2v.py and bench.py import the pieces below.
+FSDP2 (fsdp.py) makes N ranks x batch b train exactly like 1 rank x batch Nb. Every random
+draw of a step (timesteps, noise, caption dropout) is a function of (seed, step) drawn for the whole
+global batch, and the data order a function of (seed, epoch): a resumed run repeats an uninterrupted
+one. train_t2v.py imports the pieces below.
 """
 
 import argparse
@@ -27,16 +24,15 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.utils.checkpoint
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import data as D
 from diffusion import Diffusion
+from fsdp import (
+    build_model, full_tensors, load_full_state, master_process, matmul_peak_tflops, print0, setup_distributed)
 from model import SIZES, GenTron, GenTronConfig, flops_per_sample
 from sample import checkpoints, export_metadata, generate, make_grid, read_checkpoint, resolve_checkpoint, upscale
 from text_encoders import load_text_encoder
@@ -105,54 +101,7 @@ def get_parser(kind="t2i"):
 
 
 # -----------------------------------------------------------------------------
-# distributed set-up
-
-
-def setup_distributed(device=None):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` gets a 1-process group, so the code path is
-    the same. Returns (rank, world_size, device, created) - created: this call made the process group."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # frozen encoders / VAE
-    created = not dist.is_initialized()
-    if created:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if "RANK" in os.environ:  # torchrun: rendezvous through MASTER_ADDR / MASTER_PORT
-            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-        else:  # one process: an in-memory store, no ports
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return dist.get_rank(), dist.get_world_size(), device, created
-
-
-def master_process():
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def print0(*args, **kwargs):
-    if master_process():
-        tqdm.write(" ".join(str(a) for a in args), **kwargs)
-
-
-def matmul_peak_tflops(device, n=8192, iters=20):
-    """Measured bf16 matmul peak (TFLOP/s) of this GPU, the denominator of MFU (as bench.py); None on CPU."""
-    if torch.device(device).type != "cuda":
-        return None
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(3):  # warm-up
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        a @ b
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * n**3 * iters / (start.elapsed_time(end) / 1e3) / 1e12
-
-
-# -----------------------------------------------------------------------------
-# the model: meta device -> AC -> compile -> fully_shard per block -> root -> to_empty -> init
+# the model config from the flags (the FSDP2 build itself: fsdp.build_model)
 
 
 def model_config(args, data, **fields):
@@ -161,56 +110,6 @@ def model_config(args, data, **fields):
            "pooled_text": args.pooled_text, "in_channels": data.channels, "input_size": data.latent_size, "text_dim": data.text_dim,
            "pooled_dim": data.pooled_dim, **fields}
     return GenTronConfig(**cfg)
-
-
-def fresh_state(cfg, seed):
-    """The single-process initialisation (GenTron.init_weights under a fixed seed) as a full state dict."""
-    torch.manual_seed(seed)
-    return GenTron(cfg).state_dict()
-
-
-def build_model(cfg, device, ac=False, compile=False, init_state=None, seed=0):
-    """FSDP2-sharded GenTron. init_state: full state dict used on rank 0 (others ignore it); default: the
-    seeded single-process init, so the weights do not depend on the number of ranks."""
-    with torch.device("meta"):
-        model = GenTron(cfg)  # no memory yet: shapes only
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    # bf16 compute and all-gathers, fp32 gradient reduce-scatter; sharded fp32 master weights (CPU: fp32)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
-        else MixedPrecisionPolicy()
-    for block in model.blocks:
-        # Replacing forward on the instance (rather than wrapping the module) keeps GenTron's parameter
-        # names, and puts recompute inside the compiled graph (a composable checkpoint() hook would not).
-        forward = block.forward
-        if ac:  # Sec. 4.1: activation checkpointing for G/2 - keep block inputs, recompute the rest in backward
-            forward = _checkpointed(forward)
-        if compile:
-            forward = torch.compile(forward)
-        block.forward = forward
-        fully_shard(block, mesh=mesh, mp_policy=mp)  # one all-gather / reduce-scatter unit per block
-    fully_shard(model, mesh=mesh, mp_policy=mp)  # the root: embedders, text projection, final layer
-    model.to_empty(device=device)  # allocate the local shards (uninitialised)
-    # init: rank 0 builds the full model on CPU with init_weights() under the seed, and its weights are
-    # broadcast and sharded - identical to single-process training for any number of ranks.
-    load_full_state(model, (init_state if init_state is not None else fresh_state(cfg, seed)) if master_process() else {})
-    return model
-
-
-def load_full_state(model, state):
-    """Load a full state dict, read on rank 0 only, into the sharded model: broadcast, each rank keeps its shard."""
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_model_state_dict(model, dict(state) if master_process() else {}, options=options)  # dict(): it writes into it
-
-
-def _checkpointed(forward):
-    def checkpointed_forward(*args):
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False)
-    return checkpointed_forward
-
-
-def full_tensors(tensors, names):
-    """Sharded DTensors -> {name: full CPU tensor} (a collective: every rank calls it)."""
-    return {n: t.full_tensor().cpu() for n, t in zip(names, tensors)}
 
 
 # -----------------------------------------------------------------------------

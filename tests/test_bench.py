@@ -1,4 +1,4 @@
-"""bench.py on CPU: the single-device smoke test, the FSDP2 path of train_t2i.build_model in one process, and the
+"""bench.py on CPU: the single-device smoke test, the FSDP2 path of fsdp.build_model in one process, and the
 --max-batch search (its FLOP formula is pinned in test_model.py)."""
 
 import os
@@ -28,7 +28,7 @@ def test_bench_cpu_smoke():
 
 
 def test_bench_fsdp_one_process():
-    # train_t2i.build_model on a 1-process gloo group, with activation checkpointing and a fixed SDPA backend
+    # fsdp.build_model on a 1-process gloo group, with activation checkpointing and a fixed SDPA backend
     header, rows = bench("--fsdp", "--ac", "--attention", "math", "--mode", "train")
     assert set(rows) == {"train"} and float(rows["train"][1]) > 0
     assert "batch 2/GPU" in header and "fsdp x1 ac True" in header and "attention math" in header

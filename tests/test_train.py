@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import data as D
+import fsdp
 import train_t2i as T
 import train_t2v as V
 from diffusion import Diffusion
@@ -35,7 +36,7 @@ def load(path):
 @pytest.fixture
 def process_group():
     """The 1-process group that train() makes for itself, for tests that call its parts directly."""
-    _, _, device, created = T.setup_distributed("cpu")
+    _, _, device, created = fsdp.setup_distributed("cpu")
     yield device
     if created:
         dist.destroy_process_group()
@@ -160,13 +161,13 @@ def test_activation_checkpointing_gives_same_gradients(process_group):
     device = process_group
     cfg = GenTronConfig(depth=2, width=64, mlp_width=128, heads=4, in_channels=3, input_size=8, text_dim=16, pooled_dim=8)
     g = torch.Generator().manual_seed(0)
-    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in T.fresh_state(cfg, 0).items()}  # non-zero gates
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in fsdp.fresh_state(cfg, 0).items()}  # non-zero gates
     batch = dict(x=torch.randn(3, 3, 8, 8, generator=g), t=torch.tensor([10, 500, 999]),
                  text=torch.randn(3, 5, 16, generator=g), text_mask=torch.ones(3, 5, dtype=torch.bool),
                  pooled=torch.randn(3, 8, generator=g))
     grads, calls = {}, {}
     for ac in (False, True):
-        model = T.build_model(cfg, device, ac=ac, init_state=state)
+        model = fsdp.build_model(cfg, device, ac=ac, init_state=state)
         calls[ac] = 0
         model.blocks[0].mlp.register_forward_hook(lambda *_: calls.__setitem__(ac, calls[ac] + 1))
         model(**batch).square().mean().backward()
