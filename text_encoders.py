@@ -142,8 +142,8 @@ class TextEncoder(torch.nn.Module):
         # depend on which other captions were new in the same batch: a resumed run stays bit-exact.
         for i in range(0, len(new), MEMO_CHUNK):
             chunk = new[i : i + MEMO_CHUNK]
-            feats = self._forward(chunk + [""] * (MEMO_CHUNK - len(chunk)))
-            self.memo.update(zip(chunk, zip(*feats)))  # caption -> its (tokens, mask, pooled) rows
+            feats = [f[: len(chunk)].clone() for f in self._forward(chunk + [""] * (MEMO_CHUNK - len(chunk)))]
+            self.memo.update(zip(chunk, zip(*feats)))  # caption -> its (tokens, mask, pooled) rows, padding freed
         return tuple(torch.stack(rows) for rows in zip(*(self.memo[c] for c in captions)))
 
     def _forward(self, captions):
