@@ -57,7 +57,7 @@ p.add_argument("--max-batch", action="store_true",
 p.add_argument("--steps", type=int, default=20, help="timed iterations (after warm-up)")
 p.add_argument("--warmup", type=int, default=5)
 p.add_argument("--mode", default="train,sample")
-p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one training step")
+p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step of each mode")
 p.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK with --fsdp) if available, else cpu")
 
 
@@ -227,12 +227,13 @@ def main(args):
         del rows[n:-1]  # --max-batch: keep only the row of the largest batch that fit
         if batch is None:
             rows.append(f"{name:<8} out of memory at batch {args.batch}")
-        if name == "train" and args.profile and batch:
+        if args.profile and batch:
             step = make_step(name, batch)[0]
             with attention(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 step()
                 torch.cuda.synchronize()
-            print0(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
+            print0(f"{name}: top CUDA kernels of one step")
+            print0(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
             del step
         opt = None
         model.zero_grad(set_to_none=True)

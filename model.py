@@ -45,6 +45,10 @@ class GenTronConfig:
     pooled_text: bool = True  # Sec. 3.2.1: add pooled text to the time embedding
     temporal: bool = False  # Sec. 3.3.1: TempSelfAttn in every block (T2V)
     num_frames: int = 8  # Sec. 4.1: 8-frame clips
+    # Not in the paper (off by default): RMSNorm on each head's queries and keys (QK-norm, Dehghani et al.
+    # 2023), which bounds the attention logits. Without it the toy models' self-attention logits grew from
+    # ~40 to ~10^4 over a long run and training diverged (README, "Bundled models").
+    qk_norm: bool = False
 
     def __post_init__(self):
         if self.conditioning not in ("cross_attn", "adaln"):
@@ -99,37 +103,46 @@ def modulate(x, shift, scale):
 # Layers, bottom-up: attention, cross-attention, temporal attention, MLP, embedders
 
 
+def qk_norms(dim, heads, on):
+    """(query norm, key norm) over each head's Dh channels when `on` (GenTronConfig.qk_norm), else identities."""
+    make = lambda: nn.RMSNorm(dim // heads, eps=1e-6) if on else nn.Identity()
+    return make(), make()
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused QKV projection and PyTorch SDPA (flash when unmasked)."""
 
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, qk_norm=False):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm, self.k_norm = qk_norms(dim, heads, qk_norm)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, mask=None):
         q, k, v = rearrange(self.qkv(x), "b n (three h dh) -> three b h n dh", three=3, h=self.heads)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, N, Dh)
+        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=mask)  # (B, h, N, Dh)
         return self.proj(rearrange(x, "b h n dh -> b n (h dh)"))
 
 
 class CrossAttention(nn.Module):
     """Image tokens are queries, text tokens keys and values (Sec. 3.2.1, Fig. 2b)."""
 
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, qk_norm=False):
         super().__init__()
         self.heads = heads
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
+        self.q_norm, self.k_norm = qk_norms(dim, heads, qk_norm)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, text, text_mask):
         # x (B T, N, D); text (B, L, D): one caption per clip, so keys/values are projected once per
         # clip and shared by its T frames instead of being recomputed for every frame.
         frames = x.shape[0] // text.shape[0]
-        q = rearrange(self.q(x), "b n (h dh) -> b h n dh", h=self.heads)
+        q = self.q_norm(rearrange(self.q(x), "b n (h dh) -> b h n dh", h=self.heads))
         k, v = rearrange(self.kv(text), "b l (two h dh) -> two b h l dh", two=2, h=self.heads)
+        k = self.k_norm(k)
         mask = None if text_mask is None else text_mask[:, None, None, :]  # (B, 1, 1, L)
         if frames > 1:  # (B, ...) -> (B T, ...)
             k, v = k.repeat_interleave(frames, dim=0), v.repeat_interleave(frames, dim=0)
@@ -141,10 +154,10 @@ class CrossAttention(nn.Module):
 class TemporalAttention(nn.Module):
     """TempSelfAttn (Sec. 3.3.1, Eq. 3-5): each patch position attends across the T frames of its clip."""
 
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, qk_norm=False):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)  # attn.proj is zero-initialised: identity at the start of T2V
+        self.attn = Attention(dim, heads, qk_norm)  # attn.proj is zero-initialised: identity at the start of T2V
 
     def forward(self, x, frames, motion_free=None):
         n = x.shape[1]
@@ -194,12 +207,12 @@ class GenTronBlock(nn.Module):
         super().__init__()
         d = cfg.width
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(d, cfg.heads)
+        self.attn = Attention(d, cfg.heads, cfg.qk_norm)
         self.cross = cfg.conditioning == "cross_attn"
         if self.cross:
             self.norm2 = nn.LayerNorm(d, eps=1e-6)
-            self.cross_attn = CrossAttention(d, cfg.heads)
-        self.temporal = TemporalAttention(d, cfg.heads) if cfg.temporal else None
+            self.cross_attn = CrossAttention(d, cfg.heads, cfg.qk_norm)
+        self.temporal = TemporalAttention(d, cfg.heads, cfg.qk_norm) if cfg.temporal else None
         self.norm3 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.mlp = MLP(d, cfg.mlp_width)
         # adaLN-zero: shift, scale and gate of self-attention and MLP from the condition c (Fig. 2)
@@ -273,6 +286,8 @@ class GenTron(nn.Module):
             elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.RMSNorm):  # QK-norm gains
+                nn.init.ones_(m.weight)
         # Patch embedding like a Linear on flattened patches (xavier bound computed, no reshape needed)
         w = self.patch_embed.weight
         bound = math.sqrt(6.0 / (w[0].numel() + w.shape[0]))
@@ -356,6 +371,8 @@ def param_formula(cfg):
         block += 2 * d + lin(d, d) + lin(d, 2 * d) + lin(d, d)  # norm2, q, kv, proj
     if cfg.temporal:
         block += 2 * d + lin(d, 3 * d) + lin(d, d)  # norm, qkv, proj
+    if cfg.qk_norm:  # query and key RMSNorm gains (Dh each) in every attention of the block
+        block += (1 + (cfg.conditioning == "cross_attn") + cfg.temporal) * 2 * (d // cfg.heads)
     total = cfg.depth * block
     total += cfg.in_channels * p * p * d + d  # patch embedding
     total += lin(256, d) + lin(d, d)  # timestep MLP

@@ -34,7 +34,8 @@ from diffusion import Diffusion
 from fsdp import (
     build_model, full_tensors, load_full_state, master_process, matmul_peak_tflops, print0, setup_distributed)
 from model import SIZES, GenTron, GenTronConfig, flops_per_sample
-from sample import checkpoints, export_metadata, generate, make_grid, read_checkpoint, resolve_checkpoint, upscale
+from sample import (build_config, checkpoints, export_metadata, generate, make_grid, read_checkpoint,
+                    resolve_checkpoint, upscale)
 from text_encoders import load_text_encoder
 
 # -----------------------------------------------------------------------------
@@ -59,6 +60,9 @@ def get_parser(kind="t2i"):
     p.add_argument("--conditioning", default="cross_attn", choices=["cross_attn", "adaln"])  # cross-attn: Sec. 4.2
     p.add_argument("--pooled-text", action=argparse.BooleanOptionalAction, default=True,
                    help="add the pooled text embedding to the time embedding (Sec. 3.2.1)")
+    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="RMSNorm on attention queries and keys: not in the paper, off by default; it keeps long toy "
+                        "runs stable (README). A resumed or --init-from run keeps its parent's")
     # optimisation
     p.add_argument("--prediction", default=None, choices=["eps", "v"],
                    help="network output (diffusion.py): default eps (the paper, latents), v in pixel space; "
@@ -107,7 +111,7 @@ def get_parser(kind="t2i"):
 def model_config(args, data, **fields):
     """The GenTronConfig of --size, with the input and text shapes of the data."""
     cfg = {**SIZES[args.size], **({"patch": args.patch} if args.patch else {}), "conditioning": args.conditioning,
-           "pooled_text": args.pooled_text, "in_channels": data.channels, "input_size": data.latent_size, "text_dim": data.text_dim,
+           "pooled_text": args.pooled_text, "qk_norm": bool(args.qk_norm), "in_channels": data.channels, "input_size": data.latent_size, "text_dim": data.text_dim,
            "pooled_dim": data.pooled_dim, **fields}
     return GenTronConfig(**cfg)
 
@@ -312,7 +316,7 @@ def load_init(path, cfg, seed):
         ckpt = {"model": weights, "ema": weights, "config": config, "step": step}
     else:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    have = {k: v for k, v in ckpt["config"].items() if k != "input_size"}
+    have = {k: v for k, v in dataclasses.asdict(build_config(ckpt["config"])).items() if k != "input_size"}
     want = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "input_size"}
     if cfg.temporal and not have["temporal"]:  # T2I -> T2V
         torch.manual_seed(seed)
@@ -410,10 +414,11 @@ def _train(args, make_data, kind, rank, world, device):
     if data.null is not None:
         data.null = tuple(t.to(device) for t in data.null)
     ckpt = torch.load(found[-1], map_location="cpu", weights_only=True, mmap=True) if found else None  # --resume
-    # A resumed run or a child run (--init-from) keeps its parent's patch size and prediction unless told
+    # A resumed run or a child run (--init-from) keeps its parent's patch size, QK-norm and prediction unless told
     parent = (ckpt["config"], ckpt["meta"]) if ckpt else stored_settings(args.init_from) if args.init_from else None
     if parent:
         args.patch = args.patch or parent[0].get("patch")
+        args.qk_norm = parent[0].get("qk_norm", False) if args.qk_norm is None else args.qk_norm
         args.prediction = args.prediction or parent[1].get("prediction", "eps")  # older checkpoints: eps
     elif args.patch is None and args.size == "toy" and device.type == "cpu":
         args.patch = 4  # the no-argument CPU demo: 64 tokens train ~4x faster than the row's 2x2 (README)
@@ -425,7 +430,7 @@ def _train(args, make_data, kind, rank, world, device):
     ac = args.ac if args.ac is not None else args.size == "G"
 
     # model, optimizer, EMA - from the newest checkpoint (--resume), another run (--init-from) or a fresh init
-    if ckpt and ckpt["config"] != dataclasses.asdict(cfg):
+    if ckpt and dataclasses.asdict(build_config(ckpt["config"])) != dataclasses.asdict(cfg):  # older: defaults
         raise ValueError(f"{found[-1]} was trained with another model config {ckpt['config']}; use the same flags")
     model_sd = ema_sd = None  # full state dicts, needed on rank 0 only (None: the fresh seeded init)
     if ckpt:

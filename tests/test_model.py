@@ -160,3 +160,47 @@ def test_resolution_change_needs_no_rebuild():
     # Multi-stage training (Sec. 4.1, 256 -> 512 px): sin-cos positions are computed for any grid.
     model = build()
     assert model(**inputs(size=32)).shape == (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("conditioning", ["cross_attn", "adaln"])
+@pytest.mark.parametrize("temporal", [False, True])
+def test_qk_norm_param_formula_and_identity_at_init(conditioning, temporal):
+    # QK-norm adds one Dh-wide gain for the queries and one for the keys in every attention layer, and
+    # changes no initial output: every block is still the identity (zero-init gates and projections).
+    kw = dict(conditioning=conditioning, temporal=temporal, randomize=False)
+    model, plain = build(qk_norm=True, **kw), build(**kw)
+    attentions = 1 + (conditioning == "cross_attn") + temporal
+    dh = model.cfg.width // model.cfg.heads
+    assert count_params(model) == param_formula(model.cfg) == count_params(plain) + model.cfg.depth * attentions * 2 * dh
+    x = torch.randn(2, 64, model.cfg.width)
+    c = torch.randn(2, model.cfg.width)
+    text, mask = torch.randn(2, L, model.cfg.width), torch.ones(2, L, dtype=torch.bool)
+    for block in model.blocks:
+        assert torch.equal(block(x, c, text, mask), x)
+
+
+def test_qk_norm_bounds_attention_logits():
+    # The failure QK-norm prevents (README, "Bundled models"): attention logits q.k / sqrt(Dh) that grow with
+    # the weights. Scaling the QKV projection 10x scales plain logits 100x; with per-head RMSNorm (unit gain)
+    # |q.k| / sqrt(Dh) <= |q| |k| / sqrt(Dh) = sqrt(Dh), whatever the weights.
+    from model import Attention
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 64)
+    dh = 64 // 4
+
+    def max_logit(attn):
+        q, k, _ = attn.qkv(x).unflatten(-1, (3, 4, dh)).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, Dh)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        return ((q @ k.transpose(-1, -2)) / dh**0.5).abs().max().item()
+
+    for qk_norm in (False, True):
+        attn = Attention(64, 4, qk_norm)
+        before = max_logit(attn)
+        with torch.no_grad():
+            attn.qkv.weight.mul_(10), attn.qkv.bias.mul_(10)
+        after = max_logit(attn)
+        if qk_norm:
+            assert before <= dh**0.5 + 1e-4 and after <= dh**0.5 + 1e-4
+        else:
+            assert after == pytest.approx(100 * before, rel=1e-4) and after > 10 * dh**0.5

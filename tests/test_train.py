@@ -233,6 +233,24 @@ def test_cpu_toy_uses_patch_4_and_children_keep_their_parents_settings(tmp_path)
     assert load(tmp_path / "eps" / "ckpt-0000002.pt")["meta"]["prediction"] == "eps"
 
 
+def test_qk_norm_is_inherited_and_older_checkpoints_still_load(tmp_path):
+    """--qk-norm is stored in the config; a T2V child of a QK-norm parent gets it (its q/k gains copied);
+    a checkpoint written before the field existed resumes as qk_norm=False."""
+    T.main(tiny(tmp_path / "qk", 1, "--qk-norm"))
+    parent = load(tmp_path / "qk" / "ckpt-0000001.pt")
+    assert parent["config"]["qk_norm"] and "blocks.0.attn.q_norm.weight" in parent["model"]
+    V.main(tiny(tmp_path / "qk_t2v", 1, "--init-from", str(tmp_path / "qk"), "--num-frames", "2"))
+    child = load(tmp_path / "qk_t2v" / "ckpt-0000001.pt")
+    assert child["config"]["qk_norm"] and "blocks.0.temporal.attn.k_norm.weight" in child["model"]
+    T.main(tiny(tmp_path / "old", 1))
+    path = tmp_path / "old" / "ckpt-0000001.pt"
+    old = load(path)
+    del old["config"]["qk_norm"]
+    torch.save(old, path)
+    T.main(tiny(tmp_path / "old", 2, "--resume"))
+    assert load(tmp_path / "old" / "ckpt-0000002.pt")["config"]["qk_norm"] is False
+
+
 # -----------------------------------------------------------------------------
 # precomputed features (data.build_cache) and the null caption
 
