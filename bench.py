@@ -113,6 +113,27 @@ def out_of_memory(fn, device):
     return all_ranks(oom, dist.ReduceOp.MAX, device) > 0
 
 
+def kernel_families(prof):
+    """{family: (ms, calls)} of a profiled step's CUDA kernels: GEMM, attention, optimizer, Inductor's fused
+    (triton) kernels, other; the answer to "where does the time go" that the per-kernel table spreads out."""
+    def family(name):
+        n = name.lower()
+        if any(s in n for s in ("nvjet", "gemm", "cutlass", "xmma")):
+            return "gemm"
+        if any(s in n for s in ("flash", "fmha", "sdpa", "attention", "mha")):
+            return "attention"
+        if "adam" in n or "multi_tensor" in n:
+            return "optimizer"
+        return "triton fused" if n.startswith("triton") else "other"
+
+    out = {}
+    for e in prof.key_averages():
+        if e.self_device_time_total > 0:
+            ms, calls = out.get(family(e.key), (0.0, 0))
+            out[family(e.key)] = (ms + e.self_device_time_total / 1e3, calls + e.count)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1][0]))
+
+
 def random_inputs(cfg, batch, resolution, frames, text_len, device, g):
     """Latents (B, [T,] 4, r/8, r/8) and CLIP+T5-shaped text with realistic padding (lengths 8..L)."""
     side = resolution // 8
@@ -232,8 +253,12 @@ def main(args):
             with attention(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 step()
                 torch.cuda.synchronize()
-            print0(f"{name}: top CUDA kernels of one step")
+            print0(f"profile of one {name} step: top CUDA kernels")
             print0(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
+            fams = kernel_families(prof)
+            total = sum(ms for ms, _ in fams.values())
+            print0(f"profile of one {name} step: {total:.1f} ms of kernels: " + ", ".join(
+                f"{k} {ms:.1f} ms ({100 * ms / total:.0f}%, {n} calls)" for k, (ms, n) in fams.items()))
             del step
         opt = None
         model.zero_grad(set_to_none=True)

@@ -5,7 +5,9 @@ import os
 import subprocess
 import sys
 
-from bench import largest_batch
+from types import SimpleNamespace
+
+from bench import kernel_families, largest_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--size", "tiny", "--batch", "2", "--steps", "1", "--warmup", "1", "--device", "cpu", "--resolution", "64"]
@@ -40,3 +42,18 @@ def test_largest_batch_doubles_until_the_first_failure():
     assert largest_batch(fits, 8, 4096) == 32 and tried == [8, 16, 32, 64]  # doubling: 48 itself is never tried
     assert largest_batch(fits, 64, 4096) is None  # not even the start fits
     assert largest_batch(lambda b: True, 8, 100) == 64  # stops at the limit with memory to spare
+
+
+def test_kernel_families_sum_a_profile_by_kind():
+    # names as they appear in an H100 profile of the compiled XL/2 step (README, "Throughput and MFU")
+    ev = lambda key, us, n: SimpleNamespace(key=key, self_device_time_total=us, count=n)
+    events = [ev("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN", 25_000, 196),
+              ev("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16", 13_000, 56),
+              ev("triton_red_fused__to_copy_add_mul_native_layer_norm_split_unsqueeze_view_27", 3_500, 27),
+              ev("void at::native::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>>", 8_800, 41),
+              ev("sm90_xmma_fprop_implicit_gemm_bf16bf16", 1_000, 1), ev("Memset (Device)", 500, 511),
+              ev("a CPU-side op", 0, 3)]
+    fams = kernel_families(SimpleNamespace(key_averages=lambda: events))
+    assert fams == {"gemm": (26.0, 197), "attention": (13.0, 56), "optimizer": (8.8, 41), "triton fused": (3.5, 27),
+                    "other": (0.5, 511)}
+    assert list(fams) == ["gemm", "attention", "optimizer", "triton fused", "other"]  # largest first
