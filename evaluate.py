@@ -8,6 +8,7 @@ of the paper (T2I-CompBench, Sec. 4.2 and Tables 2-3; CLIP score and FID, Table 
     python evaluate.py --compbench T2I-CompBench/examples/dataset --images out/compbench   # score existing images
     python evaluate.py --clip-score out/                        # a sample.py output folder (images or videos)
     python evaluate.py --fid out/ --ref data/coco_val_imgs      # needs `pip install torch-fidelity`
+    python evaluate.py --attention-logits --ckpt runs/t2i       # largest attention logit per block (stability)
 
 Oracle. The synthetic renderer (synthetic.py) draws flat colours from a fixed palette on black, objects that
 fill their bounding box and never touch; `detect` inverts it: nearest palette colour per pixel, connected
@@ -57,6 +58,29 @@ def oracle_eval(model, meta, n_per_category=50, seed=0, sampler="dpm++2m", steps
     settings = dict(kind="t2v" if video else "t2i", n_per_category=n_per_category, seed=seed, sampler=sampler,
                     steps=steps, cfg=cfg, mfg=mfg if video else None, frames=frames, ckpt=meta.get("ckpt"))
     return {**scores, "settings": settings}
+
+
+def attention_logits(model, meta, n=64, seed=0, device="cpu"):
+    """model.attention_logit_max on n training samples of the built-in data, noised at t ~ U{0..999}: the
+    attention-logit growth that diverged our long toy runs shows up here first (README, "Bundled models")."""
+    from diffusion import Diffusion
+    from model import attention_logit_max
+    from synthetic import MovingShapesDataset, ShapesDataset
+
+    size = meta.get("resolution") or model.cfg.input_size
+    if meta.get("latent_space") != "pixel":
+        raise ValueError("--attention-logits draws its inputs from the built-in data: a pixel-space model needed")
+    ds = MovingShapesDataset(num_frames=model.cfg.num_frames, size=size, seed=seed) if model.cfg.temporal \
+        else ShapesDataset(size=size, seed=seed)
+    items = ds.__getitems__(list(range(n)))
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.stack([it["x"] for it in items])
+    t = torch.randint(0, 1000, (n,), generator=g)
+    xt = Diffusion().q_sample(x0, t, torch.randn(x0.shape, generator=g))
+    text, mask, pooled = meta["encoder"]([it["caption"] for it in items])
+    extra = {"motion_free": torch.zeros(n, dtype=torch.bool)} if model.cfg.temporal else {}
+    inputs = dict(x=xt, t=t, text=text, text_mask=mask, pooled=pooled, **extra)
+    return attention_logit_max(model, **{k: v.to(device) for k, v in inputs.items()})
 
 
 def oracle_table(scores):
@@ -392,7 +416,7 @@ def main(argv=None):
     p.add_argument("--ckpt", help="run dir, ckpt-*.pt or .safetensors (default: the bundled model)")
     p.add_argument("--oracle", action="store_true", help="exact benchmark on held-out synthetic compositions")
     p.add_argument("--video", action="store_true", help="with --oracle: the T2V benchmark")
-    p.add_argument("--n", type=int, default=50, help="--oracle: prompts per category")
+    p.add_argument("--n", type=int, default=50, help="--oracle: prompts per category; --attention-logits: samples")
     p.add_argument("--compbench", metavar="PROMPT_DIR", help="T2I-CompBench prompt folder (color_val.txt, ...)")
     p.add_argument("--images", help="--compbench: image folder ({category}/samples/*.png); written first with --ckpt")
     p.add_argument("--categories", default=",".join(COMPBENCH), help="--compbench: comma-separated")
@@ -404,6 +428,8 @@ def main(argv=None):
     p.add_argument("--clip-score", metavar="SAMPLE_DIR", help="CLIP score of a sample.py output folder")
     p.add_argument("--fid", metavar="GEN_DIR", help="FID of an image folder against --ref")
     p.add_argument("--ref", help="--fid: reference image folder")
+    p.add_argument("--attention-logits", action="store_true",
+                   help="largest attention logit |q.k|/sqrt(Dh) per block on noised training data (built-in data)")
     p.add_argument("--sampler", default="dpm++2m")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--cfg", type=float, default=7.5)
@@ -414,8 +440,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="where to write the scores (default: out/<mode>.json or inside the scored folder)")
     args = p.parse_args(argv)
-    if sum(map(bool, (args.oracle, args.compbench, args.clip_score, args.fid))) != 1:
-        p.error("choose exactly one of --oracle, --compbench, --clip-score, --fid")
+    if sum(map(bool, (args.oracle, args.compbench, args.clip_score, args.fid, args.attention_logits))) != 1:
+        p.error("choose exactly one of --oracle, --compbench, --clip-score, --fid, --attention-logits")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # progress bars of our own loops only
@@ -427,6 +453,14 @@ def main(argv=None):
         scores = oracle_eval(model, meta, args.n, args.seed, args.sampler, args.steps, args.cfg, args.mfg,
                              args.device, args.batch_size, video=args.video)
         table, default = oracle_table(scores), os.path.join("out", f"oracle_{scores['settings']['kind']}.json")
+    elif args.attention_logits:
+        from sample import load_model
+
+        model, meta = load_model(args.ckpt, ema=not args.no_ema, device=args.device, video=args.video or None)
+        scores = attention_logits(model, meta, args.n, args.seed, args.device)
+        table = "\n".join(f"{kind:<9} " + " ".join(f"{v:8.1f}" for v in vals) for kind, vals in scores.items())
+        table = f"largest attention logit per block (step {meta['step']}):\n{table}"
+        default = os.path.join("out", "attention_logits.json")
     elif args.compbench:
         cats = [c.strip() for c in args.categories.split(",") if c.strip()]
         bad = [c for c in cats if c not in COMPBENCH]

@@ -119,9 +119,13 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = qk_norms(dim, heads, qk_norm)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, mask=None):
+    def heads_qkv(self, x):
+        """x (B, N, D) -> q, k, v (B, h, N, Dh), q and k normalised when QK-norm is on."""
         q, k, v = rearrange(self.qkv(x), "b n (three h dh) -> three b h n dh", three=3, h=self.heads)
-        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=mask)  # (B, h, N, Dh)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def forward(self, x, mask=None):
+        x = F.scaled_dot_product_attention(*self.heads_qkv(x), attn_mask=mask)  # (B, h, N, Dh)
         return self.proj(rearrange(x, "b h n dh -> b n (h dh)"))
 
 
@@ -136,13 +140,16 @@ class CrossAttention(nn.Module):
         self.q_norm, self.k_norm = qk_norms(dim, heads, qk_norm)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, text, text_mask):
-        # x (B T, N, D); text (B, L, D): one caption per clip, so keys/values are projected once per
-        # clip and shared by its T frames instead of being recomputed for every frame.
-        frames = x.shape[0] // text.shape[0]
-        q = self.q_norm(rearrange(self.q(x), "b n (h dh) -> b h n dh", h=self.heads))
+    def heads_qkv(self, x, text):
+        """x (B T, N, D), text (B, L, D) -> q (B T, h, N, Dh) and k, v (B, h, L, Dh): keys and values are
+        projected once per clip (one caption) and shared by its T frames, not recomputed per frame."""
+        q = rearrange(self.q(x), "b n (h dh) -> b h n dh", h=self.heads)
         k, v = rearrange(self.kv(text), "b l (two h dh) -> two b h l dh", two=2, h=self.heads)
-        k = self.k_norm(k)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def forward(self, x, text, text_mask):
+        frames = x.shape[0] // text.shape[0]
+        q, k, v = self.heads_qkv(x, text)
         mask = None if text_mask is None else text_mask[:, None, None, :]  # (B, 1, 1, L)
         if frames > 1:  # (B, ...) -> (B T, ...)
             k, v = k.repeat_interleave(frames, dim=0), v.repeat_interleave(frames, dim=0)
@@ -352,6 +359,45 @@ class GenTron(nn.Module):
         if shared:
             raise ValueError(f"T2I checkpoint is missing {len(shared)} shared weights, e.g. {shared[0]}")
         return missing
+
+
+@torch.no_grad()
+def attention_logit_max(model, *args, **kwargs):
+    """The largest attention logit |q.k| / sqrt(Dh) of every attention layer during model(*args, **kwargs),
+    masked positions excluded -> {"self": [per block], "cross": [...], "temporal": [...]}. Their growth is
+    the instability that qk_norm prevents (README, "Bundled models"); evaluate.py --attention-logits."""
+    found, hooks = {}, []
+
+    def record(name):
+        def hook(attn, inputs, output):
+            if isinstance(attn, CrossAttention):
+                x, text, mask = inputs
+                q, k, _ = attn.heads_qkv(x, text)
+                frames = q.shape[0] // k.shape[0]
+                k = k.repeat_interleave(frames, dim=0)
+                mask = None if mask is None else mask.repeat_interleave(frames, dim=0)[:, None, None, :]
+            else:
+                x, *rest = inputs
+                q, k, _ = attn.heads_qkv(x)
+                mask = rest[0] if rest else None
+            logits = q.float() @ k.float().transpose(-1, -2) / q.shape[-1] ** 0.5
+            if mask is not None:
+                logits = logits.masked_fill(~mask, 0)
+            found.setdefault(name, []).append(logits.abs().max().item())
+        return hook
+
+    for block in model.blocks:
+        hooks.append(block.attn.register_forward_hook(record("self")))
+        if block.cross:
+            hooks.append(block.cross_attn.register_forward_hook(record("cross")))
+        if block.temporal is not None:
+            hooks.append(block.temporal.attn.register_forward_hook(record("temporal")))
+    try:
+        model(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
 
 
 # -----------------------------------------------------------------------------

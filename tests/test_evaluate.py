@@ -166,6 +166,18 @@ def test_oracle_eval_runs_generation(tmp_path):
     assert v["settings"]["mfg"] == 1.2 and v["settings"]["frames"] == 4
 
 
+def test_attention_logits_cli(tmp_path):
+    # The README's stability table comes from this command: one value per block and attention kind, and
+    # the T2V model's temporal layers too (the properties of the measure itself: test_model.py)
+    make_checkpoint(str(tmp_path / "v" / "ckpt-0000001.pt"), temporal=True)
+    out = str(tmp_path / "logits.json")
+    ev.main(["--attention-logits", "--video", "--ckpt", str(tmp_path / "v"), "--n", "3", "--json", out])
+    v = json.load(open(out))
+    depth = torch.load(str(tmp_path / "v" / "ckpt-0000001.pt"), weights_only=True)["config"]["depth"]
+    assert {k: len(x) for k, x in v.items()} == {"self": depth, "cross": depth, "temporal": depth}
+    assert all(0 < x < 1e6 for xs in v.values() for x in xs)
+
+
 # -----------------------------------------------------------------------------
 # T2I-CompBench protocol pieces
 

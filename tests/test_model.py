@@ -179,28 +179,36 @@ def test_qk_norm_param_formula_and_identity_at_init(conditioning, temporal):
         assert torch.equal(block(x, c, text, mask), x)
 
 
-def test_qk_norm_bounds_attention_logits():
+def test_attention_logit_max_and_the_qk_norm_bound():
     # The failure QK-norm prevents (README, "Bundled models"): attention logits q.k / sqrt(Dh) that grow with
-    # the weights. Scaling the QKV projection 10x scales plain logits 100x; with per-head RMSNorm (unit gain)
-    # |q.k| / sqrt(Dh) <= |q| |k| / sqrt(Dh) = sqrt(Dh), whatever the weights.
-    from model import Attention
+    # the weights. Scaling block 0's QKV projection 10x scales its logits 100x; with per-head RMSNorm (unit
+    # gains) |q.k| / sqrt(Dh) <= |q| |k| / sqrt(Dh) = sqrt(Dh) in every attention layer, whatever the weights.
+    from model import attention_logit_max
 
-    torch.manual_seed(0)
-    x = torch.randn(2, 16, 64)
-    dh = 64 // 4
-
-    def max_logit(attn):
-        q, k, _ = attn.qkv(x).unflatten(-1, (3, 4, dh)).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, Dh)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        return ((q @ k.transpose(-1, -2)) / dh**0.5).abs().max().item()
-
+    batch = {**inputs(b=2, frames=3), "motion_free": torch.tensor([False, True])}
     for qk_norm in (False, True):
-        attn = Attention(64, 4, qk_norm)
-        before = max_logit(attn)
+        model = build(temporal=True, randomize=False, qk_norm=qk_norm)
+        before = attention_logit_max(model, **batch)
+        assert {k: len(v) for k, v in before.items()} == {"self": 2, "cross": 2, "temporal": 2}  # tiny: 2 blocks
         with torch.no_grad():
-            attn.qkv.weight.mul_(10), attn.qkv.bias.mul_(10)
-        after = max_logit(attn)
+            model.blocks[0].attn.qkv.weight.mul_(10), model.blocks[0].attn.qkv.bias.mul_(10)
+        after = attention_logit_max(model, **batch)
+        dh = model.cfg.width // model.cfg.heads
         if qk_norm:
-            assert before <= dh**0.5 + 1e-4 and after <= dh**0.5 + 1e-4
+            assert max(max(v) for v in (*before.values(), *after.values())) <= dh**0.5 + 1e-4
         else:
-            assert after == pytest.approx(100 * before, rel=1e-4) and after > 10 * dh**0.5
+            assert after["self"][0] == pytest.approx(100 * before["self"][0], rel=1e-4)
+            assert after["self"][0] > 10 * dh**0.5
+
+
+def test_attention_logit_max_ignores_padded_text():
+    # Padded caption tokens are masked out of cross-attention, so huge features there change nothing
+    from model import attention_logit_max
+
+    model, batch = build(), inputs(b=2)  # caption 0 has 3 padded tokens
+    text = batch["text"].clone()
+    text[0, 4:] = 1e3
+    assert attention_logit_max(model, **batch) == attention_logit_max(model, **{**batch, "text": text})
+    text[0, 3] = 1e3  # a real token: now it shows
+    assert max(attention_logit_max(model, **{**batch, "text": text})["cross"]) > 10 * max(
+        attention_logit_max(model, **batch)["cross"])
