@@ -111,8 +111,8 @@ def get_parser(kind="t2i"):
 def model_config(args, data, **fields):
     """The GenTronConfig of --size, with the input and text shapes of the data."""
     cfg = {**SIZES[args.size], **({"patch": args.patch} if args.patch else {}), "conditioning": args.conditioning,
-           "pooled_text": args.pooled_text, "qk_norm": bool(args.qk_norm), "in_channels": data.channels, "input_size": data.latent_size, "text_dim": data.text_dim,
-           "pooled_dim": data.pooled_dim, **fields}
+           "pooled_text": args.pooled_text, "qk_norm": bool(args.qk_norm), "in_channels": data.channels,
+           "input_size": data.latent_size, "text_dim": data.text_dim, "pooled_dim": data.pooled_dim, **fields}
     return GenTronConfig(**cfg)
 
 

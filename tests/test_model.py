@@ -171,7 +171,8 @@ def test_qk_norm_param_formula_and_identity_at_init(conditioning, temporal):
     model, plain = build(qk_norm=True, **kw), build(**kw)
     attentions = 1 + (conditioning == "cross_attn") + temporal
     dh = model.cfg.width // model.cfg.heads
-    assert count_params(model) == param_formula(model.cfg) == count_params(plain) + model.cfg.depth * attentions * 2 * dh
+    gains = model.cfg.depth * attentions * 2 * dh
+    assert count_params(model) == param_formula(model.cfg) == count_params(plain) + gains
     x = torch.randn(2, 64, model.cfg.width)
     c = torch.randn(2, model.cfg.width)
     text, mask = torch.randn(2, L, model.cfg.width), torch.ones(2, L, dtype=torch.bool)
