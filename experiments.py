@@ -8,6 +8,7 @@ exactly with evaluate.py's oracle (held-out colour-shape pairs never seen in tra
   4. motion-free guidance: T2V trained with p_motion_free = 0.5 and joint image-video batches,
      sampled with lambda_M in {1.0, 1.1, 1.2, 1.3}, vs one trained without the motion-free mask
                                                            (Sec. 3.3.2, Eq. 6, Fig. 8)
+  Not in the paper, only when named: QK-norm (--t2i-arms cross-attn "cross-attn, QK-norm").
 
 Every arm of a comparison gets the same budget (steps, batch, lr, seed, data order). Arms train
 concurrently as separate `train_t2i.py` / `train_t2v.py` processes, spread over the visible GPUs.
@@ -36,7 +37,9 @@ T2I_ARMS = {  # name -> extra train_t2i.py flags (the first arm is the baseline 
     "cross-attn": [],
     "adaLN-zero": ["--conditioning", "adaln"],
     "cross-attn, no pooled": ["--no-pooled-text"],
+    "cross-attn, QK-norm": ["--qk-norm"],  # not in the paper (README, "Bundled models"): only when named
 }
+PAPER_ARMS = ["cross-attn", "adaLN-zero", "cross-attn, no pooled"]
 SCALE_ARMS = {"size toy": ["--size", "toy"], "size S": ["--size", "S"]}  # cross-attn, at the scale budget
 T2V_ARMS = {"MFG (p_mf=0.5)": ["--p-motion-free", "0.5"], "no motion-free (p_mf=0)": ["--p-motion-free", "0"]}
 
@@ -65,7 +68,8 @@ p.add_argument("--workers", type=int, default=3, help="DataLoader workers per tr
 p.add_argument("--compile", action="store_true", help="torch.compile the blocks of every arm")
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 p.add_argument("--export-assets", action="store_true", help="write the baseline T2I / MFG T2V EMA weights to assets/")
-p.add_argument("--t2i-arms", nargs="+", default=list(T2I_ARMS), help="subset of the T2I arms (the first is the T2V parent)")
+p.add_argument("--t2i-arms", nargs="+", default=PAPER_ARMS, choices=list(T2I_ARMS),
+               help="T2I arms to run (the first is the T2V parent); default: the paper's comparisons")
 p.add_argument("--smoke", action="store_true", help="tiny budget, to check the pipeline end to end")
 
 
