@@ -129,8 +129,9 @@ def kernel_families(prof):
     out = {}
     for e in prof.key_averages():
         if e.self_device_time_total > 0:
-            ms, calls = out.get(family(e.key), (0.0, 0))
-            out[family(e.key)] = (ms + e.self_device_time_total / 1e3, calls + e.count)
+            f = family(e.key)
+            ms, calls = out.get(f, (0.0, 0))
+            out[f] = (ms + e.self_device_time_total / 1e3, calls + e.count)
     return dict(sorted(out.items(), key=lambda kv: -kv[1][0]))
 
 

@@ -78,8 +78,7 @@ def attention_logits(model, meta, n=64, seed=0, device="cpu"):
     t = torch.randint(0, 1000, (n,), generator=g)
     xt = Diffusion().q_sample(x0, t, torch.randn(x0.shape, generator=g))
     text, mask, pooled = meta["encoder"]([it["caption"] for it in items])
-    extra = {"motion_free": torch.zeros(n, dtype=torch.bool)} if model.cfg.temporal else {}
-    inputs = dict(x=xt, t=t, text=text, text_mask=mask, pooled=pooled, **extra)
+    inputs = dict(x=xt, t=t, text=text, text_mask=mask, pooled=pooled)  # T2V: every clip a motion clip
     return attention_logit_max(model, **{k: v.to(device) for k, v in inputs.items()})
 
 

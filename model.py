@@ -140,21 +140,22 @@ class CrossAttention(nn.Module):
         self.q_norm, self.k_norm = qk_norms(dim, heads, qk_norm)
         self.proj = nn.Linear(dim, dim)
 
-    def heads_qkv(self, x, text):
-        """x (B T, N, D), text (B, L, D) -> q (B T, h, N, Dh) and k, v (B, h, L, Dh): keys and values are
-        projected once per clip (one caption) and shared by its T frames, not recomputed per frame."""
-        q = rearrange(self.q(x), "b n (h dh) -> b h n dh", h=self.heads)
-        k, v = rearrange(self.kv(text), "b l (two h dh) -> two b h l dh", two=2, h=self.heads)
-        return self.q_norm(q), self.k_norm(k), v
-
-    def forward(self, x, text, text_mask):
+    def heads_qkv(self, x, text, text_mask):
+        """x (B T, N, D), text (B, L, D), text_mask (B, L) -> q (B T, h, N, Dh), k, v (B T, h, L, Dh) and the
+        key mask (B T, 1, 1, L) or None. Keys and values are projected once per clip (one caption) and
+        repeated for its T frames, not recomputed per frame."""
         frames = x.shape[0] // text.shape[0]
-        q, k, v = self.heads_qkv(x, text)
+        q = self.q_norm(rearrange(self.q(x), "b n (h dh) -> b h n dh", h=self.heads))
+        k, v = rearrange(self.kv(text), "b l (two h dh) -> two b h l dh", two=2, h=self.heads)
+        k = self.k_norm(k)
         mask = None if text_mask is None else text_mask[:, None, None, :]  # (B, 1, 1, L)
         if frames > 1:  # (B, ...) -> (B T, ...)
             k, v = k.repeat_interleave(frames, dim=0), v.repeat_interleave(frames, dim=0)
             mask = None if mask is None else mask.repeat_interleave(frames, dim=0)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B T, h, N, Dh)
+        return q, k, v, mask
+
+    def forward(self, x, text, text_mask):
+        x = F.scaled_dot_product_attention(*self.heads_qkv(x, text, text_mask))  # (B T, h, N, Dh)
         return self.proj(rearrange(x, "b h n dh -> b n (h dh)"))
 
 
@@ -371,15 +372,10 @@ def attention_logit_max(model, *args, **kwargs):
     def record(name):
         def hook(attn, inputs, output):
             if isinstance(attn, CrossAttention):
-                x, text, mask = inputs
-                q, k, _ = attn.heads_qkv(x, text)
-                frames = q.shape[0] // k.shape[0]
-                k = k.repeat_interleave(frames, dim=0)
-                mask = None if mask is None else mask.repeat_interleave(frames, dim=0)[:, None, None, :]
-            else:
-                x, *rest = inputs
-                q, k, _ = attn.heads_qkv(x)
-                mask = rest[0] if rest else None
+                q, k, _, mask = attn.heads_qkv(*inputs)
+            else:  # self-attention: (x,) or (x, mask)
+                q, k, _ = attn.heads_qkv(inputs[0])
+                mask = inputs[1] if len(inputs) > 1 else None
             logits = q.float() @ k.float().transpose(-1, -2) / q.shape[-1] ** 0.5
             if mask is not None:
                 logits = logits.masked_fill(~mask, 0)

@@ -67,9 +67,10 @@ def checkpoints(run_dir):
 def resolve_checkpoint(path):
     """A run directory -> its newest ckpt-*.pt (highest step); a file -> itself."""
     if os.path.isdir(path):
-        if not checkpoints(path):
+        found = checkpoints(path)
+        if not found:
             raise FileNotFoundError(f"no ckpt-*.pt checkpoint in run directory {path}")
-        return checkpoints(path)[-1]
+        return found[-1]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     return path
