@@ -31,15 +31,16 @@ import time
 import torch
 
 from evaluate import oracle_eval
-from sample import checkpoints, export, load_model
+from checkpoint import checkpoints, export
+from sample import load_model
 
-T2I_ARMS = {  # name -> extra train_t2i.py flags (the first arm is the baseline and the T2V parent)
+PAPER_ARMS = {  # name -> extra train_t2i.py flags (the first arm is the baseline and the T2V parent)
     "cross-attn": [],
     "adaLN-zero": ["--conditioning", "adaln"],
     "cross-attn, no pooled": ["--no-pooled-text"],
-    "cross-attn, QK-norm": ["--qk-norm"],  # not in the paper (README, "Bundled models"): only when named
 }
-PAPER_ARMS = ["cross-attn", "adaLN-zero", "cross-attn, no pooled"]
+# every arm --t2i-arms accepts: the paper's, and ours that run only when named (not in the paper)
+T2I_ARMS = {**PAPER_ARMS, "cross-attn, QK-norm": ["--qk-norm"]}  # README, "Bundled models"
 SCALE_ARMS = {"size toy": ["--size", "toy"], "size S": ["--size", "S"]}  # cross-attn, at the scale budget
 T2V_ARMS = {"MFG (p_mf=0.5)": ["--p-motion-free", "0.5"], "no motion-free (p_mf=0)": ["--p-motion-free", "0"]}
 
@@ -68,7 +69,7 @@ p.add_argument("--workers", type=int, default=3, help="DataLoader workers per tr
 p.add_argument("--compile", action="store_true", help="torch.compile the blocks of every arm")
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 p.add_argument("--export-assets", action="store_true", help="write the baseline T2I / MFG T2V EMA weights to assets/")
-p.add_argument("--t2i-arms", nargs="+", default=PAPER_ARMS, choices=list(T2I_ARMS),
+p.add_argument("--t2i-arms", nargs="+", default=list(PAPER_ARMS), choices=list(T2I_ARMS),
                help="T2I arms to run (the first is the T2V parent); default: the paper's comparisons")
 p.add_argument("--smoke", action="store_true", help="tiny budget, to check the pipeline end to end")
 

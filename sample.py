@@ -16,11 +16,9 @@ strip PNG; and samples.json with every setting, the prompt and seed of each samp
 """
 
 import argparse
-import dataclasses
 import json
 import math
 import os
-import pickle
 import re
 import sys
 
@@ -30,19 +28,19 @@ from einops import rearrange
 from PIL import Image
 from tqdm.auto import tqdm
 
+from checkpoint import DTYPES, build_config, export, read_checkpoint, resolve_checkpoint
 from data import load_latent_space
 from diffusion import SAMPLERS, Diffusion, guided_eps_fn, sample
-from model import GenTron, GenTronConfig
+from model import GenTron
 from text_encoders import load_text_encoder
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BUNDLED = {"t2i": os.path.join("assets", "gentron_t2i.safetensors"),  # relative to the repo root
            "t2v": os.path.join("assets", "gentron_t2v.safetensors")}
 FPS = 4  # paper Sec. 4.1: clips are 8 frames sampled at 4 fps
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # -----------------------------------------------------------------------------
-# checkpoints: run dir / .pt (common format) / .safetensors export
+# models: a checkpoint (checkpoint.py) or the bundled one, with its text encoder and latent space
 
 
 def bundled_path(kind):
@@ -54,71 +52,6 @@ def bundled_path(kind):
             f"bundled model {BUNDLED[kind]} is missing: restore it with `git checkout -- {BUNDLED[kind]}`, or train "
             f"one with `python {script}` and pass --ckpt RUN_DIR (export it with --export {BUNDLED[kind]})")
     return path
-
-
-def checkpoints(run_dir):
-    """A run directory's ckpt-*.pt paths, oldest (lowest step) first; [] if there are none."""
-    if not os.path.isdir(run_dir):
-        return []
-    steps = sorted((int(m.group(1)), f) for f in os.listdir(run_dir) if (m := re.fullmatch(r"ckpt-(\d+)\.pt", f)))
-    return [os.path.join(run_dir, f) for _, f in steps]
-
-
-def resolve_checkpoint(path):
-    """A run directory -> its newest ckpt-*.pt (highest step); a file -> itself."""
-    if os.path.isdir(path):
-        found = checkpoints(path)
-        if not found:
-            raise FileNotFoundError(f"no ckpt-*.pt checkpoint in run directory {path}")
-        return found[-1]
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return path
-
-
-def export_metadata(path):
-    """(config dict, meta dict, step) of a .safetensors export, read without its weights."""
-    try:
-        from safetensors import safe_open
-    except ImportError:
-        raise ImportError("reading .safetensors models needs `pip install safetensors`") from None
-    with safe_open(path, "pt") as f:
-        md = f.metadata() or {}
-    if "config" not in md or "meta" not in md:
-        raise ValueError(f"{path} has no GenTron metadata ('config', 'meta'); make it with sample.py --export")
-    step = int(md["step"]) if md.get("step", "").lstrip("-").isdigit() else None
-    return json.loads(md["config"]), json.loads(md["meta"]), step
-
-
-def read_checkpoint(path, ema=True):
-    """-> (state dict, config dict, meta dict, step) of a .pt checkpoint or a .safetensors export."""
-    if path.endswith(".safetensors"):
-        config, meta, step = export_metadata(path)
-        if not ema:
-            raise ValueError(f"{path} is an export and holds EMA weights only; pass a ckpt-*.pt for --no-ema")
-        from safetensors.torch import load_file
-
-        return load_file(path), config, meta, step
-    try:  # plain types only (STYLE.md): never unpickle arbitrary objects
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} is not a plain-type GenTron checkpoint ({str(e).splitlines()[0]})") from None
-    missing = [k for k in ("model", "config", "meta") if k not in ckpt]
-    if missing:
-        raise ValueError(f"{path} is not a GenTron checkpoint: missing {', '.join(missing)}")
-    weights = ckpt.get("ema") if ema else ckpt["model"]
-    if weights is None:
-        raise ValueError(f"{path} has no EMA weights; pass --no-ema to sample with the raw weights")
-    return weights, ckpt["config"], ckpt["meta"], ckpt.get("step")
-
-
-def build_config(config, path=""):
-    """GenTronConfig from the stored dict; fields added to model.py later keep their defaults."""
-    names = {f.name for f in dataclasses.fields(GenTronConfig)}
-    unknown = sorted(set(config) - names)
-    if unknown:
-        raise ValueError(f"{path}: config has fields this model.py does not know: {', '.join(unknown)}")
-    return GenTronConfig(**config)
 
 
 def check_mode(temporal, video, source="this model"):
@@ -165,22 +98,6 @@ def load_model(path=None, ema=True, device="cpu", video=None):
         raise ValueError(f"{file}: text encoder {meta['text_encoder']!r} gives {enc.text_dim}/{enc.pooled_dim} "
                          f"channels but the model expects text_dim={cfg.text_dim}, pooled_dim={cfg.pooled_dim}")
     return model, meta
-
-
-def export(ckpt, out, dtype="fp32"):
-    """Write a checkpoint's EMA weights + {"config", "meta", "step"} metadata to a .safetensors file -> bytes."""
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        raise ImportError("exporting needs `pip install safetensors`") from None
-    if not out.endswith(".safetensors"):
-        raise ValueError(f"export target {out} must end in .safetensors")
-    file = resolve_checkpoint(ckpt)
-    state, config, meta, step = read_checkpoint(file, ema=True)
-    state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    save_file(state, out, metadata={"config": json.dumps(config), "meta": json.dumps(meta), "step": str(step)})
-    return os.path.getsize(out)
 
 
 # -----------------------------------------------------------------------------

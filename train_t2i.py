@@ -24,18 +24,16 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import data as D
 from diffusion import Diffusion
-from fsdp import (
-    build_model, full_tensors, load_full_state, master_process, matmul_peak_tflops, print0, setup_distributed)
+from fsdp import build_model, load_full_state, master_process, matmul_peak_tflops, print0, setup_distributed
 from model import SIZES, GenTron, GenTronConfig, flops_per_sample
-from sample import (build_config, checkpoints, export_metadata, generate, make_grid, read_checkpoint,
-                    resolve_checkpoint, upscale)
+from checkpoint import checkpoints, config_dict, load_init, save_checkpoint, stored_settings
+from sample import generate, make_grid, upscale
 from text_encoders import load_text_encoder
 
 # -----------------------------------------------------------------------------
@@ -267,72 +265,6 @@ def text_condition(batch, drop, data, device):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints
-
-
-def init_file(path):
-    """--init-from: a run folder (its newest checkpoint), a ckpt-*.pt or a .safetensors export."""
-    try:
-        return resolve_checkpoint(path)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"--init-from: {e}") from None
-
-
-def stored_settings(path):
-    """(config, meta) of an --init-from run folder, checkpoint or export, without reading its weights."""
-    path = init_file(path)
-    if path.endswith(".safetensors"):
-        return export_metadata(path)[:2]
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return ckpt.get("config", {}), ckpt.get("meta", {})
-
-
-def save_checkpoint(out, step, model, opt, ema, names, pos, cfg, meta, args, keep):
-    """All ranks gather full state dicts; rank 0 writes ckpt-{step}.pt atomically (temp file + rename)
-    and keeps the last `keep`. Returns the checkpoint dict on rank 0 (None elsewhere)."""
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    ckpt = {"model": get_model_state_dict(model, options=opts), "ema": full_tensors(ema, names),
-            "optimizer": get_optimizer_state_dict(model, opt, options=opts), "step": step,
-            "rng": {"torch": torch.get_rng_state()}, "data": {"epoch": pos[0], "offset": pos[1]},
-            "config": dataclasses.asdict(cfg), "meta": meta, "args": vars(args)}
-    if master_process():
-        path = os.path.join(out, f"ckpt-{step:07d}.pt")
-        torch.save(ckpt, path + ".tmp")
-        os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written newest checkpoint
-        for old in checkpoints(out)[:-keep]:
-            os.remove(old)
-    dist.barrier()
-    return ckpt if master_process() else None
-
-
-def load_init(path, cfg, seed):
-    """(model, EMA) full state dicts of another run for a new run. Same architecture: any resolution (sin-cos
-    positions are computed in forward, so a new grid needs nothing else; Sec. 4.1 256 -> 512). A T2I checkpoint
-    into a T2V model: shared weights copied, new temporal layers keep their zero-output init (Sec. 3.3.1)."""
-    path = init_file(path)
-    if path.endswith(".safetensors"):  # an export (sample.py --export) holds EMA weights only: start both from them
-        weights, config, _, step = read_checkpoint(path)
-        weights = {k: v.float() for k, v in weights.items()}
-        ckpt = {"model": weights, "ema": weights, "config": config, "step": step}
-    else:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    have = {k: v for k, v in dataclasses.asdict(build_config(ckpt["config"])).items() if k != "input_size"}
-    want = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "input_size"}
-    if cfg.temporal and not have["temporal"]:  # T2I -> T2V
-        torch.manual_seed(seed)
-        m = GenTron(cfg)
-        new = m.load_t2i_weights(ckpt["model"])
-        print0(f"init from T2I {path}: {len(new)} new temporal weights, {len(ckpt['model'])} copied")
-        model_sd = m.state_dict()
-        return model_sd, {**model_sd, **ckpt["ema"]}
-    if {**have, "num_frames": 0} != {**want, "num_frames": 0}:
-        diff = [k for k in want if have.get(k) != want[k]]
-        raise ValueError(f"--init-from {path} has a different model ({', '.join(f'{k}={have.get(k)}' for k in diff)})")
-    print0(f"init from {path}: model and EMA weights of step {ckpt['step']}")
-    return ckpt["model"], ckpt["ema"]
-
-
-# -----------------------------------------------------------------------------
 # the end of a run: a sample grid of held-out prompts and, on the built-in data, the oracle scores
 
 
@@ -430,7 +362,7 @@ def _train(args, make_data, kind, rank, world, device):
     ac = args.ac if args.ac is not None else args.size == "G"
 
     # model, optimizer, EMA - from the newest checkpoint (--resume), another run (--init-from) or a fresh init
-    if ckpt and dataclasses.asdict(build_config(ckpt["config"])) != dataclasses.asdict(cfg):  # older: defaults
+    if ckpt and config_dict(ckpt["config"]) != dataclasses.asdict(cfg):
         raise ValueError(f"{found[-1]} was trained with another model config {ckpt['config']}; use the same flags")
     model_sd = ema_sd = None  # full state dicts, needed on rank 0 only (None: the fresh seeded init)
     if ckpt:
@@ -523,7 +455,7 @@ def _train(args, make_data, kind, rank, world, device):
         done = torch.stack(pending).tolist()
         for k, (loss_val, norm_val) in enumerate(done, start=step - len(done) + 1):
             if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
-                last_good = checkpoints(out)[-1] if checkpoints(out) else "none"
+                last_good = (checkpoints(out) or ["none"])[-1]
                 raise SystemExit(f"step {k}: non-finite loss {loss_val} (grad norm {norm_val}); stopped at step "
                                  f"{step} without saving. Last good checkpoint: {last_good}")
         history["loss"] += [v[0] for v in done]

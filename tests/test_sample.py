@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import sample
 from diffusion import guided_eps_fn
 from model import GenTron, make_config
@@ -119,7 +120,7 @@ def test_sample_noise_does_not_depend_on_batching(ckpts):
 def test_generate_with_a_training_meta(ckpts):
     # train_t2i.py / experiments call generate on their in-memory model with the checkpoint's plain meta
     ckpt = torch.load(os.path.join(ckpts["t2i"], "ckpt-0000010.pt"), weights_only=True)
-    model = GenTron(sample.build_config(ckpt["config"]))
+    model = GenTron(checkpoint.build_config(ckpt["config"]))
     model.load_state_dict(ckpt["ema"])
     x = sample.generate(model.eval(), ckpt["meta"], ["a red circle"], steps=4, progress=False)
     ref, ref_meta = sample.load_model(ckpts["t2i"])
@@ -166,7 +167,7 @@ def test_mfg_one_is_plain_cfg_and_mfg_matters(ckpts):
 
 def test_export_roundtrip(ckpts, tmp_path):
     path = str(tmp_path / "toy.safetensors")
-    size = sample.export(ckpts["t2i"], path)
+    size = checkpoint.export(ckpts["t2i"], path)
     model, meta = sample.load_model(path)
     ref, ref_meta = sample.load_model(ckpts["t2i"])
     assert size == os.path.getsize(path) < 1.2 * 4 * sum(p.numel() for p in model.parameters())  # fp32 + header
@@ -175,7 +176,7 @@ def test_export_roundtrip(ckpts, tmp_path):
     x = sample.generate(model, meta, ["a red circle"], steps=4, progress=False)
     assert torch.equal(x, sample.generate(ref, ref_meta, ["a red circle"], steps=4, progress=False))
     half = str(tmp_path / "toy16.safetensors")
-    assert sample.export(ckpts["t2i"], half, "fp16") < 0.6 * size
+    assert checkpoint.export(ckpts["t2i"], half, "fp16") < 0.6 * size
     with pytest.raises(ValueError, match="EMA weights only"):
         sample.load_model(path, ema=False)
 

@@ -207,11 +207,11 @@ def test_t2v_starts_at_the_t2i_loss_on_pseudo_videos(tmp_path):
     with pytest.raises(SystemExit, match="--init-from"):
         V.main(tiny(tmp_path / "none", 1))
     # An export (EMA weights only) is a T2I parent too: both the model and its EMA start from those weights.
-    from sample import export
+    from checkpoint import export, load_init
 
     export(str(t2i), str(tmp_path / "t2i.safetensors"))
     cfg = GenTronConfig(**{**ckpt["config"], "temporal": True, "num_frames": 4})
-    model_sd, ema_sd = T.load_init(str(tmp_path / "t2i.safetensors"), cfg, 0)
+    model_sd, ema_sd = load_init(str(tmp_path / "t2i.safetensors"), cfg, 0)
     for k, v in ckpt["ema"].items():
         assert torch.equal(model_sd[k], v) and torch.equal(ema_sd[k], v)
     assert {k for k in model_sd if k not in ckpt["ema"]} == new

@@ -1,0 +1,188 @@
+"""
+Checkpoint files, the two formats every script reads:
+- a training run's `RUN/ckpt-NNNNNNN.pt`: plain types only (loads with weights_only=True) - model, EMA and
+  optimizer state, step, data position, RNG state, the model config and the run's meta and flags;
+- a `.safetensors` export (`sample.py --export`): EMA weights, with the config, meta and step as metadata.
+Here: finding them, reading them, writing them (atomically), exporting, and starting a new run from one
+(`--init-from`: same model at any resolution, or T2I weights into a T2V model, Sec. 3.3.1).
+"""
+
+import dataclasses
+import json
+import os
+import pickle
+import re
+
+import torch
+
+from model import GenTron, GenTronConfig
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# -----------------------------------------------------------------------------
+# finding and reading
+
+
+def checkpoints(run_dir):
+    """A run directory's ckpt-*.pt paths, oldest (lowest step) first; [] if there are none."""
+    if not os.path.isdir(run_dir):
+        return []
+    steps = sorted((int(m.group(1)), f) for f in os.listdir(run_dir) if (m := re.fullmatch(r"ckpt-(\d+)\.pt", f)))
+    return [os.path.join(run_dir, f) for _, f in steps]
+
+
+def resolve_checkpoint(path):
+    """A run directory -> its newest ckpt-*.pt (highest step); a file -> itself."""
+    if os.path.isdir(path):
+        found = checkpoints(path)
+        if not found:
+            raise FileNotFoundError(f"no ckpt-*.pt checkpoint in run directory {path}")
+        return found[-1]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return path
+
+
+def export_metadata(path):
+    """(config dict, meta dict, step) of a .safetensors export, read without its weights."""
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise ImportError("reading .safetensors models needs `pip install safetensors`") from None
+    with safe_open(path, "pt") as f:
+        md = f.metadata() or {}
+    if "config" not in md or "meta" not in md:
+        raise ValueError(f"{path} has no GenTron metadata ('config', 'meta'); make it with sample.py --export")
+    step = int(md["step"]) if md.get("step", "").lstrip("-").isdigit() else None
+    return json.loads(md["config"]), json.loads(md["meta"]), step
+
+
+def read_checkpoint(path, ema=True):
+    """-> (state dict, config dict, meta dict, step) of a .pt checkpoint or a .safetensors export."""
+    if path.endswith(".safetensors"):
+        config, meta, step = export_metadata(path)
+        if not ema:
+            raise ValueError(f"{path} is an export and holds EMA weights only; pass a ckpt-*.pt for --no-ema")
+        from safetensors.torch import load_file
+
+        return load_file(path), config, meta, step
+    try:  # plain types only (STYLE.md): never unpickle arbitrary objects
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} is not a plain-type GenTron checkpoint ({str(e).splitlines()[0]})") from None
+    missing = [k for k in ("model", "config", "meta") if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a GenTron checkpoint: missing {', '.join(missing)}")
+    weights = ckpt.get("ema") if ema else ckpt["model"]
+    if weights is None:
+        raise ValueError(f"{path} has no EMA weights; pass --no-ema to sample with the raw weights")
+    return weights, ckpt["config"], ckpt["meta"], ckpt.get("step")
+
+
+def build_config(config, path=""):
+    """GenTronConfig from the stored dict; fields added to model.py later keep their defaults."""
+    names = {f.name for f in dataclasses.fields(GenTronConfig)}
+    unknown = sorted(set(config) - names)
+    if unknown:
+        raise ValueError(f"{path}: config has fields this model.py does not know: {', '.join(unknown)}")
+    return GenTronConfig(**config)
+
+
+def config_dict(config):
+    """A stored config as dataclasses.asdict(GenTronConfig) would give it today: fields added to model.py after
+    the checkpoint was written take their defaults, so old checkpoints compare equal to the same model."""
+    return dataclasses.asdict(build_config(config))
+
+
+# -----------------------------------------------------------------------------
+# writing: training checkpoints and exports
+
+
+def save_checkpoint(out, step, model, opt, ema, names, pos, cfg, meta, args, keep):
+    """All ranks gather full state dicts; rank 0 writes ckpt-{step}.pt atomically (temp file + rename)
+    and keeps the last `keep`. Returns the checkpoint dict on rank 0 (None elsewhere)."""
+    # training-only imports: sample.py reads checkpoints without loading the distributed stack
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    from fsdp import full_tensors, master_process
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    ckpt = {"model": get_model_state_dict(model, options=opts), "ema": full_tensors(ema, names),
+            "optimizer": get_optimizer_state_dict(model, opt, options=opts), "step": step,
+            "rng": {"torch": torch.get_rng_state()}, "data": {"epoch": pos[0], "offset": pos[1]},
+            "config": dataclasses.asdict(cfg), "meta": meta, "args": vars(args)}
+    if master_process():
+        path = os.path.join(out, f"ckpt-{step:07d}.pt")
+        torch.save(ckpt, path + ".tmp")
+        os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written newest checkpoint
+        for old in checkpoints(out)[:-keep]:
+            os.remove(old)
+    dist.barrier()
+    return ckpt if master_process() else None
+
+
+def export(ckpt, out, dtype="fp32"):
+    """Write a checkpoint's EMA weights + {"config", "meta", "step"} metadata to a .safetensors file -> bytes."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ImportError("exporting needs `pip install safetensors`") from None
+    if not out.endswith(".safetensors"):
+        raise ValueError(f"export target {out} must end in .safetensors")
+    file = resolve_checkpoint(ckpt)
+    state, config, meta, step = read_checkpoint(file, ema=True)
+    state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    save_file(state, out, metadata={"config": json.dumps(config), "meta": json.dumps(meta), "step": str(step)})
+    return os.path.getsize(out)
+
+
+# -----------------------------------------------------------------------------
+# a new run from another run's weights (--init-from)
+
+
+def init_file(path):
+    """--init-from: a run folder (its newest checkpoint), a ckpt-*.pt or a .safetensors export."""
+    try:
+        return resolve_checkpoint(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--init-from: {e}") from None
+
+
+def stored_settings(path):
+    """(config, meta) of an --init-from run folder, checkpoint or export, without reading its weights."""
+    path = init_file(path)
+    if path.endswith(".safetensors"):
+        return export_metadata(path)[:2]
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return ckpt.get("config", {}), ckpt.get("meta", {})
+
+
+def load_init(path, cfg, seed):
+    """(model, EMA) full state dicts of another run for a new run. Same architecture: any resolution (sin-cos
+    positions are computed in forward, so a new grid needs nothing else; Sec. 4.1 256 -> 512). A T2I checkpoint
+    into a T2V model: shared weights copied, new temporal layers keep their zero-output init (Sec. 3.3.1)."""
+    from fsdp import print0
+
+    path = init_file(path)
+    if path.endswith(".safetensors"):  # an export (sample.py --export) holds EMA weights only: start both from them
+        weights, config, _, step = read_checkpoint(path)
+        weights = {k: v.float() for k, v in weights.items()}
+        ckpt = {"model": weights, "ema": weights, "config": config, "step": step}
+    else:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    have = {k: v for k, v in config_dict(ckpt["config"]).items() if k != "input_size"}
+    want = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "input_size"}
+    if cfg.temporal and not have["temporal"]:  # T2I -> T2V
+        torch.manual_seed(seed)
+        m = GenTron(cfg)
+        new = m.load_t2i_weights(ckpt["model"])
+        print0(f"init from T2I {path}: {len(new)} new temporal weights, {len(ckpt['model'])} copied")
+        model_sd = m.state_dict()
+        return model_sd, {**model_sd, **ckpt["ema"]}
+    if {**have, "num_frames": 0} != {**want, "num_frames": 0}:
+        diff = [k for k in want if have.get(k) != want[k]]
+        raise ValueError(f"--init-from {path} has a different model ({', '.join(f'{k}={have.get(k)}' for k in diff)})")
+    print0(f"init from {path}: model and EMA weights of step {ckpt['step']}")
+    return ckpt["model"], ckpt["ema"]
