@@ -190,6 +190,12 @@ def make_grid(tiles, cols, pad=2):
     return grid
 
 
+def grid_image(samples, cols):
+    """(n, H, W, 3) images or (n, T, H, W, 3) clips, uint8 -> one upscaled grid; a clip is a row of its frames."""
+    tiles = [np.concatenate(list(x), axis=1) if x.ndim == 4 else x for x in samples]  # clip: (H, T W, 3)
+    return make_grid([upscale(t) for t in tiles], cols if samples.ndim == 4 else 1)
+
+
 def write_mp4(path, frames, fps=FPS):
     """(T, H, W, 3) uint8 -> H.264 MP4 through imageio-ffmpeg (optional). Returns False when it is missing."""
     try:
@@ -208,13 +214,12 @@ def write_mp4(path, frames, fps=FPS):
 def save_samples(samples, records, out_dir, cols):
     """Write every sample (see the module docstring) and fill each record's file names."""
     os.makedirs(out_dir, exist_ok=True)
-    tiles, mp4 = [], True
+    mp4 = True
     for x, rec in zip(samples.numpy(), records):
         stem = f"{rec['index']:04d}_{slug(rec['prompt'])}"
         if x.ndim == 3:  # image (H, W, 3): native pixels, what evaluate.py reads
             Image.fromarray(x).save(os.path.join(out_dir, stem + ".png"))
             rec["file"] = stem + ".png"
-            tiles.append(x)
         else:  # video (T, H, W, 3)
             strip = np.concatenate(list(x), axis=1)  # frames left to right, (H, T W, 3), native pixels
             Image.fromarray(strip).save(os.path.join(out_dir, stem + "_strip.png"))
@@ -226,9 +231,7 @@ def save_samples(samples, records, out_dir, cols):
                 rec["mp4"] = stem + ".mp4"
             else:
                 mp4 = False
-            tiles.append(strip)
-    grid = make_grid([upscale(t) for t in tiles], cols if samples.ndim == 4 else 1)  # videos: one strip per row
-    Image.fromarray(grid).save(os.path.join(out_dir, "grid.png"))
+    Image.fromarray(grid_image(samples.numpy(), cols)).save(os.path.join(out_dir, "grid.png"))
     return mp4
 
 

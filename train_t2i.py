@@ -29,11 +29,11 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import data as D
+from checkpoint import checkpoints, config_dict, load_init, save_checkpoint, stored_settings
 from diffusion import Diffusion
 from fsdp import build_model, load_full_state, master_process, matmul_peak_tflops, print0, setup_distributed
 from model import SIZES, GenTron, GenTronConfig, flops_per_sample
-from checkpoint import checkpoints, config_dict, load_init, save_checkpoint, stored_settings
-from sample import generate, make_grid, upscale
+from sample import generate, grid_image
 from text_encoders import load_text_encoder
 
 # -----------------------------------------------------------------------------
@@ -133,7 +133,7 @@ class Data:
     frames: int = None  # clip length for videos
     encoder: object = None  # TextEncoder when captions are encoded on the fly
     latents: object = None  # latent space when images are encoded on the fly (not for cached data)
-    null: tuple = None  # (tokens (L, C), mask (L,), pooled (P,)) of "" when text features come precomputed
+    null: tuple = None  # (tokens (L, C), mask (L,), pooled (P,)) of "" on the device, for precomputed features
     prompts: list = None  # captions for the final sample grid
     p_motion_free: float = 0.0  # videos: fraction of motion-free pseudo-videos (bench draws its flags with it)
 
@@ -168,11 +168,12 @@ def cached_data(path, device, frames=None):
                 item["x"].shape[-1], m["text_dim"], m["pooled_dim"], shapes[0][0], m["num_frames"] or frames, null=null)
 
 
-def bench_data(args, frames=None, p_motion_free=0.0):
+def bench_data(args, device, frames=None, p_motion_free=0.0):
     """Random SD-VAE latents and CLIP+T5-shaped text features (120 tokens): no encoders, no files."""
-    res = args.resolution or 256
-    return Data(None, "bench", "clip+t5", "sd-vae", res, 4, res // 8, 768 + 4096, 768, 120, frames,
-                null=(torch.zeros(120, 768 + 4096), torch.ones(120, dtype=torch.bool), torch.zeros(768)),
+    res, C = args.resolution or 256, 768 + 4096
+    null = (torch.zeros(120, C, device=device), torch.ones(120, dtype=torch.bool, device=device),
+            torch.zeros(768, device=device))
+    return Data(None, "bench", "clip+t5", "sd-vae", res, 4, res // 8, C, 768, 120, frames, null=null,
                 p_motion_free=p_motion_free)
 
 
@@ -193,7 +194,7 @@ def bench_batches(data, micro, device, seed):
 def make_data_t2i(args, device):
     """--data for text-to-image: shapes | bench | cache dir | image folder / .jsonl."""
     if args.data == "bench":
-        return bench_data(args)
+        return bench_data(args, device)
     if os.path.isfile(os.path.join(args.data, "meta.json")):
         return cached_data(args.data, device)
     if args.data == "shapes":
@@ -269,7 +270,7 @@ def text_condition(batch, drop, data, device):
 
 
 @torch.no_grad()
-def final_samples(cfg, weights, data, kind, out, args, device):
+def final_samples(cfg, weights, data, meta, out, args, device):
     """RUN_DIR/samples.png (+ samples.txt) from sample.generate: DPM-Solver++(2M) with CFG, or for video
     motion-free guidance (Eq. 6); then evaluate.py's oracle on held-out compositions. Rank 0 only."""
     from evaluate import oracle_eval, oracle_table
@@ -277,15 +278,12 @@ def final_samples(cfg, weights, data, kind, out, args, device):
 
     model = GenTron(cfg).to(device).eval()
     model.load_state_dict(weights)
-    meta = {"text_encoder": data.text_encoder, "latent_space": data.latent_space, "resolution": data.resolution,
-            "num_frames": data.frames, "encoder": data.encoder, "latent": data.latents, "prediction": args.prediction}
+    meta = {**meta, "encoder": data.encoder, "latent": data.latents}  # the run's meta, encoders already loaded
     kw = dict(seed=args.seed, steps=args.sample_steps, cfg=args.cfg_scale, mfg=getattr(args, "mfg_scale", 1.0),
               device=device, progress=False)
     prompts = data.prompts[: args.num_samples]
     x = generate(model, meta, prompts, frames=data.frames, **kw).numpy()  # uint8 (n, [T,] H, W, 3)
-    tiles = [upscale(np.concatenate(list(v), axis=1) if v.ndim == 4 else v) for v in x]  # a clip: frames in a row
-    grid = make_grid(tiles, cols=1 if kind == "t2v" else math.ceil(math.sqrt(len(tiles))))
-    Image.fromarray(grid).save(os.path.join(out, "samples.png"))
+    Image.fromarray(grid_image(x, math.ceil(math.sqrt(len(x))))).save(os.path.join(out, "samples.png"))
     with open(os.path.join(out, "samples.txt"), "w") as f:
         f.write("\n".join(prompts) + "\n")
     print0(f"wrote {out}/samples.png: {len(prompts)} held-out prompts (samples.txt), {args.sample_steps} "
@@ -341,10 +339,7 @@ def _train(args, make_data, kind, rank, world, device):
         if master_process():
             D.build_cache(data.dataset, args.cache, data.encoder, data.latents, dataset_spec=data.spec)
         dist.barrier()
-        prompts, data = data.prompts, cached_data(args.cache, device, data.frames)
-        data.prompts = prompts
-    if data.null is not None:
-        data.null = tuple(t.to(device) for t in data.null)
+        data = dataclasses.replace(cached_data(args.cache, device, data.frames), prompts=data.prompts)
     ckpt = torch.load(found[-1], map_location="cpu", weights_only=True, mmap=True) if found else None  # --resume
     # A resumed run or a child run (--init-from) keeps its parent's patch size, QK-norm and prediction unless told
     parent = (ckpt["config"], ckpt["meta"]) if ckpt else stored_settings(args.init_from) if args.init_from else None
@@ -452,7 +447,7 @@ def _train(args, make_data, kind, rank, world, device):
         if not (log or save):
             continue  # no host sync: the GPU runs ahead of Python between log and checkpoint steps
         # One sync for all pending steps; a non-finite loss stops the run before any checkpoint is written.
-        done = torch.stack(pending).tolist()
+        done, pending = torch.stack(pending).tolist(), []
         for k, (loss_val, norm_val) in enumerate(done, start=step - len(done) + 1):
             if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
                 last_good = (checkpoints(out) or ["none"])[-1]
@@ -460,7 +455,6 @@ def _train(args, make_data, kind, rank, world, device):
                                  f"{step} without saving. Last good checkpoint: {last_good}")
         history["loss"] += [v[0] for v in done]
         history["grad_norm"] += [v[1] for v in done]
-        pending.clear()
         if log:
             rate = seen / (time.perf_counter() - t0)  # global samples per second over the interval
             mfu = f"{100 * rate * flops / (world * peak * 1e12):.1f}%" if peak else "n/a"
@@ -492,7 +486,7 @@ def _train(args, make_data, kind, rank, world, device):
         # An EMA averages the last ~1/(1-decay) steps; a shorter run would sample weights still near the init.
         use_ema = final["step"] >= 1 / (1 - args.ema)
         print0(f"sampling with the {'EMA' if use_ema else 'raw (run shorter than the EMA horizon)'} weights")
-        final_samples(cfg, final["ema" if use_ema else "model"], data, kind, out, args, device)
+        final_samples(cfg, final["ema" if use_ema else "model"], data, meta, out, args, device)
     dist.barrier()
     return history
 

@@ -37,7 +37,7 @@ def make_data_t2v(args, device):
     """--data for text-to-video: moving_shapes (+ shapes images) | bench | cache dir | video folder / .jsonl."""
     frames, p = args.num_frames, args.p_motion_free
     if args.data == "bench":
-        return T.bench_data(args, frames=frames, p_motion_free=p)
+        return T.bench_data(args, device, frames=frames, p_motion_free=p)
     if os.path.isfile(os.path.join(args.data, "meta.json")):
         return T.cached_data(args.data, device, frames)
     if args.data == "moving_shapes":
