@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model import GenTron, flops_per_sample, make_config
-from fsdp import build_model, matmul_peak_tflops, print0, setup_distributed  # as training builds and logs
+from fsdp import ShardedAdamW, build_model, matmul_peak_tflops, print0, setup_distributed  # as training builds and logs
 
 # Flash attention takes no mask, and cross-attention (and T2V temporal attention) pass a boolean one:
 # "flash" also allows the memory-efficient kernel, which then runs exactly the masked calls.
@@ -62,23 +62,24 @@ p.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK wi
 
 
 def timed(fn, steps, warmup, device):
-    """Median seconds per call of fn(), CUDA-event timed after warm-up (wall clock on CPU)."""
+    """Seconds per call of fn() over `steps` calls back to back after warm-up, CUDA-event timed (wall clock on
+    CPU). No sync between calls, as in training, so the host may run ahead: host time hidden behind GPU work
+    does not count, host time the GPU waits for does."""
     for _ in range(warmup):
         fn()
-    times = []
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        return (time.perf_counter() - t0) / steps
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
     for _ in range(steps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / steps
 
 
 def largest_batch(fits, start, limit):
@@ -165,7 +166,7 @@ def main(args):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     cfg = make_config(args.size, conditioning=args.conditioning, temporal=args.frames > 1, num_frames=args.frames)
 
-    def build():  # (model, the callable that is timed); build_model compiles each block itself
+    def build():  # (model, the callable that is timed); build_model compiles what it builds itself
         model = build_model(cfg, device, args.ac, args.compile) if args.fsdp else GenTron(cfg).to(device)
         return model, torch.compile(model, mode=args.compile_mode) if args.compile and not args.fsdp else model
 
@@ -198,8 +199,11 @@ def main(args):
             with amp:
                 loss = torch.nn.functional.mse_loss(fwd(**inp).float(), noise)
             loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            if args.fsdp:
+                opt.step(lr=1e-4)  # as training: gradient norm, AdamW on the shards, zero_grad
+            else:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
         return train_step, n, 3 * flops
 
     def measure(name, batch):
@@ -240,7 +244,8 @@ def main(args):
         if model is None:
             model, fwd = build()
         if name == "train":
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
+            opt = ShardedAdamW(model, lr=1e-4, weight_decay=0) if args.fsdp else \
+                torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
         else:
             model.eval()
         n, ran_out = len(rows), False

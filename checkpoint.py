@@ -103,13 +103,13 @@ def save_checkpoint(out, step, model, opt, ema, names, pos, cfg, meta, args, kee
     and keeps the last `keep`. Returns the checkpoint dict on rank 0 (None elsewhere)."""
     # training-only imports: sample.py reads checkpoints without loading the distributed stack
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from fsdp import full_tensors, master_process
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     ckpt = {"model": get_model_state_dict(model, options=opts), "ema": full_tensors(ema, names),
-            "optimizer": get_optimizer_state_dict(model, opt, options=opts), "step": step,
+            "optimizer": opt.full_state_dict(), "step": step,
             "rng": {"torch": torch.get_rng_state()}, "data": {"epoch": pos[0], "offset": pos[1]},
             "config": dataclasses.asdict(cfg), "meta": meta, "args": vars(args)}
     if master_process():

@@ -17,6 +17,7 @@ import torch.utils.checkpoint
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm import tqdm
 
 from model import GenTron
@@ -87,17 +88,24 @@ def build_model(cfg, device, ac=False, compile=False, init_state=None, seed=0):
     # bf16 compute and all-gathers, fp32 gradient reduce-scatter; sharded fp32 master weights (CPU: fp32)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
         else MixedPrecisionPolicy()
+    # One rank has nothing to shard: the whole model is then one FSDP2 unit (one bf16 cast of all weights per
+    # step, kept until backward) and one compiled graph, instead of per-block hooks that cost more host time
+    # than a small model's GPU step (README, "Performance"). The math is the same for any number of ranks.
+    per_block = dist.get_world_size() > 1
     for block in model.blocks:
         # Replacing forward on the instance (rather than wrapping the module) keeps GenTron's parameter
         # names, and puts recompute inside the compiled graph (a composable checkpoint() hook would not).
         forward = block.forward
         if ac:  # Sec. 4.1: activation checkpointing for G/2 - keep block inputs, recompute the rest in backward
             forward = _checkpointed(forward)
-        if compile:
+        if compile and per_block:
             forward = torch.compile(forward)
         block.forward = forward
-        fully_shard(block, mesh=mesh, mp_policy=mp)  # one all-gather / reduce-scatter unit per block
-    fully_shard(model, mesh=mesh, mp_policy=mp)  # the root: embedders, text projection, final layer
+        if per_block:
+            fully_shard(block, mesh=mesh, mp_policy=mp)  # one all-gather / reduce-scatter unit per block
+    if compile and not per_block:
+        model.forward = torch.compile(model.forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp)  # the root: embedders, text projection, final layer (1 rank: all)
     model.to_empty(device=device)  # allocate the local shards (uninitialised)
     # init: rank 0 builds the full model on CPU with init_weights() under the seed, and its weights are
     # broadcast and sharded - identical to single-process training for any number of ranks.
@@ -120,3 +128,73 @@ def _checkpointed(forward):
 def full_tensors(tensors, names):
     """Sharded DTensors -> {name: full CPU tensor} (a collective: every rank calls it)."""
     return {n: t.full_tensor().cpu() for n, t in zip(names, tensors)}
+
+
+# -----------------------------------------------------------------------------
+# the optimizer: AdamW on this rank's shards
+
+
+class ShardedAdamW:
+    """AdamW and the global gradient-norm clip on this rank's local shards of the FSDP2 parameters.
+
+    Why not torch.optim.AdamW(model.parameters()): every optimizer call on DTensor parameters goes through
+    DTensor dispatch on the host (15 ms per GenTron-XL/2 step on an H100, the GPU idle meanwhile; README,
+    "Performance"), and in torch 2.11 the fused kernel leaks one DTensorSpec per parameter per step
+    (pytorch/pytorch#188174), which a long run cannot afford. AdamW is elementwise, so stepping the shards is
+    the same update; only the gradient norm needs the other ranks (one all-reduce)."""
+
+    def __init__(self, model, **hparams):
+        self.model = model
+        self.names, self.params = zip(*model.named_parameters())
+        with torch.no_grad():  # views of the shards: stepping them updates the model
+            self.shards = [p.to_local() for p in self.params]
+        cuda = self.shards[0].is_cuda
+        self.opt = torch.optim.AdamW(self.shards, fused=cuda, foreach=not cuda, **hparams)
+
+    @torch.no_grad()
+    def step(self, lr, max_norm=float("inf")):
+        """Clip the gradients to global norm max_norm, take an AdamW step at lr, zero the gradients.
+        Returns the global gradient norm before clipping (a device scalar: no host sync)."""
+        for shard, p in zip(self.shards, self.params):
+            shard.grad = None if p.grad is None else p.grad.to_local()
+        grads = [s for s in self.shards if s.grad is not None]
+        norm_sq = torch.nn.utils.get_total_norm([s.grad for s in grads]) ** 2
+        dist.all_reduce(norm_sq)  # sum of the ranks' squared norms
+        norm = norm_sq.sqrt()
+        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm)  # scales by min(1, max_norm / norm)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
+        return norm
+
+    def full_state_dict(self):
+        """{"state": {name: {step, exp_avg, exp_avg_sq}}, "param_groups": [...]}, names for indices and full CPU
+        tensors for shards (torch.distributed.checkpoint's full optimizer state dict format). A collective."""
+        sd = self.opt.state_dict()
+        state = {self.names[i]: {k: _full(v, self.params[i]) if v.ndim else v.to("cpu", copy=True) for k, v in st.items()}
+                 for i, st in sd["state"].items()}
+        groups = [{**g, "params": [self.names[i] for i in g["params"]]} for g in sd["param_groups"]]
+        return {"state": state, "param_groups": groups}
+
+    def load_full_state_dict(self, full):
+        """The inverse of full_state_dict: each rank keeps its shard of every state tensor."""
+        index = {n: i for i, n in enumerate(self.names)}
+        state = {index[n]: {k: _shard(v, self.params[index[n]]) if v.ndim else v.clone() for k, v in st.items()}
+                 for n, st in full["state"].items()}
+        device_choice = {k: self.opt.param_groups[0][k] for k in ("fused", "foreach")}  # this run's device
+        groups = [{**g, **device_choice, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]]
+        self.opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _full(shard, like):
+    """This rank's shard of a tensor laid out like the DTensor `like` -> the full tensor on the CPU (a collective)."""
+    dt = DTensor.from_local(shard, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
+    return dt.full_tensor().to("cpu", copy=True)  # a copy even where it is already on the CPU (1 rank)
+
+
+def _shard(full, like):
+    """A full tensor (the same on every rank) -> this rank's shard, laid out like the DTensor `like`."""
+    shard = distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+    return shard.to_local().clone()  # its own memory: the optimizer updates it in place

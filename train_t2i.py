@@ -24,14 +24,12 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import data as D
 from checkpoint import checkpoints, config_dict, load_init, save_checkpoint, stored_settings
 from diffusion import Diffusion
-from fsdp import build_model, load_full_state, master_process, matmul_peak_tflops, print0, setup_distributed
+from fsdp import ShardedAdamW, build_model, load_full_state, master_process, matmul_peak_tflops, print0, setup_distributed
 from model import SIZES, GenTron, GenTronConfig, flops_per_sample
 from sample import generate, grid_image
 from text_encoders import load_text_encoder
@@ -370,11 +368,10 @@ def _train(args, make_data, kind, rank, world, device):
     ema = [p.detach().clone() for p in params]  # EMA shards live next to the parameter shards
     if ckpt or args.init_from:
         load_full_state(model, model_sd)
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
-                            fused=device.type == "cuda", foreach=device.type != "cuda")
+    opt = ShardedAdamW(model, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
     step, pos = 0, (0, 0)
     if ckpt:
-        set_optimizer_state_dict(model, opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+        opt.load_full_state_dict(ckpt["optimizer"])
         step, pos = ckpt["step"], (ckpt["data"]["epoch"], ckpt["data"]["offset"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         print0(f"resumed {found[-1]} at step {step}")
@@ -404,8 +401,8 @@ def _train(args, make_data, kind, rank, world, device):
 
     history = {"loss": [], "grad_norm": []}
     pending = []  # (loss, grad norm) device scalars of the steps since the last host sync
-    with torch.no_grad():  # views of this rank's shards: the optimizer and the EMA update them in place
-        ema_shards, param_shards = [e.to_local() for e in ema], [p.to_local() for p in params]
+    with torch.no_grad():  # views of this rank's shards: the EMA updates them in place
+        ema_shards = [e.to_local() for e in ema]
     # the bar only on rank 0 and only on a terminal (disable=None): a log file gets the step lines alone
     bar = tqdm(total=args.max_steps, initial=step, disable=None if master_process() else True, dynamic_ncols=True,
                desc=kind)
@@ -429,15 +426,11 @@ def _train(args, make_data, kind, rank, world, device):
             (loss / A).backward()
             loss_sum += loss.detach()
         dist.all_reduce(loss_sum)  # sum over ranks (gloo has no AVG); stays on the device
-        norm = torch.nn.utils.clip_grad_norm_(params, args.clip if args.clip > 0 else float("inf"))
-        pending.append(torch.stack([loss_sum / (A * world), norm.full_tensor() if isinstance(norm, DTensor) else norm]))
         lr = lr_at(args, step)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        norm = opt.step(lr, args.clip if args.clip > 0 else float("inf"))  # clip, AdamW, zero the gradients
+        pending.append(torch.stack([loss_sum / (A * world), norm]))
         with torch.no_grad():  # EMA: ema <- decay ema + (1 - decay) params, on the shards (no communication)
-            torch._foreach_lerp_(ema_shards, param_shards, 1.0 - args.ema)
+            torch._foreach_lerp_(ema_shards, opt.shards, 1.0 - args.ema)
         epoch, offset = next_position(pos, B, len(data.dataset) if data.dataset is not None else math.inf)
         pos = (epoch, offset + B)  # data position after this step, saved in checkpoints
         seen += B

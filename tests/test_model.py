@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import GenTron, count_params, flops_per_sample, make_config, param_formula
+from model import MLP, GenTron, count_params, flops_per_sample, linear_gelu, make_config, param_formula
 
 TEXT_DIM, POOLED_DIM, L = 24, 16, 7
 
@@ -213,3 +214,24 @@ def test_attention_logit_max_ignores_padded_text():
     text[0, 3] = 1e3  # a real token: now it shows
     assert max(attention_logit_max(model, **{**batch, "text": text})["cross"]) > 10 * max(
         attention_logit_max(model, **batch)["cross"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused GELU runs on CUDA only (run on a GPU machine)")
+def test_fused_linear_gelu_is_the_tanh_gelu_on_cuda():
+    """Sampling on CUDA runs fc1 + GELU as one cuBLASLt GEMM (model.linear_gelu): in fp32 it is the tanh GELU of
+    the MLP (not the erf form) to float precision, and under bf16 autocast the MLP agrees with the plain path."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    mlp = MLP(256, 1024).cuda()
+    x = torch.randn(4, 64, 256, device="cuda")
+    with torch.no_grad():
+        h = linear_gelu(x, mlp.fc1)
+        pre = mlp.fc1(x)
+        assert (h - F.gelu(pre, approximate="tanh")).abs().max() < 1e-5
+        assert (h - F.gelu(pre)).abs().max() > 1e-4  # the erf GELU differs visibly
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            fused = mlp(x)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        plain = mlp(x)  # grad enabled: the unfused path
+    assert fused.dtype == plain.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-2, atol=2e-2)

@@ -178,6 +178,49 @@ def test_activation_checkpointing_gives_same_gradients(process_group):
         torch.testing.assert_close(grads[True][n], grads[False][n], rtol=0, atol=0)  # recompute is exact on CPU
 
 
+def test_sharded_adamw_is_torch_adamw_with_clipping(process_group):
+    """fsdp.ShardedAdamW (AdamW on the local shards, one all-reduce for the norm) takes the steps that
+    torch.optim.AdamW + clip_grad_norm_ take on the unsharded model, clipping active; its full state dict
+    loads into a fresh one that then continues identically."""
+    device = process_group
+    cfg = GenTronConfig(depth=2, width=64, mlp_width=128, heads=4, in_channels=3, input_size=8, text_dim=16, pooled_dim=8)
+    g = torch.Generator().manual_seed(0)
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in fsdp.fresh_state(cfg, 0).items()}
+    batches = [dict(x=torch.randn(3, 3, 8, 8, generator=g), t=torch.tensor([10, 500, 999]),
+                    text=torch.randn(3, 5, 16, generator=g), text_mask=torch.ones(3, 5, dtype=torch.bool),
+                    pooled=torch.randn(3, 8, generator=g)) for _ in range(3)]
+    hp = dict(betas=(0.9, 0.99), weight_decay=0.01)
+    ref = GenTron(cfg)
+    ref.load_state_dict(state)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, **hp)
+    model = fsdp.build_model(cfg, device, init_state=state)
+    opt = fsdp.ShardedAdamW(model, lr=1e-3, **hp)
+    for k, batch in enumerate(batches[:2]):
+        ref(**batch).square().mean().backward()
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+        ref_opt.step()
+        ref_opt.zero_grad()
+        model(**batch).square().mean().backward()
+        norm = opt.step(1e-3, 0.05)
+        assert ref_norm > 0.1  # the clip scaled these gradients down
+        torch.testing.assert_close(norm, ref_norm)
+    full = {n: p.full_tensor() for n, p in model.named_parameters()}
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(full[n], p.detach(), rtol=1e-5, atol=1e-6)
+        assert p.grad is None and model.get_parameter(n).grad is None  # zeroed
+    # resume: a new model + optimizer from the full state dicts takes the same third step
+    saved = opt.full_state_dict()
+    assert set(saved["state"]) == set(full) and saved["state"]["final_layer.linear.weight"]["exp_avg"].shape == (12, 64)
+    model2 = fsdp.build_model(cfg, device, init_state=full)
+    opt2 = fsdp.ShardedAdamW(model2, lr=1e-3, **hp)
+    opt2.load_full_state_dict(saved)
+    for m, o in ((model, opt), (model2, opt2)):
+        m(**batches[2]).square().mean().backward()
+        o.step(1e-3, 0.05)
+    for (n, p), p2 in zip(model.named_parameters(), model2.parameters()):
+        torch.testing.assert_close(p2.full_tensor(), p.full_tensor(), rtol=0, atol=0)
+
+
 # -----------------------------------------------------------------------------
 # T2V from a T2I checkpoint (Sec. 3.3.1)
 
