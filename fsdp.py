@@ -1,12 +1,13 @@
 """
 The distributed runtime that training and bench.py share: one process group for any number of
 processes (torchrun, or a 1-process group under plain `python`), rank-0 printing, the measured
-matmul peak that MFU is reported against, and GenTron built as FSDP2 shards.
+matmul peak that MFU is reported against, GenTron built as FSDP2 shards, and AdamW on the shards.
 
 FSDP2 in torchtitan order: the model is built on the meta device, each block gets activation
 checkpointing and torch.compile, then fully_shard per block and at the root (bf16 compute, fp32
-gradient reduction), then to_empty and the weights of a seeded single-process init, broadcast
-from rank 0 - so N ranks x batch b trains exactly like 1 rank x batch Nb (tests/test_train.py).
+gradient reduction; one rank: the root alone, compiled whole), then to_empty and the weights of a
+seeded single-process init, broadcast from rank 0 - so N ranks x batch b trains exactly like
+1 rank x batch Nb (tests/test_train.py).
 """
 
 import os
@@ -90,7 +91,7 @@ def build_model(cfg, device, ac=False, compile=False, init_state=None, seed=0):
         else MixedPrecisionPolicy()
     # One rank has nothing to shard: the whole model is then one FSDP2 unit (one bf16 cast of all weights per
     # step, kept until backward) and one compiled graph, instead of per-block hooks that cost more host time
-    # than a small model's GPU step (README, "Performance"). The math is the same for any number of ranks.
+    # than a small model's GPU step (README, "Throughput and MFU"). The math is the same for any number of ranks.
     per_block = dist.get_world_size() > 1
     for block in model.blocks:
         # Replacing forward on the instance (rather than wrapping the module) keeps GenTron's parameter
@@ -137,11 +138,12 @@ def full_tensors(tensors, names):
 class ShardedAdamW:
     """AdamW and the global gradient-norm clip on this rank's local shards of the FSDP2 parameters.
 
-    Why not torch.optim.AdamW(model.parameters()): every optimizer call on DTensor parameters goes through
-    DTensor dispatch on the host (15 ms per GenTron-XL/2 step on an H100, the GPU idle meanwhile; README,
-    "Performance"), and in torch 2.11 the fused kernel leaks one DTensorSpec per parameter per step
-    (pytorch/pytorch#188174), which a long run cannot afford. AdamW is elementwise, so stepping the shards is
-    the same update; only the gradient norm needs the other ranks (one all-reduce)."""
+    Why not torch.optim.AdamW(model.parameters()): in torch 2.11 the fused kernel on DTensor parameters keeps
+    one DTensorSpec per parameter per step alive (pytorch/pytorch#188174; 160 a step for the toy model, measured),
+    host memory that grows for as long as the run lasts; and every optimizer and clipping call on DTensors
+    pays DTensor dispatch on the host (about 15 ms of the toy model's synchronised step; README, "Throughput
+    and MFU"). AdamW is elementwise, so stepping the shards is the same update; only the gradient norm needs
+    the other ranks (one all-reduce)."""
 
     def __init__(self, model, **hparams):
         self.model = model
@@ -161,7 +163,8 @@ class ShardedAdamW:
         norm_sq = torch.nn.utils.get_total_norm([s.grad for s in grads]) ** 2
         dist.all_reduce(norm_sq)  # sum of the ranks' squared norms
         norm = norm_sq.sqrt()
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm)  # scales by min(1, max_norm / norm)
+        if max_norm < float("inf"):
+            torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm)  # scales by min(1, max_norm / norm)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()

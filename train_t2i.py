@@ -80,7 +80,7 @@ def get_parser(kind="t2i"):
     # system
     p.add_argument("--ac", action=argparse.BooleanOptionalAction, default=None,
                    help="activation checkpointing per block (default: on for G, Sec. 4.1)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (each block when sharded over ranks)")
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 4 on GPU, 0 on CPU)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     # run folder, logs, checkpoints
