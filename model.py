@@ -197,7 +197,7 @@ class MLP(nn.Module):
 def linear_gelu(x, linear):
     """gelu_tanh(linear(x)) with the GELU in the GEMM's epilogue (cuBLASLt), so the (..., 4D) hidden activations
     are written once instead of written, read and written again: 6 of the 90 ms of an XL/2 sampling pass (README,
-    "Performance"). CUDA and inference only (torch has no backward for it); dtype as autocast would pick."""
+    "Throughput and MFU"). CUDA and inference only (torch has no backward for it); dtype as autocast would pick."""
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
     h = torch._addmm_activation(linear.bias.to(dtype), x.reshape(-1, x.shape[-1]).to(dtype),
                                 linear.weight.to(dtype).t(), use_gelu=True)  # cuBLASLt's GELU is the tanh form
