@@ -5,7 +5,7 @@ matmul peak that MFU is reported against, GenTron built as FSDP2 shards, and Ada
 
 FSDP2 in torchtitan order: the model is built on the meta device, each block gets activation
 checkpointing and torch.compile, then fully_shard per block and at the root (bf16 compute, fp32
-gradient reduction; one rank: the root alone, compiled whole), then to_empty and the weights of a
+gradient reduction; one rank without checkpointing: the root alone, compiled whole), then to_empty and the weights of a
 seeded single-process init, broadcast from rank 0 - so N ranks x batch b trains exactly like
 1 rank x batch Nb (tests/test_train.py).
 """
@@ -89,10 +89,12 @@ def build_model(cfg, device, ac=False, compile=False, init_state=None, seed=0):
     # bf16 compute and all-gathers, fp32 gradient reduce-scatter; sharded fp32 master weights (CPU: fp32)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
         else MixedPrecisionPolicy()
-    # One rank has nothing to shard: the whole model is then one FSDP2 unit (one bf16 cast of all weights per
-    # step, kept until backward) and one compiled graph, instead of per-block hooks that cost more host time
-    # than a small model's GPU step (README, "Throughput and MFU"). The math is the same for any number of ranks.
-    per_block = dist.get_world_size() > 1
+    # A unit per block: only one block's bf16 weights and gradients are unsharded at a time - needed across
+    # ranks, and on one rank with activation checkpointing (memory-bound: G/2). Otherwise one rank makes the
+    # whole model one FSDP2 unit (one bf16 cast of all weights per step, kept until backward) and one compiled
+    # graph: per-block hooks cost more host time than a small model's GPU step (README, "Throughput and MFU").
+    # The math is the same either way.
+    per_block = dist.get_world_size() > 1 or ac
     for block in model.blocks:
         # Replacing forward on the instance (rather than wrapping the module) keeps GenTron's parameter
         # names, and puts recompute inside the compiled graph (a composable checkpoint() hook would not).
