@@ -201,5 +201,5 @@ def _full(shard, like):
 
 def _shard(full, like):
     """A full tensor (the same on every rank) -> this rank's shard, laid out like the DTensor `like`."""
-    shard = distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+    shard = distribute_tensor(full.to(like.device), like.device_mesh, like.placements)  # rank 0's copy, scattered
     return shard.to_local().clone()  # its own memory: the optimizer updates it in place
