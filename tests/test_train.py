@@ -96,6 +96,10 @@ def test_two_processes_match_one(tmp_path):
     a, b = load(tmp_path / "two" / "ckpt-0000005.pt"), load(tmp_path / "one" / "ckpt-0000005.pt")
     for k in a["ema"]:
         torch.testing.assert_close(a["ema"][k], b["ema"][k], rtol=1e-4, atol=1e-6)
+    for k, state in a["optimizer"]["state"].items():  # AdamW's moments, gathered from the 2 ranks' shards
+        assert state["exp_avg"].shape == b["optimizer"]["state"][k]["exp_avg"].shape == b["model"][k].shape
+        for m in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(state[m], b["optimizer"]["state"][k][m], rtol=1e-3, atol=1e-9)
 
 
 # -----------------------------------------------------------------------------
