@@ -178,8 +178,8 @@ class ShardedAdamW:
         """{"state": {name: {step, exp_avg, exp_avg_sq}}, "param_groups": [...]}, names for indices and full CPU
         tensors for shards (torch.distributed.checkpoint's full optimizer state dict format). A collective."""
         sd = self.opt.state_dict()
-        state = {self.names[i]: {k: _full(v, self.params[i]) if v.ndim else v.to("cpu", copy=True) for k, v in st.items()}
-                 for i, st in sd["state"].items()}
+        state = {self.names[i]: {k: _full(v, self.params[i]) if v.ndim else v.to("cpu", copy=True)
+                                 for k, v in st.items()} for i, st in sd["state"].items()}
         groups = [{**g, "params": [self.names[i] for i in g["params"]]} for g in sd["param_groups"]]
         return {"state": state, "param_groups": groups}
 

@@ -29,7 +29,8 @@ from tqdm import tqdm
 import data as D
 from checkpoint import checkpoints, config_dict, load_init, save_checkpoint, stored_settings
 from diffusion import Diffusion
-from fsdp import ShardedAdamW, build_model, load_full_state, master_process, matmul_peak_tflops, print0, setup_distributed
+from fsdp import (ShardedAdamW, build_model, load_full_state, master_process, matmul_peak_tflops, print0,
+                  setup_distributed)
 from model import SIZES, GenTron, GenTronConfig, flops_per_sample
 from sample import generate, grid_image
 from text_encoders import load_text_encoder
