@@ -1,8 +1,10 @@
 """
 Throughput and MFU of GenTron: a training step (forward, backward, fused AdamW) and a sampling forward
-pass (the CFG batch: prompts + null captions), timed with CUDA events after warm-up. One device by
+pass (the CFG batch: prompts + null captions), timed with CUDA events over steps run back to back after
+warm-up. One device by
 default; with --fsdp (implied under torchrun) the model is built exactly as train_t2i.py trains it:
-FSDP2 per block, bf16 compute, optional activation checkpointing (--ac) and per-block torch.compile.
+FSDP2 (a unit per block; one rank without --ac: one unit), bf16 compute, optional activation
+checkpointing (--ac) and torch.compile, AdamW on the shards (fsdp.ShardedAdamW).
 
 MFU = model FLOP/s / the bf16 matmul peak measured in the same run (an 8192^3 product), with model
 FLOPs from model.flops_per_sample: 3x forward for a training step (recompute not counted), 1x for
@@ -45,7 +47,7 @@ p.add_argument("--batch", type=int, default=64,
 p.add_argument("--resolution", type=int, default=256, help="pixels; SD-VAE latents are resolution / 8")
 p.add_argument("--frames", type=int, default=1, help=">1 benchmarks the T2V model on clips")
 p.add_argument("--text-len", type=int, default=120)
-p.add_argument("--compile", action="store_true", help="torch.compile the model (with --fsdp: each block)")
+p.add_argument("--compile", action="store_true", help="torch.compile the model (with --fsdp: as fsdp.build_model does)")
 p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs (not with --fsdp)")
 p.add_argument("--fsdp", action="store_true", help="FSDP2 as training builds it (fsdp.build_model) (implied when WORLD_SIZE > 1)")
 p.add_argument("--ac", action="store_true", help="activation checkpointing per block (needs --fsdp)")
@@ -155,7 +157,7 @@ def main(args):
     if args.ac and not args.fsdp:
         p.error("--ac needs --fsdp (activation checkpointing is applied by fsdp.build_model)")
     if args.compile_mode and (args.fsdp or not args.compile):
-        p.error("--compile-mode applies to --compile without --fsdp (build_model compiles blocks in the default mode)")
+        p.error("--compile-mode applies to --compile without --fsdp (build_model compiles in the default mode)")
     if args.fsdp:  # a 1-process group under plain python, so one code path for any number of GPUs
         rank, world, device, created = setup_distributed(args.device)
     else:
