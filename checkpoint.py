@@ -98,17 +98,18 @@ def config_dict(config):
 # writing: training checkpoints and exports
 
 
-def save_checkpoint(out, step, model, opt, ema, names, pos, cfg, meta, args, keep):
+def save_checkpoint(out, step, model, opt, ema, pos, cfg, meta, args, keep):
     """All ranks gather full state dicts; rank 0 writes ckpt-{step}.pt atomically (temp file + rename)
-    and keeps the last `keep`. Returns the checkpoint dict on rank 0 (None elsewhere)."""
+    and keeps the last `keep`. opt: fsdp.ShardedAdamW; ema: this rank's EMA shards, in its parameter order.
+    Returns the checkpoint dict on rank 0 (None elsewhere)."""
     # training-only imports: sample.py reads checkpoints without loading the distributed stack
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from fsdp import full_tensors, master_process
+    from fsdp import master_process
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    ckpt = {"model": get_model_state_dict(model, options=opts), "ema": full_tensors(ema, names),
+    ckpt = {"model": get_model_state_dict(model, options=opts), "ema": opt.gather(ema),
             "optimizer": opt.full_state_dict(), "step": step,
             "rng": {"torch": torch.get_rng_state()}, "data": {"epoch": pos[0], "offset": pos[1]},
             "config": dataclasses.asdict(cfg), "meta": meta, "args": vars(args)}

@@ -128,11 +128,6 @@ def _checkpointed(forward):
     return checkpointed_forward
 
 
-def full_tensors(tensors, names):
-    """Sharded DTensors -> {name: full CPU tensor} (a collective: every rank calls it)."""
-    return {n: t.full_tensor().cpu() for n, t in zip(names, tensors)}
-
-
 # -----------------------------------------------------------------------------
 # the optimizer: AdamW on this rank's shards
 
@@ -173,6 +168,11 @@ class ShardedAdamW:
         self.opt.zero_grad(set_to_none=True)
         self.model.zero_grad(set_to_none=True)
         return norm
+
+    def gather(self, shards):
+        """This rank's shards of tensors shaped like the parameters (the EMA), in their order -> {name: full CPU
+        tensor}. A collective: every rank calls it."""
+        return {n: _full(s, p) for n, s, p in zip(self.names, shards, self.params)}
 
     def full_state_dict(self):
         """{"state": {name: {step, exp_avg, exp_avg_sq}}, "param_groups": [...]}, names for indices and full CPU

@@ -365,11 +365,11 @@ def _train(args, make_data, kind, rank, world, device):
         model_sd, ema_sd = load_init(args.init_from, cfg, args.seed)
     # The EMA weights go through the model first: build with them, copy the shards, then load the weights.
     model = build_model(cfg, device, ac, args.compile, ema_sd, args.seed)
-    names, params = zip(*model.named_parameters())
-    ema = [p.detach().clone() for p in params]  # EMA shards live next to the parameter shards
-    if ckpt or args.init_from:
-        load_full_state(model, model_sd)
     opt = ShardedAdamW(model, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
+    with torch.no_grad():
+        ema = [s.clone() for s in opt.shards]  # this rank's EMA shards, next to its parameter shards
+    if ckpt or args.init_from:
+        load_full_state(model, model_sd)  # in place: the optimizer's views of the shards stay valid
     step, pos = 0, (0, 0)
     if ckpt:
         opt.load_full_state_dict(ckpt["optimizer"])
@@ -393,7 +393,7 @@ def _train(args, make_data, kind, rank, world, device):
     diffusion = Diffusion(prediction=args.prediction)
     peak = matmul_peak_tflops(device) if master_process() else None
     flops = 3 * flops_per_sample(cfg, data.text_len, data.frames or 1)  # fwd + bwd = 3x fwd; recompute not counted
-    print0(f"{kind} GenTron-{args.size}: {sum(p.numel() for p in params) / 1e6:.2f}M params, {world} rank(s) on "
+    print0(f"{kind} GenTron-{args.size}: {sum(p.numel() for p in opt.params) / 1e6:.2f}M params, {world} rank(s) on "
            f"{device.type}, global batch {B} = {world} x {micro} x {A} accum, {data.spec}, AC {ac}, compile {args.compile}")
     if kind == "t2i" and args.data == "shapes" and args.size == "toy" and device.type == "cpu":
         print0(f"toy run on the CPU at patch {cfg.patch} (the bar shows the time left): {args.max_steps} steps; then "
@@ -402,8 +402,6 @@ def _train(args, make_data, kind, rank, world, device):
 
     history = {"loss": [], "grad_norm": []}
     pending = []  # (loss, grad norm) device scalars of the steps since the last host sync
-    with torch.no_grad():  # views of this rank's shards: the EMA updates them in place
-        ema_shards = [e.to_local() for e in ema]
     # the bar only on rank 0 and only on a terminal (disable=None): a log file gets the step lines alone
     bar = tqdm(total=args.max_steps, initial=step, disable=None if master_process() else True, dynamic_ncols=True,
                desc=kind)
@@ -431,7 +429,7 @@ def _train(args, make_data, kind, rank, world, device):
         norm = opt.step(lr, args.clip if args.clip > 0 else float("inf"))  # clip, AdamW, zero the gradients
         pending.append(torch.stack([loss_sum / (A * world), norm]))
         with torch.no_grad():  # EMA: ema <- decay ema + (1 - decay) params, on the shards (no communication)
-            torch._foreach_lerp_(ema_shards, opt.shards, 1.0 - args.ema)
+            torch._foreach_lerp_(ema, opt.shards, 1.0 - args.ema)
         epoch, offset = next_position(pos, B, len(data.dataset) if data.dataset is not None else math.inf)
         pos = (epoch, offset + B)  # data position after this step, saved in checkpoints
         seen += B
@@ -464,14 +462,14 @@ def _train(args, make_data, kind, rank, world, device):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
         if save:
-            final = save_checkpoint(out, step, model, opt, ema, names, pos, cfg, meta, args, args.keep)
+            final = save_checkpoint(out, step, model, opt, ema, pos, cfg, meta, args, args.keep)
         if args.time_limit is None:
             continue
         late = torch.tensor(float(time.perf_counter() > deadline), device=device)
         dist.all_reduce(late)  # the ranks' clocks differ: all stop at the same step, or none does
         if late.item():
             if not save:
-                final = save_checkpoint(out, step, model, opt, ema, names, pos, cfg, meta, args, args.keep)
+                final = save_checkpoint(out, step, model, opt, ema, pos, cfg, meta, args, args.keep)
             print0(f"--time-limit {args.time_limit} min reached: stopped at step {step} of {args.max_steps}")
             break
     bar.close()
