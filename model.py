@@ -162,6 +162,8 @@ class CrossAttention(nn.Module):
 class TemporalAttention(nn.Module):
     """TempSelfAttn (Sec. 3.3.1, Eq. 3-5): each patch position attends across the T frames of its clip."""
 
+    tile = 128  # query rows per tile of the fused attention kernels (flash, cuDNN); see pack_size
+
     def __init__(self, dim, heads, qk_norm=False):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
@@ -171,15 +173,32 @@ class TemporalAttention(nn.Module):
         n = x.shape[1]
         x = rearrange(x, "(b t) n d -> (b n) t d", t=frames)  # Eq. 3
         h = self.norm(x) + sincos_1d(torch.arange(frames, device=x.device), x.shape[-1]).to(x.dtype)
-        mask = None
-        if motion_free is not None:
-            # Sec. 3.3.2, Fig. 3: a motion-free clip uses the identity as its attention mask, so every
-            # frame attends only to itself and temporal modelling is switched off for that sample.
-            eye = torch.eye(frames, dtype=torch.bool, device=x.device)
-            mask = eye | ~motion_free[:, None, None]  # (B, T, T): all-True rows for motion clips
-            mask = mask.repeat_interleave(n, dim=0)[:, None]  # (B N, 1, T, T)
-        x = x + self.attn(h, mask)  # Eq. 4 (plus a sin-cos frame position inside the branch)
+        # The (B N) sequences are only T = 8 frames long; a fused kernel would spend a whole tile of `tile`
+        # rows on each. So `pack` consecutive sequences run as one of pack * T tokens, with a block-diagonal
+        # mask keeping each frame inside its own sequence: the same attention, ~7x faster at T2V XL/2
+        # (README, "Throughput and MFU"). Packing is a reshape: the sequences are contiguous in (B N, T, D).
+        pack = self.pack_size(x.shape[0], frames)
+        mask = self.packed_mask(pack, frames, n, motion_free, x.device)
+        out = self.attn(h.reshape(-1, pack * frames, h.shape[-1]), mask).view_as(x)
+        x = x + out  # Eq. 4 (plus a sin-cos frame position inside the branch)
         return rearrange(x, "(b n) t d -> (b t) n d", n=n)  # Eq. 5
+
+    def pack_size(self, sequences, frames):
+        """The most sequences (at most tile // frames) that divide `sequences` evenly, 1 for long clips."""
+        return max(p for p in range(1, max(1, self.tile // frames) + 1) if sequences % p == 0)
+
+    @staticmethod
+    def packed_mask(pack, frames, n, motion_free, device):
+        """Attention mask (True = attend) over packs of `pack` sequences of `frames` tokens: block-diagonal,
+        (pack T, pack T); None when there is nothing to mask. With motion-free flags (B,) it is (B N / pack, 1,
+        pack T, pack T): Sec. 3.3.2, Fig. 3, a motion-free clip attends with the identity, so every frame sees
+        only itself and temporal modelling is off for that sample."""
+        i = torch.arange(pack * frames, device=device)
+        mask = (i[:, None] // frames) == (i[None, :] // frames)  # same sequence
+        if motion_free is not None:
+            row_free = motion_free.repeat_interleave(n * frames).view(-1, pack * frames, 1)  # each query's clip
+            return (mask & ((i[:, None] == i[None, :]) | ~row_free))[:, None]
+        return None if pack == 1 else mask
 
 
 class MLP(nn.Module):

@@ -151,6 +151,8 @@ def test_flop_formula_matches_flop_counter(conditioning, frames):
     model = build(conditioning=conditioning, temporal=frames is not None, randomize=False)
     batch = inputs(b=2, frames=frames)
     kw = {} if frames is None else {"motion_free": None}
+    for block in model.blocks if frames else ():  # one clip per temporal attention (no packing): masked-out
+        block.temporal.tile = frames  # products between packed sequences are not model FLOPs
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # math SDPA is counted
         model(**batch, **kw)
     expected = 2 * flops_per_sample(model.cfg, text_len=L, frames=frames or 1, resolution=16)
@@ -235,3 +237,23 @@ def test_fused_linear_gelu_is_the_tanh_gelu_on_cuda():
         plain = mlp(x)  # grad enabled: the unfused path
     assert fused.dtype == plain.dtype == torch.bfloat16
     torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("frames", [6, 8])
+def test_packed_temporal_attention_is_per_clip_attention(frames):
+    """TemporalAttention runs `pack` (B N) sequences as one with a block-diagonal mask (fast fused kernels);
+    it must equal attending over each sequence of T frames alone (tile = T: one sequence per pack), with and
+    without the motion-free identity mask (Sec. 3.3.2), in a random-weight model."""
+    model = build(temporal=True)
+    vid = inputs(b=3, frames=frames)
+    seqs = 3 * (16 // 2) ** 2  # B N: 3 clips x 64 patch positions
+    assert model.blocks[0].temporal.pack_size(seqs, frames) == 16  # 16 sequences of T <= 8 in a tile of 128
+    for flags in (None, torch.tensor([True, False, True])):
+        packed = model(**vid, motion_free=flags)
+        for block in model.blocks:
+            block.temporal.tile = frames
+        alone = model(**vid, motion_free=flags)
+        for block in model.blocks:
+            del block.temporal.tile
+        torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+        assert (packed - model(**vid, motion_free=~flags if flags is not None else torch.ones(3, dtype=torch.bool))).abs().max() > 1e-3
