@@ -50,7 +50,8 @@ p.add_argument("--text-len", type=int, default=120)
 p.add_argument("--compile", action="store_true", help="torch.compile the model (with --fsdp: as fsdp.build_model does)")
 p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs (not with --fsdp)")
 p.add_argument("--fsdp", action="store_true", help="FSDP2 as training builds it (fsdp.build_model) (implied when WORLD_SIZE > 1)")
-p.add_argument("--ac", action="store_true", help="activation checkpointing per block (needs --fsdp)")
+p.add_argument("--ac", type=int, nargs="?", const=1, default=0, metavar="N",
+               help="activation checkpointing of every N-th block (--ac alone: every block; needs --fsdp)")
 p.add_argument("--attention", default="auto", choices=["auto", *ATTENTION],
                help="SDPA backend for the timed steps (auto: PyTorch picks). flash also allows efficient, "
                     "because flash takes no mask: the masked cross-attention calls then run the efficient kernel")
@@ -154,6 +155,8 @@ def random_inputs(cfg, batch, resolution, frames, text_len, device, g):
 
 def main(args):
     args.fsdp = args.fsdp or int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if args.ac < 0:
+        p.error(f"--ac N checkpoints every N-th block: N must be >= 0, got {args.ac}")
     if args.ac and not args.fsdp:
         p.error("--ac needs --fsdp (activation checkpointing is applied by fsdp.build_model)")
     if args.compile_mode and (args.fsdp or not args.compile):

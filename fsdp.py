@@ -80,9 +80,10 @@ def fresh_state(cfg, seed):
     return GenTron(cfg).state_dict()
 
 
-def build_model(cfg, device, ac=False, compile=False, init_state=None, seed=0):
-    """FSDP2-sharded GenTron. init_state: full state dict used on rank 0 (others ignore it); default: the
-    seeded single-process init, so the weights do not depend on the number of ranks."""
+def build_model(cfg, device, ac=0, compile=False, init_state=None, seed=0):
+    """FSDP2-sharded GenTron. ac: activation checkpointing of every ac-th block (1: all, 2: every other, 0: none).
+    init_state: full state dict used on rank 0 (others ignore it); default: the seeded single-process init, so
+    the weights do not depend on the number of ranks."""
     with torch.device("meta"):
         model = GenTron(cfg)  # no memory yet: shapes only
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -95,12 +96,13 @@ def build_model(cfg, device, ac=False, compile=False, init_state=None, seed=0):
     # graph: per-block hooks cost more host time than a small model's GPU step (README, "Throughput and MFU").
     # The math is the same either way.
     per_block = dist.get_world_size() > 1 or ac
-    for block in model.blocks:
+    for i, block in enumerate(model.blocks):
         # Replacing forward on the instance (rather than wrapping the module) keeps GenTron's parameter
         # names, and puts recompute inside the compiled graph (a composable checkpoint() hook would not).
         forward = block.forward
-        if ac:  # Sec. 4.1: activation checkpointing for G/2 - keep block inputs, recompute the rest in backward
-            forward = _checkpointed(forward)
+        if ac and i % ac == 0:  # Sec. 4.1: activation checkpointing for G/2 - keep the block's input, recompute
+            forward = _checkpointed(forward)  # the rest in backward; every 2nd block: half the memory saving
+            # for half the recompute (README, "GenTron-G/2 with FSDP2")
         if compile and per_block:
             forward = torch.compile(forward)
         block.forward = forward

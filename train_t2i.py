@@ -79,8 +79,9 @@ def get_parser(kind="t2i"):
                    help="minutes: stop cleanly (checkpoint, samples, scores) at the first log step past it")
     p.add_argument("--seed", type=int, default=0)
     # system
-    p.add_argument("--ac", action=argparse.BooleanOptionalAction, default=None,
-                   help="activation checkpointing per block (default: on for G, Sec. 4.1)")
+    p.add_argument("--ac", type=int, nargs="?", const=1, default=None, metavar="N",
+                   help="activation checkpointing of every N-th block: --ac every block, --ac 2 every other, "
+                        "--ac 0 off (default: every block for G, Sec. 4.1)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (each block when sharded over ranks)")
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 4 on GPU, 0 on CPU)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
@@ -353,7 +354,9 @@ def _train(args, make_data, kind, rank, world, device):
     meta = {"kind": kind, "text_encoder": data.text_encoder, "latent_space": data.latent_space,
             "resolution": data.resolution, "num_frames": data.frames, "dataset": data.spec,
             "prediction": args.prediction}
-    ac = args.ac if args.ac is not None else args.size == "G"
+    ac = args.ac if args.ac is not None else int(args.size == "G")
+    if ac < 0:
+        raise ValueError(f"--ac N checkpoints every N-th block: N must be >= 0, got {ac}")
 
     # model, optimizer, EMA - from the newest checkpoint (--resume), another run (--init-from) or a fresh init
     if ckpt and config_dict(ckpt["config"]) != dataclasses.asdict(cfg):
@@ -394,7 +397,7 @@ def _train(args, make_data, kind, rank, world, device):
     peak = matmul_peak_tflops(device) if master_process() else None
     flops = 3 * flops_per_sample(cfg, data.text_len, data.frames or 1)  # fwd + bwd = 3x fwd; recompute not counted
     print0(f"{kind} GenTron-{args.size}: {sum(p.numel() for p in opt.params) / 1e6:.2f}M params, {world} rank(s) on "
-           f"{device.type}, global batch {B} = {world} x {micro} x {A} accum, {data.spec}, AC {ac}, compile {args.compile}")
+           f"{device.type}, global batch {B} = {world} x {micro} x {A} accum, {data.spec}, AC every {ac} blocks, compile {args.compile}")
     if kind == "t2i" and args.data == "shapes" and args.size == "toy" and device.type == "cpu":
         print0(f"toy run on the CPU at patch {cfg.patch} (the bar shows the time left): {args.max_steps} steps; then "
                f"{out}/samples.png shows held-out prompts as blobs of mostly the right colour with rough shapes, and "

@@ -33,7 +33,7 @@ def test_bench_fsdp_one_process():
     # fsdp.build_model on a 1-process gloo group, with activation checkpointing and a fixed SDPA backend
     header, rows = bench("--fsdp", "--ac", "--attention", "math", "--mode", "train")
     assert set(rows) == {"train"} and float(rows["train"][1]) > 0
-    assert "batch 2/GPU" in header and "fsdp x1 ac True" in header and "attention math" in header
+    assert "batch 2/GPU" in header and "fsdp x1 ac 1" in header and "attention math" in header
 
 
 def test_largest_batch_doubles_until_the_first_failure():

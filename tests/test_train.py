@@ -170,16 +170,18 @@ def test_activation_checkpointing_gives_same_gradients(process_group):
                  text=torch.randn(3, 5, 16, generator=g), text_mask=torch.ones(3, 5, dtype=torch.bool),
                  pooled=torch.randn(3, 8, generator=g))
     grads, calls = {}, {}
-    for ac in (False, True):
+    for ac in (0, 1, 2):  # none, every block, every 2nd block (blocks 0 of 0-1)
         model = fsdp.build_model(cfg, device, ac=ac, init_state=state)
-        calls[ac] = 0
-        model.blocks[0].mlp.register_forward_hook(lambda *_: calls.__setitem__(ac, calls[ac] + 1))
+        calls[ac] = [0, 0]
+        for i, block in enumerate(model.blocks):
+            block.mlp.register_forward_hook(lambda *_, i=i, ac=ac: calls[ac].__setitem__(i, calls[ac][i] + 1))
         model(**batch).square().mean().backward()
         grads[ac] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
-    assert calls == {False: 1, True: 2}  # AC recomputes the block in backward
-    assert grads[False]["blocks.0.attn.qkv.weight"].abs().sum() > 0
-    for n in grads[False]:
-        torch.testing.assert_close(grads[True][n], grads[False][n], rtol=0, atol=0)  # recompute is exact on CPU
+    assert calls == {0: [1, 1], 1: [2, 2], 2: [2, 1]}  # AC recomputes a checkpointed block in backward
+    assert grads[0]["blocks.0.attn.qkv.weight"].abs().sum() > 0
+    for ac in (1, 2):
+        for n in grads[0]:
+            torch.testing.assert_close(grads[ac][n], grads[0][n], rtol=0, atol=0)  # recompute is exact on CPU
 
 
 def test_sharded_adamw_is_torch_adamw_with_clipping(process_group):
