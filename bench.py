@@ -4,7 +4,7 @@ pass (the CFG batch: prompts + null captions), timed with CUDA events over steps
 warm-up. One device by
 default; with --fsdp (implied under torchrun) the model is built exactly as train_t2i.py trains it:
 FSDP2 (a unit per block; one rank without --ac: one unit), bf16 compute, optional activation
-checkpointing (--ac) and torch.compile, AdamW on the shards (fsdp.ShardedAdamW).
+checkpointing (--ac: every block, --ac N: every N-th) and torch.compile, AdamW on the shards (fsdp.ShardedAdamW).
 
 MFU = model FLOP/s / the bf16 matmul peak measured in the same run (an 8192^3 product), with model
 FLOPs from model.flops_per_sample: 3x forward for a training step (recompute not counted), 1x for
@@ -15,7 +15,7 @@ real shapes (SD-VAE latents, CLIP+T5 with `--text-len` tokens), so no weights or
     python bench.py --size XL --batch 64 --compile                # GenTron-XL/2, 256px
     python bench.py --size XL --batch 8 --frames 8 --compile      # T2V, 8-frame clips
     python bench.py --size XL --batch 64 --max-batch --mode train # the largest batch that fits
-    torchrun --nproc_per_node 2 bench.py --size G --fsdp --ac --compile --batch 16 --mode train
+    torchrun --nproc_per_node 2 bench.py --size G --fsdp --ac 2 --compile --batch 96 --mode train
     python bench.py --size tiny --batch 2 --steps 2 --device cpu  # smoke test
 """
 
