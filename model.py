@@ -175,7 +175,7 @@ class TemporalAttention(nn.Module):
         h = self.norm(x) + sincos_1d(torch.arange(frames, device=x.device), x.shape[-1]).to(x.dtype)
         # The (B N) sequences are only T = 8 frames long; a fused kernel would spend a whole tile of `tile`
         # rows on each. So `pack` consecutive sequences run as one of pack * T tokens, with a block-diagonal
-        # mask keeping each frame inside its own sequence: the same attention, ~7x faster at T2V XL/2
+        # mask keeping each frame inside its own sequence: the same attention, ~6x faster when sampling T2V XL/2
         # (README, "Throughput and MFU"). Packing is a reshape: the sequences are contiguous in (B N, T, D).
         pack = self.pack_size(x.shape[0], frames)
         mask = self.packed_mask(pack, frames, n, motion_free, x.device)

@@ -257,3 +257,24 @@ def test_packed_temporal_attention_is_per_clip_attention(frames):
             del block.temporal.tile
         torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
         assert (packed - model(**vid, motion_free=~flags if flags is not None else torch.ones(3, dtype=torch.bool))).abs().max() > 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused attention kernels run on CUDA (run on a GPU machine)")
+def test_packed_temporal_attention_on_cuda_kernels():
+    """On a GPU the packed sequences go through the fused SDPA kernels with a block-diagonal mask. Under bf16
+    autocast the packed layer must be as close to the fp32 per-clip attention as the unpacked layer is."""
+    from model import TemporalAttention
+    torch.manual_seed(0)
+    layer = TemporalAttention(576, 8).cuda()  # Dh = 72, as XL/2
+    torch.nn.init.normal_(layer.attn.proj.weight, std=0.05)  # not the zero init: the branch must show
+    x = torch.randn(4 * 8, 256, 576, device="cuda")  # 4 clips x 8 frames, 256 patch positions
+    for flags in (None, torch.tensor([True, False, False, True], device="cuda")):
+        with torch.no_grad():
+            layer.tile = 8  # one clip per sequence: the unpacked layer
+            ref = layer(x, 8, flags) - x  # fp32 (the branch alone)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                alone = layer(x, 8, flags) - x
+                del layer.tile  # 128 // 8 = 16 sequences per pack
+                packed = layer(x, 8, flags) - x
+        err_packed, err_alone = ((packed - ref).abs().max() / ref.abs().max()).item(), ((alone - ref).abs().max() / ref.abs().max()).item()
+        assert err_packed < max(2 * err_alone, 1e-3) and err_packed < 2e-2, (err_packed, err_alone)
