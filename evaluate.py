@@ -441,6 +441,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if sum(map(bool, (args.oracle, args.compbench, args.clip_score, args.fid, args.attention_logits))) != 1:
         p.error("choose exactly one of --oracle, --compbench, --clip-score, --fid, --attention-logits")
+    for name in ("n", "n_per_prompt", "max_prompts", "steps", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # progress bars of our own loops only

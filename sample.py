@@ -239,6 +239,9 @@ def run(settings, prompts, out_dir, only=None, progress=True):
     """Generate samples for a flat prompt list (index i = position) with `settings`, write them and
     samples.json. only = a list of indices to write (the batches that hold them are regenerated)."""
     s = settings
+    for key in ("batch_size", "n_per_prompt", "frames"):
+        if s.get(key) is not None and s[key] < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {s[key]}")
     model, meta = load_model(s["ckpt"], ema=s["ema"], device=s["device"], video=s["video"])
     if meta["kind"] == "t2v" and not s["video"] and progress:
         print("note: T2V checkpoint sampled as images (one frame = the motion-free path); add --video for clips")
@@ -306,6 +309,8 @@ def main(argv=None):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bars for the tiny encoders
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: PyTorch's default), got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
 

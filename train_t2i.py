@@ -19,6 +19,7 @@ import json
 import math
 import os
 import resource
+import sys
 import time
 
 import numpy as np
@@ -42,6 +43,18 @@ LR = 1e-4  # constant learning rate with AdamW, paper Sec. 4.1 (XL/2 and G/2 at 
 TOY_LR = 1e-3  # toy / tiny models at batch 32: learn in minutes (1e-4 leaves a CPU toy run at noise)
 
 
+def bounded(kind, lo=None, hi=None):
+    """argparse type: a `kind` number in [lo, hi] (either bound optional); anything else is a one-line usage error."""
+    def parse(text):
+        value = kind(text)  # argparse reports a ValueError here as "invalid <kind> value"
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            need = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"must be {need}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def get_parser(kind="t2i"):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # data and frozen encoders
@@ -50,10 +63,10 @@ def get_parser(kind="t2i"):
     p.add_argument("--cache", default=None, help="first cache --data's latents + text features here (rank 0), then train on it")
     p.add_argument("--text-encoder", default="tiny-clip+t5", help="full scale: clip+t5 (Table 2, best)")
     p.add_argument("--latent-space", default=None, help="default: pixel for built-in data, sd-vae for real data (Sec. 4.1)")
-    p.add_argument("--resolution", type=int, default=None, help="pixels; default 32 (shapes) or 256 (Sec. 4.1, stage 1)")
+    p.add_argument("--resolution", type=bounded(int, 1), default=None, help="pixels; default 32 (shapes) or 256 (Sec. 4.1, stage 1)")
     # model
     p.add_argument("--size", default="toy", choices=list(SIZES), help="a row of Table 1 (model.SIZES)")
-    p.add_argument("--patch", type=int, default=None, help="patch size, the /2 of XL/2 (default: the row's)")
+    p.add_argument("--patch", type=bounded(int, 1), default=None, help="patch size, the /2 of XL/2 (default: the row's)")
     p.add_argument("--conditioning", default="cross_attn", choices=["cross_attn", "adaln"])  # cross-attn: Sec. 4.2
     p.add_argument("--pooled-text", action=argparse.BooleanOptionalAction, default=True,
                    help="add the pooled text embedding to the time embedding (Sec. 3.2.1)")
@@ -64,40 +77,41 @@ def get_parser(kind="t2i"):
     p.add_argument("--prediction", default=None, choices=["eps", "v"],
                    help="network output (diffusion.py): default eps (the paper, latents), v in pixel space; "
                         "a resumed or --init-from run keeps its parent's")
-    p.add_argument("--batch-size", type=int, default=32, help="global batch per step (Sec. 4.1: 2048 at 256px, 784 at 512px)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    p.add_argument("--batch-size", type=bounded(int, 1), default=32, help="global batch per step (Sec. 4.1: 2048 at 256px, 784 at 512px)")
+    p.add_argument("--grad-accum", type=bounded(int, 1), default=1, help="micro-steps per optimizer step")
     p.add_argument("--lr", type=float, default=None, help=f"constant AdamW lr (default {LR}; {TOY_LR} for toy / tiny)")
     p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
                    help="constant (DiT, the paper) or cosine decay to 0 at --max-steps (short toy runs)")
-    p.add_argument("--weight-decay", type=float, default=0.0)  # DiT: AdamW without weight decay
+    p.add_argument("--weight-decay", type=bounded(float, 0), default=0.0)  # DiT: AdamW without weight decay
     p.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999])  # AdamW defaults, as DiT
-    p.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0: off, the norm is still logged)")
-    p.add_argument("--ema", type=float, default=0.9999)  # DiT's EMA decay
-    p.add_argument("--caption-dropout", type=float, default=0.1)  # null caption 10% of the time: CFG (Ho & Salimans)
-    p.add_argument("--max-steps", type=int, default=800)  # the toy: ~7 min on 2 CPU cores; Sec. 4.1: 500K + 300K
-    p.add_argument("--time-limit", type=float, default=None,
+    p.add_argument("--clip", type=bounded(float, 0), default=1.0, help="max gradient norm (0: off, the norm is still logged)")
+    p.add_argument("--ema", type=bounded(float, 0, 1), default=0.9999)  # DiT's EMA decay
+    p.add_argument("--caption-dropout", type=bounded(float, 0, 1), default=0.1)  # null caption 10% of the time: CFG (Ho & Salimans)
+    p.add_argument("--max-steps", type=bounded(int, 1), default=800)  # the toy: ~7 min on 2 CPU cores; Sec. 4.1: 500K + 300K
+    p.add_argument("--time-limit", type=bounded(float, 0), default=None,
                    help="minutes: stop cleanly (checkpoint, samples, scores) at the first log step past it")
     p.add_argument("--seed", type=int, default=0)
     # system
-    p.add_argument("--ac", type=int, nargs="?", const=1, default=None, metavar="N",
+    p.add_argument("--ac", type=bounded(int, 0), nargs="?", const=1, default=None, metavar="N",
                    help="activation checkpointing of every N-th block: --ac every block, --ac 2 every other, "
                         "--ac 0 off (default: every block for G, Sec. 4.1)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (each block when sharded over ranks)")
-    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 4 on GPU, 0 on CPU)")
+    p.add_argument("--num-workers", type=bounded(int, 0), default=None, help="DataLoader workers (default 4 on GPU, 0 on CPU)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     # run folder, logs, checkpoints
     p.add_argument("--out", default=f"runs/{kind}", help="run folder: log.txt, ckpt-*.pt, samples.png")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--init-from", default=None,
                    help="a run folder, ckpt-*.pt or .safetensors export: start from its model + EMA weights")
-    p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--ckpt-every", type=int, default=400)
-    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--log-every", type=bounded(int, 0), default=100, help="steps between log lines, and the last step (0: none)")
+    p.add_argument("--ckpt-every", type=bounded(int, 0), default=400,
+                   help="steps between checkpoints, and the last step (0: none)")
+    p.add_argument("--keep", type=bounded(int, 0), default=3, help="checkpoints to keep (0: all)")
     # the sample grid written at the end
-    p.add_argument("--num-samples", type=int, default=16, help="held-out prompts in samples.png (0: none)")
-    p.add_argument("--sample-steps", type=int, default=25)  # DPM-Solver++(2M) needs ~20-25 steps
+    p.add_argument("--num-samples", type=bounded(int, 0), default=16, help="held-out prompts in samples.png (0: none)")
+    p.add_argument("--sample-steps", type=bounded(int, 1, 1000), default=25)  # DPM-Solver++(2M) needs ~20-25 steps
     p.add_argument("--cfg-scale", type=float, default=7.5)  # lambda_T = 7.5, paper Sec. 3.3.2
-    p.add_argument("--eval-n", type=int, default=16, help="oracle scores on N held-out prompts per category (0: off)")
+    p.add_argument("--eval-n", type=bounded(int, 0), default=16, help="oracle scores on N held-out prompts per category (0: off)")
     p.add_argument("--debug-nan-at-step", type=int, default=None, help=argparse.SUPPRESS)  # tests: plant a NaN loss
     return p
 
@@ -350,13 +364,15 @@ def _train(args, make_data, kind, rank, world, device):
     elif args.patch is None and args.size == "toy" and device.type == "cpu":
         args.patch = 4  # the no-argument CPU demo: 64 tokens train ~4x faster than the row's 2x2 (README)
     cfg = model_config(args, data, **({"temporal": True, "num_frames": data.frames} if kind == "t2v" else {}))
+    down = data.latents.downsample if data.latents is not None else 1 if data.latent_space == "pixel" else 8
+    if data.resolution % (down * cfg.patch):
+        raise ValueError(f"--resolution {data.resolution} must be a multiple of {down * cfg.patch} "
+                         f"({data.latent_space} downsampling {down} x patch {cfg.patch})")
     args.prediction = args.prediction or ("v" if data.latent_space == "pixel" else "eps")  # resolved, as lr
     meta = {"kind": kind, "text_encoder": data.text_encoder, "latent_space": data.latent_space,
             "resolution": data.resolution, "num_frames": data.frames, "dataset": data.spec,
             "prediction": args.prediction}
     ac = args.ac if args.ac is not None else int(args.size == "G")
-    if ac < 0:
-        raise ValueError(f"--ac N checkpoints every N-th block: N must be >= 0, got {ac}")
 
     # model, optimizer, EMA - from the newest checkpoint (--resume), another run (--init-from) or a fresh init
     if ckpt and config_dict(ckpt["config"]) != dataclasses.asdict(cfg):
@@ -492,4 +508,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:  # bad input: one line, from rank 0
+        sys.exit(f"error: {e}" if int(os.environ.get("RANK", 0)) == 0 else 1)

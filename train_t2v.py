@@ -13,6 +13,7 @@ flags go to the model, which is what motion-free guidance (Eq. 6) needs at sampl
 """
 
 import os
+import sys
 
 import data as D
 import train_t2i as T
@@ -21,11 +22,11 @@ import train_t2i as T
 def get_parser():
     p = T.get_parser("t2v")
     p.description = __doc__
-    p.add_argument("--num-frames", type=int, default=8)  # Sec. 4.1: 8-frame clips at 4 fps
+    p.add_argument("--num-frames", type=T.bounded(int, 1), default=8)  # Sec. 4.1: 8-frame clips at 4 fps
     # The paper does not give p_motion_free. 0.5 weighs the two conditions of Eq. 6 (motion on / off)
     # equally, the way CFG needs both text and "" predictions, and spends half the samples on images,
     # whose per-frame quality the joint training is meant to keep (Sec. 3.3.2, "Solution I").
-    p.add_argument("--p-motion-free", type=float, default=0.5)
+    p.add_argument("--p-motion-free", type=T.bounded(float, 0, 1), default=0.5)
     p.add_argument("--image-data", default=None, help="image folder / .jsonl for the pseudo-videos of real --data")
     p.add_argument("--from-scratch", action="store_true", help="train without a T2I checkpoint (not the paper's recipe)")
     p.add_argument("--mfg-scale", type=float, default=1.2, help="lambda_M of Eq. 6 for samples.png")  # paper: 1.0-1.3
@@ -65,4 +66,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:  # bad input: one line, from rank 0
+        sys.exit(f"error: {e}" if int(os.environ.get("RANK", 0)) == 0 else 1)

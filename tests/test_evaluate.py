@@ -178,6 +178,13 @@ def test_attention_logits_cli(tmp_path):
     assert all(0 < x < 1e6 for xs in v.values() for x in xs)
 
 
+def test_counts_below_one_are_usage_errors(capsys):
+    for argv in (["--oracle", "--n", "0"], ["--attention-logits", "--batch-size", "0"]):
+        with pytest.raises(SystemExit) as e:
+            ev.main(argv)
+        assert e.value.code == 2 and f"error: {argv[1]} must be >= 1, got 0" in capsys.readouterr().err
+
+
 # -----------------------------------------------------------------------------
 # T2I-CompBench protocol pieces
 

@@ -191,6 +191,9 @@ def test_clear_errors(ckpts, tmp_path, monkeypatch):
         sample.main(["a red circle"])
     with pytest.raises(ValueError, match="at least one prompt"):
         sample.main(["--ckpt", ckpts["t2i"]])
+    for flag in ("--batch-size", "--n-per-prompt"):
+        with pytest.raises(ValueError, match=f"{flag} must be >= 1, got 0"):
+            sample.main(["--ckpt", ckpts["t2i"], "a red circle", flag, "0", "--out", str(tmp_path / "x")])
     # the command line turns it into one line on stderr
     r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", ckpts["t2i"], "--video", "x"],
                        capture_output=True, text=True, cwd=str(tmp_path), env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -338,3 +338,19 @@ def test_toy_cli_end_to_end(tmp_path):
     scores = json.load(open(tmp_path / "oracle.json"))  # evaluate.py's oracle on held-out compositions
     assert scores["n"] == {"single": 2, "color": 2, "shape": 2, "spatial": 2} and 0 <= scores["overall"] <= 1
     assert set(load(tmp_path / "ckpt-0000002.pt")) == CKPT_KEYS
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("train_t2i.py", ["--batch-size", "0"], "train_t2i.py: error: argument --batch-size: must be >= 1, got 0"),
+    ("train_t2v.py", ["--p-motion-free", "1.5"], "train_t2v.py: error: argument --p-motion-free: must be in [0, 1], got 1.5"),
+    ("train_t2i.py", ["--resolution", "30", "--patch", "4"],
+     "error: --resolution 30 must be a multiple of 4 (pixel downsampling 1 x patch 4)"),
+])
+def test_bad_input_is_a_one_line_error(tmp_path, script, argv, message):
+    """Bad flags stop the scripts with one line of error, no traceback: argparse for a flag alone, the
+    script's own check for what depends on the data (the resolution must fit the patch grid)."""
+    cmd = [sys.executable, script, *argv, "--device", "cpu", "--max-steps", "1", "--out", str(tmp_path / "run")]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith("Loading weights")]
+    assert r.returncode != 0 and "Traceback" not in r.stderr and lines[-1] == message, r.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "run" / "log.txt")  # nothing was trained
