@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from model import GenTron, flops_per_sample, make_config
+from model import SIZES, GenTron, flops_per_sample, make_config
 from fsdp import ShardedAdamW, build_model, matmul_peak_tflops, print0, setup_distributed  # as training builds and logs
 
 # Flash attention takes no mask, and cross-attention (and T2V temporal attention) pass a boolean one:
@@ -40,7 +40,7 @@ ATTENTION = {"flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTIO
 MAX_BATCH = 8192  # per GPU: where the --max-batch doubling stops even if memory is left
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--size", default="XL")
+p.add_argument("--size", default="XL", choices=list(SIZES))
 p.add_argument("--conditioning", default="cross_attn", choices=["cross_attn", "adaln"])
 p.add_argument("--batch", type=int, default=64,
                help="images (or clips) per training step / prompts per sampling pass; per GPU with --fsdp")
@@ -155,8 +155,11 @@ def random_inputs(cfg, batch, resolution, frames, text_len, device, g):
 
 def main(args):
     args.fsdp = args.fsdp or int(os.environ.get("WORLD_SIZE", 1)) > 1
-    if args.ac < 0:
-        p.error(f"--ac N checkpoints every N-th block: N must be >= 0, got {args.ac}")
+    for name, lo in (("batch", 1), ("resolution", 8), ("frames", 1), ("text_len", 8), ("steps", 1), ("warmup", 0), ("ac", 0)):
+        if getattr(args, name) < lo:
+            p.error(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
+    if set(args.mode.split(",")) - {"train", "sample"}:
+        p.error(f"--mode is train, sample or train,sample; got {args.mode}")
     if args.ac and not args.fsdp:
         p.error("--ac needs --fsdp (activation checkpointing is applied by fsdp.build_model)")
     if args.compile_mode and (args.fsdp or not args.compile):
@@ -170,6 +173,8 @@ def main(args):
         p.error("--max-batch needs CUDA (it stops at torch.cuda.OutOfMemoryError); --profile a found batch in a 2nd run")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     cfg = make_config(args.size, conditioning=args.conditioning, temporal=args.frames > 1, num_frames=args.frames)
+    if args.resolution % (8 * cfg.patch):
+        p.error(f"--resolution {args.resolution} must be a multiple of {8 * cfg.patch} (SD-VAE downsampling 8 x patch {cfg.patch})")
 
     def build():  # (model, the callable that is timed); build_model compiles what it builds itself
         model = build_model(cfg, device, args.ac, args.compile) if args.fsdp else GenTron(cfg).to(device)

@@ -57,3 +57,10 @@ def test_kernel_families_sum_a_profile_by_kind():
     assert fams == {"gemm": (26.0, 197), "attention": (13.0, 56), "optimizer": (8.8, 41), "triton fused": (3.5, 27),
                     "other": (0.5, 511)}
     assert list(fams) == ["gemm", "attention", "optimizer", "triton fused", "other"]  # largest first
+
+
+def test_bad_flags_are_usage_errors():
+    for argv, message in ((["--batch", "0"], "--batch must be >= 1, got 0"),
+                          (["--resolution", "72"], "--resolution 72 must be a multiple of 16 (SD-VAE downsampling 8 x patch 2)")):
+        out = subprocess.run([sys.executable, "bench.py", *TINY, *argv], capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert out.returncode == 2 and out.stderr.strip().endswith(f"bench.py: error: {message}"), out.stderr[-2000:]
