@@ -441,24 +441,21 @@ def main(argv=None):
     args = p.parse_args(argv)
     if sum(map(bool, (args.oracle, args.compbench, args.clip_score, args.fid, args.attention_logits))) != 1:
         p.error("choose exactly one of --oracle, --compbench, --clip-score, --fid, --attention-logits")
-    for name in ("n", "n_per_prompt", "max_prompts", "steps", "batch_size"):
+    for name in ("n", "n_per_prompt", "max_prompts", "batch_size"):  # --steps: diffusion.py checks its range
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # progress bars of our own loops only
 
-    if args.oracle:
+    if args.oracle or args.attention_logits:
         from sample import load_model
-
         model, meta = load_model(args.ckpt, ema=not args.no_ema, device=args.device, video=args.video or None)
+    if args.oracle:
         scores = oracle_eval(model, meta, args.n, args.seed, args.sampler, args.steps, args.cfg, args.mfg,
                              args.device, args.batch_size, video=args.video)
         table, default = oracle_table(scores), os.path.join("out", f"oracle_{scores['settings']['kind']}.json")
     elif args.attention_logits:
-        from sample import load_model
-
-        model, meta = load_model(args.ckpt, ema=not args.no_ema, device=args.device, video=args.video or None)
         scores = attention_logits(model, meta, args.n, args.seed, args.device)
         table = "\n".join(f"{kind:<9} " + " ".join(f"{v:8.1f}" for v in vals) for kind, vals in scores.items())
         table = f"largest attention logit per block (step {meta['step']}):\n{table}"

@@ -178,27 +178,21 @@ class TemporalAttention(nn.Module):
         # mask keeping each frame inside its own sequence: the same attention, ~6x faster when sampling T2V XL/2
         # (README, "Throughput and MFU"). Packing is a reshape: the sequences are contiguous in (B N, T, D).
         pack = self.pack_size(x.shape[0], frames)
-        mask = self.packed_mask(pack, frames, n, motion_free, x.device)
-        out = self.attn(h.reshape(-1, pack * frames, h.shape[-1]), mask).view_as(x)
-        x = x + out  # Eq. 4 (plus a sin-cos frame position inside the branch)
+        i = torch.arange(pack * frames, device=x.device)
+        mask = (i[:, None] // frames) == (i[None, :] // frames)  # (pack T, pack T): same sequence
+        if motion_free is not None:
+            # Sec. 3.3.2, Fig. 3: a motion-free clip attends with the identity, so every frame sees only itself
+            # and temporal modelling is off for that sample. -> (B N / pack, 1, pack T, pack T)
+            free = motion_free.repeat_interleave(n * frames).view(-1, pack * frames, 1)  # each query's clip
+            mask = (mask & ((i[:, None] == i[None, :]) | ~free))[:, None]
+        elif pack == 1:
+            mask = None  # nothing to mask: the flash kernel
+        x = x + self.attn(h.reshape(-1, pack * frames, h.shape[-1]), mask).view_as(x)  # Eq. 4 (+ frame position)
         return rearrange(x, "(b n) t d -> (b t) n d", n=n)  # Eq. 5
 
     def pack_size(self, sequences, frames):
         """The most sequences (at most tile // frames) that divide `sequences` evenly, 1 for long clips."""
         return max(p for p in range(1, max(1, self.tile // frames) + 1) if sequences % p == 0)
-
-    @staticmethod
-    def packed_mask(pack, frames, n, motion_free, device):
-        """Attention mask (True = attend) over packs of `pack` sequences of `frames` tokens: block-diagonal,
-        (pack T, pack T); None when there is nothing to mask. With motion-free flags (B,) it is (B N / pack, 1,
-        pack T, pack T): Sec. 3.3.2, Fig. 3, a motion-free clip attends with the identity, so every frame sees
-        only itself and temporal modelling is off for that sample."""
-        i = torch.arange(pack * frames, device=device)
-        mask = (i[:, None] // frames) == (i[None, :] // frames)  # same sequence
-        if motion_free is not None:
-            row_free = motion_free.repeat_interleave(n * frames).view(-1, pack * frames, 1)  # each query's clip
-            return (mask & ((i[:, None] == i[None, :]) | ~row_free))[:, None]
-        return None if pack == 1 else mask
 
 
 class MLP(nn.Module):
