@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model import SIZES, GenTron, flops_per_sample, make_config
-from fsdp import ShardedAdamW, build_model, matmul_peak_tflops, print0, setup_distributed  # as training builds and logs
+from fsdp import COMPILE_OPTIONS, ShardedAdamW, build_model, matmul_peak_tflops, print0, setup_distributed  # as training builds and logs
 
 # Flash attention takes no mask, and cross-attention (and T2V temporal attention) pass a boolean one:
 # "flash" also allows the memory-efficient kernel, which then runs exactly the masked calls.
@@ -48,7 +48,9 @@ p.add_argument("--resolution", type=int, default=256, help="pixels; SD-VAE laten
 p.add_argument("--frames", type=int, default=1, help=">1 benchmarks the T2V model on clips")
 p.add_argument("--text-len", type=int, default=120)
 p.add_argument("--compile", action="store_true", help="torch.compile the model (with --fsdp: as fsdp.build_model does)")
-p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs (not with --fsdp)")
+p.add_argument("--compile-mode", default=None,
+               help="torch.compile mode instead of fsdp.COMPILE_OPTIONS, e.g. default (Inductor untuned) or "
+                    "max-autotune-no-cudagraphs (not with --fsdp)")
 p.add_argument("--fsdp", action="store_true", help="FSDP2 as training builds it (fsdp.build_model) (implied when WORLD_SIZE > 1)")
 p.add_argument("--ac", type=int, nargs="?", const=1, default=0, metavar="N",
                help="activation checkpointing of every N-th block (--ac alone: every block; needs --fsdp)")
@@ -178,7 +180,10 @@ def main(args):
 
     def build():  # (model, the callable that is timed); build_model compiles what it builds itself
         model = build_model(cfg, device, args.ac, args.compile) if args.fsdp else GenTron(cfg).to(device)
-        return model, torch.compile(model, mode=args.compile_mode) if args.compile and not args.fsdp else model
+        if not args.compile or args.fsdp:
+            return model, model
+        return model, torch.compile(model, mode=args.compile_mode) if args.compile_mode else \
+            torch.compile(model, options=COMPILE_OPTIONS)
 
     g = torch.Generator().manual_seed(rank)
     peak = matmul_peak_tflops(device)
