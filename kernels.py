@@ -22,17 +22,24 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-ROWS = 8  # rows (tokens) per program
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: tests run the kernels on the CPU
+SPLIT_TARGET = 1024  # backward: about this many programs, (groups x splits), each reducing its share of a group
 
 
 def usable(x):
     return x.is_cuda or INTERPRET
 
 
+# Rows per program and warps: tried on the first call for each width D (triton.autotune), then cached. The
+# interpreter has no GPU to time them on: one config, of several rows (partly masked blocks get tested).
+CONFIGS = [triton.Config({"ROWS": rows}, num_warps=warps) for rows in (4, 2, 1) for warps in (4, 8)]
+CONFIGS = CONFIGS[:1] if INTERPRET else CONFIGS
+
+
+@triton.autotune(configs=CONFIGS, key=["D"])
 @triton.jit
 def _forward(x_ptr, b_ptr, g_ptr, a_ptr, c_ptr, r_ptr, h_ptr, mean_ptr, rstd_ptr, rows, N, D, g_step, a_step, c_step,
-             eps, HAS_BRANCH: tl.constexpr, HAS_GATE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+             eps, HAS_BRANCH: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
     row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
     col = tl.arange(0, BLOCK_D)[None, :]  # (1, BLOCK_D)
     mask = (row[:, None] < rows) & (col < D)
@@ -56,37 +63,49 @@ def _forward(x_ptr, b_ptr, g_ptr, a_ptr, c_ptr, r_ptr, h_ptr, mean_ptr, rstd_ptr
     tl.store(rstd_ptr + row, rstd, mask=row < rows)
 
 
+@triton.autotune(configs=CONFIGS, key=["D"])
 @triton.jit
 def _backward(dh_ptr, dr_ptr, r_ptr, b_ptr, g_ptr, a_ptr, mean_ptr, rstd_ptr, dx_ptr, db_ptr, pa_ptr, pc_ptr, pg_ptr,
-              N, D, g_step, a_step, HAS_DR: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_GATE: tl.constexpr,
-              ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    # program (s, k): rows k ROWS .. (k+1) ROWS of group s; partial sums go to p*[s, k, :]
+              N, D, g_step, a_step, CHUNK: tl.constexpr, HAS_DR: tl.constexpr, HAS_GATE: tl.constexpr,
+              BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    # program (s, k): tokens k CHUNK .. (k+1) CHUNK of group s, ROWS at a time; its sums over them go to p*[s, k, :]
     s, k = tl.program_id(0), tl.program_id(1)
-    token = k * ROWS + tl.arange(0, ROWS)
-    row = s * N + token
-    col = tl.arange(0, BLOCK_D)[None, :]
-    mask = (token[:, None] < N) & (col < D)
-    at = row[:, None] * D + col
-    part = (s * tl.num_programs(1) + k) * D + tl.arange(0, BLOCK_D)  # this program's row of the partial sums
-    cmask = tl.arange(0, BLOCK_D) < D
-    mean = tl.load(mean_ptr + row, mask=token < N, other=0.0)
-    rstd = tl.load(rstd_ptr + row, mask=token < N, other=0.0)
-    n = tl.where(mask, (tl.load(r_ptr + at, mask=mask, other=0.0).to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
-    dh = tl.load(dh_ptr + at, mask=mask, other=0.0).to(tl.float32)
-    tl.store(pa_ptr + part, tl.sum(dh * n, axis=0), mask=cmask)  # d scale
-    tl.store(pc_ptr + part, tl.sum(dh, axis=0), mask=cmask)  # d shift
-    dn = dh * tl.load(a_ptr + s * a_step + col, mask=col < D, other=0.0).to(tl.float32)
-    # LayerNorm backward: dr = rstd (dn - mean(dn) - n mean(dn n)), plus the gradient of r from the residual path
-    dr = rstd[:, None] * (dn - (tl.sum(dn, axis=1) / D)[:, None] - n * (tl.sum(dn * n, axis=1) / D)[:, None])
-    if HAS_DR:
-        dr += tl.load(dr_ptr + at, mask=mask, other=0.0).to(tl.float32)
-    dr = tl.where(mask, dr, 0.0)
-    tl.store(dx_ptr + at, dr.to(dx_ptr.dtype.element_ty), mask=mask)
-    if HAS_GATE:  # r = x + gate * branch: d branch = gate dr, d gate = sum over tokens of branch dr
+    cols = tl.arange(0, BLOCK_D)
+    col, cmask = cols[None, :], cols < D
+    a = tl.load(a_ptr + s * a_step + col, mask=col < D, other=0.0).to(tl.float32)
+    if HAS_GATE:
         g = tl.load(g_ptr + s * g_step + col, mask=col < D, other=0.0).to(tl.float32)
-        tl.store(db_ptr + at, (dr * g).to(db_ptr.dtype.element_ty), mask=mask)
-        b = tl.load(b_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        tl.store(pg_ptr + part, tl.sum(dr * b, axis=0), mask=cmask)
+    sum_a = tl.zeros([BLOCK_D], dtype=tl.float32)  # d scale = sum over tokens of dh n
+    sum_c = tl.zeros([BLOCK_D], dtype=tl.float32)  # d shift = sum over tokens of dh
+    sum_g = tl.zeros([BLOCK_D], dtype=tl.float32)  # d gate = sum over tokens of branch dr
+    for i in range(0, CHUNK, ROWS):
+        token = k * CHUNK + i + tl.arange(0, ROWS)
+        ok = (token < N) & (i + tl.arange(0, ROWS) < CHUNK)
+        row = s * N + token
+        mask = ok[:, None] & (col < D)
+        at = row[:, None] * D + col
+        mean = tl.load(mean_ptr + row, mask=ok, other=0.0)
+        rstd = tl.load(rstd_ptr + row, mask=ok, other=0.0)
+        r = tl.load(r_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        n = tl.where(mask, (r - mean[:, None]) * rstd[:, None], 0.0)
+        dh = tl.load(dh_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        sum_a += tl.sum(dh * n, axis=0)
+        sum_c += tl.sum(dh, axis=0)
+        dn = dh * a
+        # LayerNorm backward: dr = rstd (dn - mean(dn) - n mean(dn n)), plus r's gradient from the residual path
+        dr = rstd[:, None] * (dn - (tl.sum(dn, axis=1) / D)[:, None] - n * (tl.sum(dn * n, axis=1) / D)[:, None])
+        if HAS_DR:
+            dr += tl.load(dr_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        dr = tl.where(mask, dr, 0.0)
+        tl.store(dx_ptr + at, dr.to(dx_ptr.dtype.element_ty), mask=mask)
+        if HAS_GATE:  # r = x + gate * branch: d branch = gate dr
+            tl.store(db_ptr + at, (dr * g).to(db_ptr.dtype.element_ty), mask=mask)
+            sum_g += tl.sum(dr * tl.load(b_ptr + at, mask=mask, other=0.0).to(tl.float32), axis=0)
+    part = (s * tl.num_programs(1) + k) * D + cols  # this program's row of the partial sums
+    tl.store(pa_ptr + part, sum_a, mask=cmask)
+    tl.store(pc_ptr + part, sum_c, mask=cmask)
+    if HAS_GATE:
+        tl.store(pg_ptr + part, sum_g, mask=cmask)
 
 
 def _step(t):
@@ -94,19 +113,23 @@ def _step(t):
     return t.stride(0) if t.dim() == 2 else 0
 
 
+def _or(t, placeholder):
+    """t, or for an absent (None) input a valid pointer that the kernel's constexpr flags leave unread."""
+    return t if t is not None else placeholder
+
+
 @triton_op("gentron::add_norm", mutates_args=())
 def _add_norm(x: torch.Tensor, branch: Optional[torch.Tensor], gate: Optional[torch.Tensor], scale: torch.Tensor,
               shift: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     S, N, D = x.shape
-    r = torch.empty_like(x) if branch is not None else x.new_empty(0)  # branch None: r is x itself
     h = torch.empty_like(x)
-    mean = x.new_empty(S * N, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
-    g = gate if gate is not None else scale  # unused placeholder pointer
-    wrap_triton(_forward)[(triton.cdiv(S * N, ROWS),)](
-        x, branch if branch is not None else x, g, scale, shift, r, h, mean, rstd, S * N, N, D,
-        _step(g), _step(scale), _step(shift), eps, HAS_BRANCH=branch is not None, HAS_GATE=gate is not None,
-        ROWS=ROWS, BLOCK_D=triton.next_power_of_2(D))
+    r = torch.empty_like(x) if branch is not None else x.new_empty(0)  # branch None: r is x itself (add_norm)
+    mean, rstd = (x.new_empty(S * N, dtype=torch.float32) for _ in range(2))
+    g = _or(gate, scale)
+    wrap_triton(_forward)[lambda meta: (triton.cdiv(S * N, meta["ROWS"]),)](
+        x, _or(branch, x), g, scale, shift, r if branch is not None else h, h, mean, rstd, S * N, N, D,
+        _step(g), _step(scale), _step(shift), eps,
+        HAS_BRANCH=branch is not None, HAS_GATE=gate is not None, BLOCK_D=triton.next_power_of_2(D))
     return r, h, mean, rstd
 
 
@@ -114,17 +137,19 @@ def _add_norm(x: torch.Tensor, branch: Optional[torch.Tensor], gate: Optional[to
 def _add_norm_backward(dh: torch.Tensor, dr: Optional[torch.Tensor], r: torch.Tensor, branch: Optional[torch.Tensor],
                        gate: Optional[torch.Tensor], scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> d x, d branch (gated only), per-group d scale, d shift, d gate (gated only)."""
     S, N, D = r.shape
-    blocks = triton.cdiv(N, ROWS)
+    splits = max(1, min(N, SPLIT_TARGET // S))
+    chunk = triton.cdiv(N, splits)
     dx = torch.empty_like(r)
     db = torch.empty_like(r) if gate is not None else r.new_empty(0)
-    pa, pc = (r.new_empty(S, blocks, D, dtype=torch.float32) for _ in range(2))
+    pa, pc = (r.new_empty(S, splits, D, dtype=torch.float32) for _ in range(2))  # partial sums per chunk of tokens
     pg = torch.empty_like(pa) if gate is not None else pa.new_empty(0)
-    g = gate if gate is not None else scale
-    wrap_triton(_backward)[(S, blocks)](
-        dh, dr if dr is not None else dh, r, branch if branch is not None else r, g, scale, mean, rstd, dx, db,
-        pa, pc, pg, N, D, _step(g), _step(scale), HAS_DR=dr is not None, HAS_BRANCH=branch is not None,
-        HAS_GATE=gate is not None, ROWS=ROWS, BLOCK_D=triton.next_power_of_2(D))
+    g = _or(gate, scale)
+    wrap_triton(_backward)[(S, splits)](
+        dh, _or(dr, dh), r, _or(branch, r), g, scale, mean, rstd, dx, db if gate is not None else dx,
+        pa, pc, pg if gate is not None else pa, N, D, _step(g), _step(scale), CHUNK=chunk,
+        HAS_DR=dr is not None, HAS_GATE=gate is not None, BLOCK_D=triton.next_power_of_2(D))
     return dx, db, pa.sum(1), pc.sum(1), pg.sum(1) if gate is not None else pg
 
 

@@ -55,13 +55,15 @@ def interpret(code):
 
 def test_fused_add_norm_matches_the_pytorch_math_in_the_interpreter():
     out = interpret(r'''
-for name, args in cases(3, 10, 40, torch.float32):
-    fused, ref = run(model.add_norm, *args), run(reference, *args)
-    err = max((a - b).abs().max().item() for a, b in zip(fused, ref))
-    print(name, len(fused), err)
-    assert len(fused) == len(ref) and err < 1e-5, (name, err)
+for split in (kernels.SPLIT_TARGET, 2):  # backward: a program per token of the 10, or one per group looping over them
+    kernels.SPLIT_TARGET = split
+    for name, args in cases(3, 10, 40, torch.float32):
+        fused, ref = run(model.add_norm, *args), run(reference, *args)
+        err = max((a - b).abs().max().item() for a, b in zip(fused, ref))
+        print(split, name, len(fused), err)
+        assert len(fused) == len(ref) and err < 1e-5, (name, err)
 ''')
-    assert out.count("\n") == 3
+    assert out.count("\n") == 6
 
 
 def test_model_with_fused_kernels_matches_the_model_without():
@@ -74,8 +76,9 @@ for temporal in (False, True):
     for p in m.parameters():
         torch.nn.init.normal_(p, std=0.1)  # no zero-init: every branch contributes
     x = torch.randn(2, 3, 4, 8, 8) if temporal else torch.randn(2, 4, 8, 8)
-    kw = dict(t=torch.tensor([3, 500]), text=torch.randn(2, 5, 16), text_mask=torch.tensor([[1] * 5, [1, 1, 0, 0, 0]]).bool(),
-              pooled=torch.randn(2, 8), motion_free=torch.tensor([True, False]) if temporal else None)
+    kw = dict(t=torch.tensor([3, 500]), text=torch.randn(2, 5, 16), pooled=torch.randn(2, 8),
+              text_mask=torch.tensor([[1] * 5, [1, 1, 0, 0, 0]]).bool(),
+              motion_free=torch.tensor([True, False]) if temporal else None)
     outs = []
     for use in (kernels, None):
         model.kernels = use
