@@ -165,7 +165,7 @@ def main(args):
     if args.ac and not args.fsdp:
         p.error("--ac needs --fsdp (activation checkpointing is applied by fsdp.build_model)")
     if args.compile_mode and (args.fsdp or not args.compile):
-        p.error("--compile-mode applies to --compile without --fsdp (build_model compiles in the default mode)")
+        p.error("--compile-mode applies to --compile without --fsdp (build_model compiles with fsdp.COMPILE_OPTIONS)")
     if args.fsdp:  # a 1-process group under plain python, so one code path for any number of GPUs
         rank, world, device, created = setup_distributed(args.device)
     else:
