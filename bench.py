@@ -30,7 +30,8 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model import SIZES, GenTron, flops_per_sample, make_config
-from fsdp import COMPILE_OPTIONS, ShardedAdamW, build_model, matmul_peak_tflops, print0, setup_distributed  # as training builds and logs
+# the model, optimizer and logging as training builds them
+from fsdp import COMPILE_OPTIONS, ShardedAdamW, build_model, matmul_peak_tflops, print0, setup_distributed
 
 # Flash attention takes no mask, and cross-attention (and T2V temporal attention) pass a boolean one:
 # "flash" also allows the memory-efficient kernel, which then runs exactly the masked calls.
