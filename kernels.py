@@ -40,7 +40,7 @@ CONFIGS = CONFIGS[:1] if INTERPRET else CONFIGS
 @triton.jit
 def _forward(x_ptr, b_ptr, g_ptr, a_ptr, c_ptr, r_ptr, h_ptr, mean_ptr, rstd_ptr, rows, N, D, g_step, a_step, c_step,
              eps, HAS_BRANCH: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
-    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
+    row = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # (ROWS,); int64: offsets can pass 2^31
     col = tl.arange(0, BLOCK_D)[None, :]  # (1, BLOCK_D)
     mask = (row[:, None] < rows) & (col < D)
     at = row[:, None] * D + col  # (ROWS, BLOCK_D) offsets into the (S N, D) tensors
@@ -55,7 +55,7 @@ def _forward(x_ptr, b_ptr, g_ptr, a_ptr, c_ptr, r_ptr, h_ptr, mean_ptr, rstd_ptr
         r = r.to(tl.float32)
     mean = tl.sum(r, axis=1) / D
     diff = tl.where(mask, r - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / D + eps)
+    rstd = tl.rsqrt(tl.sum(diff * diff, axis=1) / D + eps)
     a = tl.load(a_ptr + grp * a_step + col, mask=mask, other=0.0).to(tl.float32)
     c = tl.load(c_ptr + grp * c_step + col, mask=mask, other=0.0).to(tl.float32)
     tl.store(h_ptr + at, (diff * rstd[:, None] * a + c).to(h_ptr.dtype.element_ty), mask=mask)
@@ -81,7 +81,7 @@ def _backward(dh_ptr, dr_ptr, r_ptr, b_ptr, g_ptr, a_ptr, mean_ptr, rstd_ptr, dx
     for i in range(0, CHUNK, ROWS):
         token = k * CHUNK + i + tl.arange(0, ROWS)
         ok = (token < N) & (i + tl.arange(0, ROWS) < CHUNK)
-        row = s * N + token
+        row = s.to(tl.int64) * N + token
         mask = ok[:, None] & (col < D)
         at = row[:, None] * D + col
         mean = tl.load(mean_ptr + row, mask=ok, other=0.0)
