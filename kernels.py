@@ -31,7 +31,7 @@ def usable(x):
 
 
 # (rows per program, warps): tried on the first call for each width D (triton.autotune), then cached. Each one
-# compiles for sm_90 with 128-bit loads and without register spills for D up to 2048 (checked offline: triton.compile
+# compiles for sm_90 with vectorised loads and without register spills for D up to 2048 (checked offline: triton.compile
 # for sm_90 with the divisibility by 16 that the JIT specialises on, then ptxas -v).
 # The interpreter has no GPU to time them on: the first one alone, with 2 rows (partly masked blocks get tested).
 def configs(pairs):
