@@ -23,7 +23,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: tests run the kernels on the CPU
-SPLIT_TARGET = 1024  # backward: about this many programs, (groups x splits), each reducing its share of a group
+CHUNK = 16  # backward: tokens per program; its sums over them (for d gate, scale, shift) are added up after
 
 
 def usable(x):
@@ -141,8 +141,7 @@ def _add_norm_backward(dh: torch.Tensor, dr: Optional[torch.Tensor], r: torch.Te
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> d x, d branch (gated only), per-group d scale, d shift, d gate (gated only)."""
     S, N, D = r.shape
-    splits = max(1, min(N, SPLIT_TARGET // S))
-    chunk = triton.cdiv(N, splits)
+    splits = triton.cdiv(N, CHUNK)
     dx = torch.empty_like(r)
     db = torch.empty_like(r) if gate is not None else r.new_empty(0)
     pa, pc = (r.new_empty(S, splits, D, dtype=torch.float32) for _ in range(2))  # partial sums per chunk of tokens
@@ -150,7 +149,7 @@ def _add_norm_backward(dh: torch.Tensor, dr: Optional[torch.Tensor], r: torch.Te
     g = _or(gate, scale)
     wrap_triton(_backward)[(S, splits)](
         dh, _or(dr, dh), r, _or(branch, r), g, scale, mean, rstd, dx, db if gate is not None else dx,
-        pa, pc, pg if gate is not None else pa, N, D, _step(g), _step(scale), CHUNK=chunk,
+        pa, pc, pg if gate is not None else pa, N, D, _step(g), _step(scale), CHUNK=CHUNK,
         HAS_DR=dr is not None, HAS_GATE=gate is not None, BLOCK_D=triton.next_power_of_2(D))
     return dx, db, pa.sum(1), pc.sum(1), pg.sum(1) if gate is not None else pg
 

@@ -55,15 +55,15 @@ def interpret(code):
 
 def test_fused_add_norm_matches_the_pytorch_math_in_the_interpreter():
     out = interpret(r'''
-for split in (kernels.SPLIT_TARGET, 2):  # backward: a program per token of the 9, or one per group looping over them
-    kernels.SPLIT_TARGET = split
+for chunk in (1, 4, 16):  # backward: tokens per program (of the 9 per group): 1, 4 (the last partly masked), all
+    kernels.CHUNK = chunk
     for name, args in cases(3, 9, 40, torch.float32):
         fused, ref = run(model.add_norm, *args), run(reference, *args)
         err = max((a - b).abs().max().item() for a, b in zip(fused, ref))
-        print(split, name, len(fused), err)
+        print(chunk, name, len(fused), err)
         assert len(fused) == len(ref) and err < 1e-5, (name, err)
 ''')
-    assert out.count("\n") == 6
+    assert out.count("\n") == 9
 
 
 def test_model_with_fused_kernels_matches_the_model_without():
