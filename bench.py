@@ -183,8 +183,8 @@ def main(args):
         model = build_model(cfg, device, args.ac, args.compile) if args.fsdp else GenTron(cfg).to(device)
         if not args.compile or args.fsdp:
             return model, model
-        return model, torch.compile(model, mode=args.compile_mode) if args.compile_mode else \
-            torch.compile(model, options=COMPILE_OPTIONS)
+        how = dict(mode=args.compile_mode) if args.compile_mode else dict(options=COMPILE_OPTIONS)  # one or the other
+        return model, torch.compile(model, **how)
 
     g = torch.Generator().manual_seed(rank)
     peak = matmul_peak_tflops(device)
