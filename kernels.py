@@ -157,7 +157,9 @@ def _add_norm_backward(dh: torch.Tensor, dr: Optional[torch.Tensor], r: torch.Te
 def _setup(ctx, inputs, output):
     x, branch, gate, scale, shift, eps = inputs
     r, h, mean, rstd = output
-    ctx.save_for_backward(r if branch is not None else x, branch, gate, scale, mean, rstd)
+    # the branch only for d gate: an ungated branch's activations need not outlive the forward
+    ctx.save_for_backward(r if branch is not None else x, branch if gate is not None else None, gate, scale, mean, rstd)
+    ctx.has_branch = branch is not None
     ctx.dtypes = (scale.dtype, shift.dtype, None if gate is None else gate.dtype)
     ctx.shapes = (scale.shape, shift.shape, None if gate is None else gate.shape)
 
@@ -171,7 +173,7 @@ def _grad(ctx, dr, dh, _mean, _rstd):
     # (D,) inputs shared by all groups: their gradient is the sum over groups
     fit = lambda d, shape, dtype: (d if d.shape == shape else d.sum(0)).to(dtype)
     da, dc = fit(da, ctx.shapes[0], ctx.dtypes[0]), fit(dc, ctx.shapes[1], ctx.dtypes[1])
-    if branch is None:
+    if not ctx.has_branch:
         return dx, None, None, da, dc, None
     if gate is None:
         return dx, dx, None, da, dc, None  # r = x + branch
