@@ -186,6 +186,7 @@ _add_norm.register_autograd(_grad, setup_context=_setup)
 def add_norm(x, branch, gate, scale, shift, eps):
     """(r, h) as in the module docstring, x of any (..., N, D) shape whose leading dims are the groups."""
     shape = x.shape
+    gate = gate if branch is not None else None  # no branch, nothing to gate
     flat = lambda t: None if t is None else t.reshape(-1, *shape[-2:])
     rows = lambda t: t if t is None or t.dim() == 1 else t.reshape(-1, shape[-1])
     r, h, _, _ = _add_norm(flat(x).contiguous(), None if branch is None else flat(branch).contiguous(),

@@ -284,7 +284,7 @@ class GenTronBlock(nn.Module):
             branch, gate = self.cross_attn(h, text, text_mask), None
         if self.temporal is not None:  # it norms its own regrouped (B N, T) rows: the residual update comes first
             x = x + branch if gate is None else x + gate * branch
-            x, branch = self.temporal(x, frames, motion_free), None  # residual inside, Eq. 3-5
+            x, branch, gate = self.temporal(x, frames, motion_free), None, None  # residual inside, Eq. 3-5
         x, h = add_norm(x, branch, gate, self.norm3, shift2, scale2)
         return x + gate2 * self.mlp(h)
 
