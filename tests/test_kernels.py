@@ -22,8 +22,9 @@ def run(fn, x, branch, gate, norm, shift, scale, seed=1):
     ins = [t for t in (x, branch, gate, shift, scale, norm.weight) if t is not None and t.requires_grad]
     r, h = fn(x, branch, gate, norm, shift, scale)
     g = torch.Generator().manual_seed(seed)
-    loss = (r * torch.randn(r.shape, generator=g, dtype=r.dtype)).sum() \
-        + (h * torch.randn(h.shape, generator=g, dtype=h.dtype)).sum()
+    # the same weights in every dtype: bf16-representable, drawn on the CPU
+    w = lambda t: torch.randn(t.shape, generator=g).bfloat16().to(t.device, t.dtype)
+    loss = (r * w(r)).sum() + (h * w(h)).sum()
     return [r, h, *torch.autograd.grad(loss, ins)]
 
 def cases(S, N, D, dtype, device="cpu"):
