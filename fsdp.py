@@ -1,7 +1,8 @@
 """
 The distributed runtime that training and bench.py share: one process group for any number of
 processes (torchrun, or a 1-process group under plain `python`), rank-0 printing, the measured
-matmul peak that MFU is reported against, GenTron built as FSDP2 shards, and AdamW on the shards.
+matmul peak that MFU is reported against, GenTron built as FSDP2 shards, each rank's slices of a global
+batch order with per-step random draws, and AdamW on the shards.
 
 FSDP2 in torchtitan order: the model is built on the meta device, each block gets activation
 checkpointing and torch.compile, then fully_shard per block and at the root (bf16 compute, fp32
@@ -12,6 +13,7 @@ trains exactly like 1 rank x batch Nb (tests/test_train.py).
 
 import os
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
@@ -133,6 +135,55 @@ def _checkpointed(forward):
     def checkpointed_forward(*args):
         return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False)
     return checkpointed_forward
+
+
+# -----------------------------------------------------------------------------
+# the data side of "N ranks x b == 1 rank x N b": a global batch order and per-step draws that no rank count changes
+
+
+def next_position(pos, batch, n):
+    """(epoch, offset) where the next global batch starts; an epoch's last partial batch is dropped."""
+    epoch, offset = pos
+    return (epoch + 1, 0) if offset + batch > n else (epoch, offset)
+
+
+def permutation(n, seed, epoch):
+    """The global order of an epoch: the same for every rank and every world size."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class DistributedBatches:
+    """Index lists of this rank's micro-batches, starting at a data position (epoch, offset).
+
+    Global batch k of an epoch is perm[k B : (k+1) B]; its micro-batch j of rank r is the slice
+    [(j W + r) m, (j W + r + 1) m) with m = B / (W A). Every sample keeps its position in the global
+    batch, so 2 ranks x m == 1 rank x 2m on the same samples, with the same noise (see step_draws)."""
+
+    def __init__(self, n, batch, accum, rank, world, seed, pos):
+        self.n, self.batch, self.accum, self.rank, self.world = n, batch, accum, rank, world
+        self.seed, self.pos, self.micro = seed, pos, batch // (world * accum)
+
+    def __iter__(self):
+        pos, perm_epoch = self.pos, None
+        while True:
+            epoch, offset = next_position(pos, self.batch, self.n)
+            if epoch != perm_epoch:
+                perm, perm_epoch = permutation(self.n, self.seed, epoch), epoch
+            for j in range(self.accum):
+                start = offset + (j * self.world + self.rank) * self.micro
+                yield perm[start : start + self.micro].tolist()
+            pos = (epoch, offset + self.batch)
+
+
+def step_draws(seed, step, batch, sample_shape, device, p_drop, num_steps=1000):
+    """Timesteps t ~ U{0..999}, noise ~ N(0, I) and caption-dropout flags of a whole global batch, from
+    generators seeded by (seed, step): a resumed run draws the same, and each rank slices its samples."""
+    key = int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0])
+    g = torch.Generator(device).manual_seed(key)
+    t = torch.randint(0, num_steps, (batch,), generator=g, device=device)
+    noise = torch.randn((batch, *sample_shape), generator=g, device=device)
+    drop = torch.rand(batch, generator=torch.Generator().manual_seed(key)) < p_drop  # CPU: captions live there
+    return t, noise, drop
 
 
 # -----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ Train GenTron text-to-image (paper Sec. 3.2, 4.1). One script for one CPU, one G
 
 FSDP2 (fsdp.py) makes N ranks x batch b train exactly like 1 rank x batch Nb. Every random
 draw of a step (timesteps, noise, caption dropout) is a function of (seed, step) drawn for the whole
-global batch, and the data order a function of (seed, epoch): a resumed run repeats an uninterrupted
+global batch, and the data order a function of (seed, epoch) (fsdp.py): a resumed run repeats an uninterrupted
 one. train_t2v.py imports the pieces below.
 """
 
@@ -22,7 +22,6 @@ import resource
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -30,8 +29,8 @@ from tqdm import tqdm
 import data as D
 from checkpoint import checkpoints, config_dict, load_init, save_checkpoint, stored_settings
 from diffusion import Diffusion
-from fsdp import (ShardedAdamW, build_model, load_full_state, master_process, matmul_peak_tflops, print0,
-                  setup_distributed)
+from fsdp import (DistributedBatches, ShardedAdamW, build_model, load_full_state, master_process, matmul_peak_tflops,
+                  next_position, print0, setup_distributed, step_draws)
 from model import SIZES, GenTron, GenTronConfig, flops_per_sample
 from sample import generate, grid_image
 from text_encoders import load_text_encoder
@@ -131,7 +130,7 @@ def model_config(args, data, **fields):
 
 
 # -----------------------------------------------------------------------------
-# data: datasets, a deterministic distributed batch order, and the text conditioning
+# data: datasets and the text conditioning (the batch order and per-step draws: fsdp.py)
 
 
 @dataclasses.dataclass
@@ -221,51 +220,6 @@ def make_data_t2i(args, device):
         return data
     ds = D.ImageTextFolder(args.data, size=args.resolution or 256)
     return online_data(ds, args.data, args, device)
-
-
-def next_position(pos, batch, n):
-    """(epoch, offset) where the next global batch starts; an epoch's last partial batch is dropped."""
-    epoch, offset = pos
-    return (epoch + 1, 0) if offset + batch > n else (epoch, offset)
-
-
-def permutation(n, seed, epoch):
-    """The global order of an epoch: the same for every rank and every world size."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-class DistributedBatches:
-    """Index lists of this rank's micro-batches, starting at a data position (epoch, offset).
-
-    Global batch k of an epoch is perm[k B : (k+1) B]; its micro-batch j of rank r is the slice
-    [(j W + r) m, (j W + r + 1) m) with m = B / (W A). Every sample keeps its position in the global
-    batch, so 2 ranks x m == 1 rank x 2m on the same samples, with the same noise (see step_draws)."""
-
-    def __init__(self, n, batch, accum, rank, world, seed, pos):
-        self.n, self.batch, self.accum, self.rank, self.world = n, batch, accum, rank, world
-        self.seed, self.pos, self.micro = seed, pos, batch // (world * accum)
-
-    def __iter__(self):
-        pos, perm_epoch = self.pos, None
-        while True:
-            epoch, offset = next_position(pos, self.batch, self.n)
-            if epoch != perm_epoch:
-                perm, perm_epoch = permutation(self.n, self.seed, epoch), epoch
-            for j in range(self.accum):
-                start = offset + (j * self.world + self.rank) * self.micro
-                yield perm[start : start + self.micro].tolist()
-            pos = (epoch, offset + self.batch)
-
-
-def step_draws(seed, step, batch, sample_shape, device, p_drop, num_steps=1000):
-    """Timesteps t ~ U{0..999}, noise ~ N(0, I) and caption-dropout flags of a whole global batch, from
-    generators seeded by (seed, step): a resumed run draws the same, and each rank slices its samples."""
-    key = int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0])
-    g = torch.Generator(device).manual_seed(key)
-    t = torch.randint(0, num_steps, (batch,), generator=g, device=device)
-    noise = torch.randn((batch, *sample_shape), generator=g, device=device)
-    drop = torch.rand(batch, generator=torch.Generator().manual_seed(key)) < p_drop  # CPU: captions live there
-    return t, noise, drop
 
 
 def text_condition(batch, drop, data, device):
@@ -510,8 +464,13 @@ def main(argv=None):
     return train(args, make_data_t2i, "t2i")
 
 
-if __name__ == "__main__":
+def cli(main):
+    """main() as a command: bad input (missing files, bad values) is one line of error from rank 0, no traceback."""
     try:
         main()
-    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:  # bad input: one line, from rank 0
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}" if int(os.environ.get("RANK", 0)) == 0 else 1)
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -13,7 +13,6 @@ flags go to the model, which is what motion-free guidance (Eq. 6) needs at sampl
 """
 
 import os
-import sys
 
 import data as D
 import train_t2i as T
@@ -66,7 +65,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:  # bad input: one line, from rank 0
-        sys.exit(f"error: {e}" if int(os.environ.get("RANK", 0)) == 0 else 1)
+    T.cli(main)

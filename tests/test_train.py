@@ -47,16 +47,16 @@ def process_group():
 
 
 def test_batches_partition_the_global_batch():
-    one = iter(T.DistributedBatches(n=50, batch=8, accum=1, rank=0, world=1, seed=3, pos=(0, 0)))
-    ranks = [iter(T.DistributedBatches(50, 8, 2, r, 2, 3, (0, 0))) for r in range(2)]  # 2 ranks x 2 micro x 2
+    one = iter(fsdp.DistributedBatches(n=50, batch=8, accum=1, rank=0, world=1, seed=3, pos=(0, 0)))
+    ranks = [iter(fsdp.DistributedBatches(50, 8, 2, r, 2, 3, (0, 0))) for r in range(2)]  # 2 ranks x 2 micro x 2
     for step in range(12):  # 12 steps of 8 > 50 items: epoch 1 starts at step 6, items 48..49 of epoch 0 are dropped
         glob = next(one)
         micro = [[next(it) for _ in range(2)] for it in ranks]  # [rank][micro-step]
         # micro-step j of rank r holds positions (2 j + r) * 2 ... of the global batch
         assert sum((micro[r][j] for j in range(2) for r in range(2)), []) == glob
         epoch, k = divmod(step, 6)
-        assert glob == T.permutation(50, 3, epoch)[8 * k : 8 * k + 8].tolist()
-    assert T.next_position((0, 48), 8, 50) == (1, 0) and T.next_position((0, 40), 8, 50) == (0, 40)
+        assert glob == fsdp.permutation(50, 3, epoch)[8 * k : 8 * k + 8].tolist()
+    assert fsdp.next_position((0, 48), 8, 50) == (1, 0) and fsdp.next_position((0, 40), 8, 50) == (0, 40)
 
 
 # -----------------------------------------------------------------------------
@@ -242,9 +242,9 @@ def test_t2v_starts_at_the_t2i_loss_on_pseudo_videos(tmp_path):
     model = GenTron(GenTronConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     ds = D.JointImageVideoDataset(D.MovingShapesDataset(num_frames=4), D.ShapesDataset(categories=("single",)), 1.0, 4)
-    batch = D.collate([ds[i] for i in next(iter(T.DistributedBatches(len(ds), 2, 1, 0, 1, 0, (0, 0))))])
+    batch = D.collate([ds[i] for i in next(iter(fsdp.DistributedBatches(len(ds), 2, 1, 0, 1, 0, (0, 0))))])
     assert batch["motion_free"].all()
-    t, noise, _ = T.step_draws(0, 1, 2, (4, 3, 32, 32), torch.device("cpu"), 0.0)
+    t, noise, _ = fsdp.step_draws(0, 1, 2, (4, 3, 32, 32), torch.device("cpu"), 0.0)
     text, mask, pooled = T.load_text_encoder("tiny-clip+t5")(batch["caption"])
     rep = lambda z: z.repeat_interleave(4, dim=0)  # one clip of 4 frames -> 4 images
     with torch.no_grad():
