@@ -26,6 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+try:
+    import kernels  # fused Triton kernels; Triton comes with CUDA builds of PyTorch
+except ImportError:
+    kernels = None
+
 # -----------------------------------------------------------------------------
 # Config and the size table (Table 1)
 
@@ -97,6 +102,18 @@ def sincos_2d(gh, gw, dim, device):
 def modulate(x, shift, scale):
     # adaLN (DiT): a per-sample affine after a parameter-free LayerNorm. x (B, N, D), shift/scale (B, 1, D)
     return x * (1 + scale) + shift
+
+
+def add_norm(x, branch, gate, norm, shift=None, scale=None):
+    """One sub-layer's residual update and the next sub-layer's input, (r, h):
+        r = x + gate * branch   (gate None: x + branch; branch None: r = x)
+        h = modulate(norm(r), shift, scale), or norm(r) for an affine LayerNorm (shift None)
+    On CUDA one fused Triton kernel does both, forward and backward (kernels.py); this is its math."""
+    if kernels is not None and kernels.usable(x):
+        a, c = (1 + scale, shift) if shift is not None else (norm.weight, norm.bias)
+        return kernels.add_norm(x, branch, gate, a, c, norm.eps)
+    r = x if branch is None else x + (branch if gate is None else gate * branch)
+    return r, norm(r) if shift is None else modulate(norm(r), shift, scale)
 
 
 # -----------------------------------------------------------------------------
@@ -257,13 +274,19 @@ class GenTronBlock(nn.Module):
         if frames > 1:
             mod = mod.repeat_interleave(frames, dim=0)  # (B T, 1, 6D)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
+        # x = x + gate1 * attn(modulate(norm1(x), shift1, scale1)); x = x + cross_attn(norm2(x), text);
+        # x = temporal(x); x = x + gate2 * mlp(modulate(norm3(x), shift2, scale2)) - written so that each
+        # residual update is one pass with the next sub-layer's norm (add_norm): `branch` waits for it.
+        _, h = add_norm(x, None, None, self.norm1, shift1, scale1)
+        branch, gate = self.attn(h), gate1
         if self.cross:
-            x = x + self.cross_attn(self.norm2(x), text, text_mask)
-        if self.temporal is not None:
-            x = self.temporal(x, frames, motion_free)  # residual inside, Eq. 3-5
-        x = x + gate2 * self.mlp(modulate(self.norm3(x), shift2, scale2))
-        return x
+            x, h = add_norm(x, branch, gate, self.norm2)
+            branch, gate = self.cross_attn(h, text, text_mask), None
+        if self.temporal is not None:  # it norms its own regrouped (B N, T) rows: the residual update comes first
+            x = x + branch if gate is None else x + gate * branch
+            x, branch, gate = self.temporal(x, frames, motion_free), None, None  # residual inside, Eq. 3-5
+        x, h = add_norm(x, branch, gate, self.norm3, shift2, scale2)
+        return x + gate2 * self.mlp(h)
 
 
 class FinalLayer(nn.Module):
