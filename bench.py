@@ -31,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model import SIZES, GenTron, flops_per_sample, make_config
 # the model, optimizer and logging as training builds them
-from fsdp import COMPILE_OPTIONS, ShardedAdamW, build_model, matmul_peak_tflops, print0, setup_distributed
+from fsdp import ShardedAdamW, build_model, matmul_peak_tflops, print0, setup_distributed
 
 # Flash attention takes no mask, and cross-attention (and T2V temporal attention) pass a boolean one:
 # "flash" also allows the memory-efficient kernel, which then runs exactly the masked calls.
@@ -50,8 +50,7 @@ p.add_argument("--frames", type=int, default=1, help=">1 benchmarks the T2V mode
 p.add_argument("--text-len", type=int, default=120)
 p.add_argument("--compile", action="store_true", help="torch.compile the model (with --fsdp: as fsdp.build_model does)")
 p.add_argument("--compile-mode", default=None,
-               help="torch.compile mode instead of fsdp.COMPILE_OPTIONS, e.g. default (Inductor untuned) or "
-                    "max-autotune-no-cudagraphs (not with --fsdp)")
+               help="torch.compile mode, e.g. reduce-overhead or max-autotune-no-cudagraphs (not with --fsdp)")
 p.add_argument("--fsdp", action="store_true", help="FSDP2 as training builds it (fsdp.build_model) (implied when WORLD_SIZE > 1)")
 p.add_argument("--ac", type=int, nargs="?", const=1, default=0, metavar="N",
                help="activation checkpointing of every N-th block (--ac alone: every block; needs --fsdp)")
@@ -166,7 +165,7 @@ def main(args):
     if args.ac and not args.fsdp:
         p.error("--ac needs --fsdp (activation checkpointing is applied by fsdp.build_model)")
     if args.compile_mode and (args.fsdp or not args.compile):
-        p.error("--compile-mode applies to --compile without --fsdp (build_model compiles with fsdp.COMPILE_OPTIONS)")
+        p.error("--compile-mode applies to --compile without --fsdp (fsdp.build_model compiles in the default mode)")
     if args.fsdp:  # a 1-process group under plain python, so one code path for any number of GPUs
         rank, world, device, created = setup_distributed(args.device)
     else:
@@ -183,8 +182,7 @@ def main(args):
         model = build_model(cfg, device, args.ac, args.compile) if args.fsdp else GenTron(cfg).to(device)
         if not args.compile or args.fsdp:
             return model, model
-        how = dict(mode=args.compile_mode) if args.compile_mode else dict(options=COMPILE_OPTIONS)  # one or the other
-        return model, torch.compile(model, **how)
+        return model, torch.compile(model, mode=args.compile_mode)
 
     g = torch.Generator().manual_seed(rank)
     peak = matmul_peak_tflops(device)

@@ -75,12 +75,6 @@ def matmul_peak_tflops(device, n=8192, iters=20):
 # -----------------------------------------------------------------------------
 # the model: meta device -> AC -> compile -> fully_shard per block -> root -> to_empty -> init
 
-# torch.compile options for the model: Inductor tunes the launch sizes of its fused LayerNorm/modulate/residual and
-# GELU kernels (28% of an XL/2 training step) by coordinate descent. The first compile takes minutes longer; an
-# XL/2 training step is then 2-3% faster on an H100 (README, "Throughput and MFU"). Triton kernels only: CPU ignores it.
-COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
-
-
 def fresh_state(cfg, seed):
     """The single-process initialisation (GenTron.init_weights under a fixed seed) as a full state dict."""
     torch.manual_seed(seed)
@@ -111,12 +105,12 @@ def build_model(cfg, device, ac=0, compile=False, init_state=None, seed=0):
             forward = _checkpointed(forward)  # the rest in backward; every 2nd block: half the memory saving
             # for half the recompute (README, "GenTron-G/2 with FSDP2")
         if compile and per_block:
-            forward = torch.compile(forward, options=COMPILE_OPTIONS)
+            forward = torch.compile(forward)
         block.forward = forward
         if per_block:
             fully_shard(block, mesh=mesh, mp_policy=mp)  # one all-gather / reduce-scatter unit per block
     if compile and not per_block:
-        model.forward = torch.compile(model.forward, options=COMPILE_OPTIONS)
+        model.forward = torch.compile(model.forward)
     fully_shard(model, mesh=mesh, mp_policy=mp)  # the root: embedders, text projection, final layer (1 rank: all)
     model.to_empty(device=device)  # allocate the local shards (uninitialised)
     # init: rank 0 builds the full model on CPU with init_weights() under the seed, and its weights are

@@ -95,8 +95,8 @@ def get_parser(kind="t2i"):
                    help="activation checkpointing of every N-th block: --ac every block, --ac 2 every other, "
                         "--ac 0 off (default: every block for G, Sec. 4.1)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model (each block when sharded over ranks); Inductor tunes its kernels "
-                        "(fsdp.COMPILE_OPTIONS), so the first compile of a large model takes minutes")
+                   help="torch.compile the model (each block when sharded over ranks); the first compile of a "
+                        "large model takes minutes")
     p.add_argument("--num-workers", type=bounded(int, 0), default=None, help="DataLoader workers (default 4 on GPU, 0 on CPU)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     # run folder, logs, checkpoints
