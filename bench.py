@@ -120,8 +120,8 @@ def out_of_memory(fn, device):
 
 
 def kernel_families(prof):
-    """{family: (ms, calls)} of a profiled step's CUDA kernels: GEMM, attention, optimizer, Inductor's fused
-    (triton) kernels, other; the answer to "where does the time go" that the per-kernel table spreads out."""
+    """{family: (ms, calls)} of a profiled step's CUDA kernels: GEMM, attention, optimizer, kernels.py's
+    add_norm, Inductor's fused (triton) kernels, other; the answer to "where does the time go" that the per-kernel table spreads out."""
     def family(name):
         n = name.lower()
         if any(s in n for s in ("nvjet", "gemm", "cutlass", "xmma")):
@@ -130,6 +130,8 @@ def kernel_families(prof):
             return "attention"
         if "adam" in n or "multi_tensor" in n:
             return "optimizer"
+        if "add_norm" in n:
+            return "add_norm"
         return "triton fused" if n.startswith("triton") else "other"
 
     out = {}

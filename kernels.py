@@ -40,8 +40,9 @@ def configs(pairs):
 
 @triton.autotune(configs=configs([(2, 8), (1, 4), (1, 8), (4, 16)]), key=["D"])
 @triton.jit
-def _forward(x_ptr, b_ptr, g_ptr, a_ptr, c_ptr, r_ptr, h_ptr, mean_ptr, rstd_ptr, rows, N, D, g_step, a_step, c_step,
-             eps, HAS_BRANCH: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+def _add_norm_fwd_kernel(x_ptr, b_ptr, g_ptr, a_ptr, c_ptr, r_ptr, h_ptr, mean_ptr, rstd_ptr, rows, N, D,
+                         g_step, a_step, c_step, eps, HAS_BRANCH: tl.constexpr, HAS_GATE: tl.constexpr,
+                         BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
     row = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # (ROWS,); int64: offsets can pass 2^31
     col = tl.arange(0, BLOCK_D)[None, :]  # (1, BLOCK_D)
     mask = (row[:, None] < rows) & (col < D)
@@ -67,9 +68,9 @@ def _forward(x_ptr, b_ptr, g_ptr, a_ptr, c_ptr, r_ptr, h_ptr, mean_ptr, rstd_ptr
 
 @triton.autotune(configs=configs([(2, 8), (1, 8), (1, 16), (4, 8)]), key=["D"])
 @triton.jit
-def _backward(dh_ptr, dr_ptr, r_ptr, b_ptr, g_ptr, a_ptr, mean_ptr, rstd_ptr, dx_ptr, db_ptr, pa_ptr, pc_ptr, pg_ptr,
-              N, D, g_step, a_step, CHUNK: tl.constexpr, HAS_DR: tl.constexpr, HAS_GATE: tl.constexpr,
-              BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+def _add_norm_bwd_kernel(dh_ptr, dr_ptr, r_ptr, b_ptr, g_ptr, a_ptr, mean_ptr, rstd_ptr, dx_ptr, db_ptr, pa_ptr,
+                         pc_ptr, pg_ptr, N, D, g_step, a_step, CHUNK: tl.constexpr, HAS_DR: tl.constexpr,
+                         HAS_GATE: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
     # program (s, k): tokens k CHUNK .. (k+1) CHUNK of group s, ROWS at a time; its sums over them go to p*[s, k, :]
     s, k = tl.program_id(0), tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
@@ -128,7 +129,7 @@ def _add_norm(x: torch.Tensor, branch: Optional[torch.Tensor], gate: Optional[to
     r = torch.empty_like(x) if branch is not None else x.new_empty(0)  # branch None: r is x itself (add_norm)
     mean, rstd = (x.new_empty(S * N, dtype=torch.float32) for _ in range(2))
     g = _or(gate, scale)
-    wrap_triton(_forward)[lambda meta: (triton.cdiv(S * N, meta["ROWS"]),)](
+    wrap_triton(_add_norm_fwd_kernel)[lambda meta: (triton.cdiv(S * N, meta["ROWS"]),)](
         x, _or(branch, x), g, scale, shift, r if branch is not None else h, h, mean, rstd, S * N, N, D,
         _step(g), _step(scale), _step(shift), eps,
         HAS_BRANCH=branch is not None, HAS_GATE=gate is not None, BLOCK_D=triton.next_power_of_2(D))
@@ -147,7 +148,7 @@ def _add_norm_backward(dh: torch.Tensor, dr: Optional[torch.Tensor], r: torch.Te
     pa, pc = (r.new_empty(S, splits, D, dtype=torch.float32) for _ in range(2))  # partial sums per chunk of tokens
     pg = torch.empty_like(pa) if gate is not None else pa.new_empty(0)
     g = _or(gate, scale)
-    wrap_triton(_backward)[(S, splits)](
+    wrap_triton(_add_norm_bwd_kernel)[(S, splits)](
         dh, _or(dr, dh), r, _or(branch, r), g, scale, mean, rstd, dx, db if gate is not None else dx,
         pa, pc, pg if gate is not None else pa, N, D, _step(g), _step(scale), CHUNK=CHUNK,
         HAS_DR=dr is not None, HAS_GATE=gate is not None, BLOCK_D=triton.next_power_of_2(D))

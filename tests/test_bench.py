@@ -51,12 +51,13 @@ def test_kernel_families_sum_a_profile_by_kind():
               ev("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16", 13_000, 56),
               ev("triton_red_fused__to_copy_add_mul_native_layer_norm_split_unsqueeze_view_27", 3_500, 27),
               ev("void at::native::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>>", 8_800, 41),
+              ev("_add_norm_fwd_kernel", 2_000, 84), ev("_add_norm_bwd_kernel", 3_000, 84),
               ev("sm90_xmma_fprop_implicit_gemm_bf16bf16", 1_000, 1), ev("Memset (Device)", 500, 511),
               ev("a CPU-side op", 0, 3)]
     fams = kernel_families(SimpleNamespace(key_averages=lambda: events))
-    assert fams == {"gemm": (26.0, 197), "attention": (13.0, 56), "optimizer": (8.8, 41), "triton fused": (3.5, 27),
-                    "other": (0.5, 511)}
-    assert list(fams) == ["gemm", "attention", "optimizer", "triton fused", "other"]  # largest first
+    assert fams == {"gemm": (26.0, 197), "attention": (13.0, 56), "optimizer": (8.8, 41), "add_norm": (5.0, 168),
+                    "triton fused": (3.5, 27), "other": (0.5, 511)}
+    assert list(fams) == ["gemm", "attention", "optimizer", "add_norm", "triton fused", "other"]  # largest first
 
 
 def test_bad_flags_are_usage_errors():
