@@ -121,7 +121,8 @@ def out_of_memory(fn, device):
 
 def kernel_families(prof):
     """{family: (ms, calls)} of a profiled step's CUDA kernels: GEMM, attention, optimizer, kernels.py's
-    add_norm, Inductor's fused (triton) kernels, other; the answer to "where does the time go" that the per-kernel table spreads out."""
+    add_norm, Inductor's fused (triton) kernels, other; the answer to "where does the time go" that the
+    per-kernel table spreads out."""
     def family(name):
         n = name.lower()
         if any(s in n for s in ("nvjet", "gemm", "cutlass", "xmma")):
