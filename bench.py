@@ -249,10 +249,11 @@ def main(args):
             return False
         rate = all_ranks(run["samples"] / run["seconds"], dist.ReduceOp.SUM, device)  # global samples/s
         mem = all_ranks(torch.cuda.max_memory_allocated() / 2**30, dist.ReduceOp.MAX, device) \
-            if device.type == "cuda" else float("nan")
+            if device.type == "cuda" else None
         tflops = rate * run["flops"] / world / 1e12  # per GPU
         mfu = f"{100 * tflops / peak:5.1f}%" if peak else "  n/a"
-        rows.append(f"{name:<8} {rate:10.1f} {tflops:9.1f} {mfu:>7} {mem:8.1f}" + (f" {batch:6d}" if args.max_batch else ""))
+        mem_s = f"{mem:8.1f}" if mem is not None else f"{'n/a':>8}"
+        rows.append(f"{name:<8} {rate:10.1f} {tflops:9.1f} {mfu:>7} {mem_s}" + (f" {batch:6d}" if args.max_batch else ""))
         if args.max_batch:
             print0(f"{name} batch {batch}: fits, {rate:.1f} samples/s, {mem:.1f} GiB")
         return True
