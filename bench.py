@@ -183,9 +183,7 @@ def main(args):
 
     def build():  # (model, the callable that is timed); build_model compiles what it builds itself
         model = build_model(cfg, device, args.ac, args.compile) if args.fsdp else GenTron(cfg).to(device)
-        if not args.compile or args.fsdp:
-            return model, model
-        return model, torch.compile(model, mode=args.compile_mode)
+        return model, torch.compile(model, mode=args.compile_mode) if args.compile and not args.fsdp else model
 
     g = torch.Generator().manual_seed(rank)
     peak = matmul_peak_tflops(device)

@@ -112,8 +112,13 @@ def add_norm(x, branch, gate, norm, shift=None, scale=None):
     if kernels is not None and kernels.usable(x):
         a, c = (1 + scale, shift) if shift is not None else (norm.weight, norm.bias)
         return kernels.add_norm(x, branch, gate, a, c, norm.eps)
-    r = x if branch is None else x + (branch if gate is None else gate * branch)
+    r = residual(x, branch, gate)
     return r, norm(r) if shift is None else modulate(norm(r), shift, scale)
+
+
+def residual(x, branch, gate):
+    """x + gate * branch (gate None: x + branch; branch None: x), a sub-layer's residual update."""
+    return x if branch is None else x + (branch if gate is None else gate * branch)
 
 
 # -----------------------------------------------------------------------------
@@ -283,10 +288,10 @@ class GenTronBlock(nn.Module):
             x, h = add_norm(x, branch, gate, self.norm2)
             branch, gate = self.cross_attn(h, text, text_mask), None
         if self.temporal is not None:  # it norms its own regrouped (B N, T) rows: the residual update comes first
-            x = x + branch if gate is None else x + gate * branch
-            x, branch, gate = self.temporal(x, frames, motion_free), None, None  # residual inside, Eq. 3-5
+            x = self.temporal(residual(x, branch, gate), frames, motion_free)  # residual inside, Eq. 3-5
+            branch, gate = None, None
         x, h = add_norm(x, branch, gate, self.norm3, shift2, scale2)
-        return x + gate2 * self.mlp(h)
+        return residual(x, self.mlp(h), gate2)
 
 
 class FinalLayer(nn.Module):
