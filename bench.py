@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from model import SIZES, GenTron, flops_per_sample, make_config
+from model import SIZES, GenTron, cast_matmul_weights, flops_per_sample, make_config
 # the model, optimizer and logging as training builds them
 from fsdp import ShardedAdamW, build_model, matmul_peak_tflops, print0, setup_distributed
 
@@ -264,6 +264,8 @@ def main(args):
                 torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
         else:
             model.eval()
+            if not args.fsdp and device.type == "cuda":  # as sample.py loads it: weights in autocast's dtype
+                cast_matmul_weights(model, torch.bfloat16)
         n, ran_out = len(rows), False
         # without --max-batch the limit leaves one try: --batch itself
         batch = largest_batch(lambda b: measure(name, b), args.batch, MAX_BATCH if args.max_batch else args.batch)

@@ -79,7 +79,9 @@ def attention_logits(model, meta, n=64, seed=0, device="cpu"):
     xt = Diffusion().q_sample(x0, t, torch.randn(x0.shape, generator=g))
     text, mask, pooled = meta["encoder"]([it["caption"] for it in items])
     inputs = dict(x=xt, t=t, text=text, text_mask=mask, pooled=pooled)  # T2V: every clip a motion clip
-    return attention_logit_max(model, **{k: v.to(device) for k, v in inputs.items()})
+    cuda = torch.device(device).type == "cuda"  # as sampling runs it (load_model keeps bf16 weights on CUDA)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        return attention_logit_max(model, **{k: v.to(device) for k, v in inputs.items()})
 
 
 def oracle_table(scores):

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from checkpoint import DTYPES, build_config, export, read_checkpoint, resolve_checkpoint
 from data import load_latent_space
 from diffusion import SAMPLERS, Diffusion, guided_eps_fn, sample
-from model import GenTron
+from model import GenTron, cast_matmul_weights
 from text_encoders import load_text_encoder
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -78,19 +78,22 @@ def load_model(path=None, ema=True, device="cpu", video=None):
     path: run dir, .pt or .safetensors; None = the bundled model (T2V if video else T2I). meta is the
     checkpoint's meta (kind, text_encoder, latent_space, resolution, num_frames, dataset) plus "config",
     "step", "ckpt" (the file read) and the loaded frozen parts that generate() uses: "encoder" (a
-    text_encoders.TextEncoder) and "latent" (a data.py latent space)."""
+    text_encoders.TextEncoder) and "latent" (a data.py latent space). On CUDA the Linear and Conv weights
+    are stored in bf16 (model.cast_matmul_weights): run the model under bf16 autocast, as generate() does."""
     file = resolve_checkpoint(path) if path else bundled_path("t2v" if video else "t2i")
     state, config, meta, step = read_checkpoint(file, ema)
     meta = {**meta, "config": config, "step": step, "ckpt": os.path.abspath(file)}
     check_mode(config.get("temporal", False), video, file)
     with torch.device("meta"):  # no init work or memory for weights that are overwritten anyway
         model = GenTron(build_config(config, file))
-    state = {k: v.float() for k, v in state.items()}  # exports may be fp16/bf16; sampling runs fp32 (+autocast)
+    state = {k: v.float() for k, v in state.items()}  # exports may be fp16/bf16; fp32 on the CPU
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"{file}: weights do not match its config ({len(missing)} missing, e.g. "
                          f"{missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]})")
     model = model.to(device).eval().requires_grad_(False)
+    if torch.device(device).type == "cuda":  # generate() runs it under bf16 autocast, which computes these in bf16
+        cast_matmul_weights(model, torch.bfloat16)
     meta["encoder"] = text_encoder(meta["text_encoder"], device)
     meta["latent"] = load_latent_space(meta["latent_space"], device=device)
     enc, cfg = meta["encoder"], model.cfg

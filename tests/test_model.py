@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import MLP, GenTron, count_params, flops_per_sample, linear_gelu, make_config, param_formula
+from model import (MLP, GenTron, cast_matmul_weights, count_params, flops_per_sample, linear_gelu, make_config,
+                   param_formula)
 
 TEXT_DIM, POOLED_DIM, L = 24, 16, 7
 
@@ -237,6 +238,28 @@ def test_fused_linear_gelu_is_the_tanh_gelu_on_cuda():
         plain = mlp(x)  # grad enabled: the unfused path
     assert fused.dtype == plain.dtype == torch.bfloat16
     torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-2, atol=2e-2)
+
+
+CUDA = [pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
+
+
+@pytest.mark.parametrize("device", ["cpu", *CUDA])
+@pytest.mark.parametrize("conditioning", ["cross_attn", "adaln"])
+def test_bf16_stored_weights_give_the_same_autocast_outputs(device, conditioning):
+    """Sampling stores the Linear and Conv weights in bf16 (cast_matmul_weights): under bf16 autocast, which
+    computes those layers in bf16 anyway, the image and video outputs must be bit for bit what the fp32 weights
+    give (on CUDA through the fused GELU GEMM and the add_norm kernel), while the norm gains stay fp32."""
+    model = build(conditioning=conditioning, temporal=True).to(device)
+    batches = [inputs(), {**inputs(frames=3), "motion_free": torch.tensor([True, False])}]
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+        ref = [model(**b) for b in batches]
+        cast_matmul_weights(model)
+        out = [model(**b) for b in batches]
+    assert model.blocks[0].mlp.fc1.weight.dtype == model.patch_embed.bias.dtype == torch.bfloat16
+    assert model.blocks[0].temporal.norm.weight.dtype == torch.float32
+    for r, o in zip(ref, out):
+        assert r.abs().max() > 0.1 and torch.equal(o, r)
 
 
 @pytest.mark.parametrize("frames", [6, 8])
