@@ -43,14 +43,31 @@ def resolve_checkpoint(path):
     return path
 
 
+def load_pt(path, mmap=False):
+    """A ckpt-*.pt file's dict, plain types only (STYLE.md: never unpickle arbitrary objects); a file that is
+    not one (truncated, another format) is a one-line ValueError naming it."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path} is not a readable GenTron checkpoint ({str(e).splitlines()[0].split('. ')[0]}); "
+                         "if it is a run's newest, move it away to resume from the one before") from None
+    missing = [k for k in ("model", "config", "meta") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a GenTron checkpoint: missing {', '.join(missing)}")
+    return ckpt
+
+
 def export_metadata(path):
     """(config dict, meta dict, step) of a .safetensors export, read without its weights."""
     try:
         from safetensors import safe_open
     except ImportError:
         raise ImportError("reading .safetensors models needs `pip install safetensors`") from None
-    with safe_open(path, "pt") as f:
-        md = f.metadata() or {}
+    try:
+        with safe_open(path, "pt") as f:
+            md = f.metadata() or {}
+    except Exception as e:  # safetensors' own error type for a damaged or foreign file
+        raise ValueError(f"{path} is not a readable .safetensors file ({str(e).splitlines()[0]})") from None
     if "config" not in md or "meta" not in md:
         raise ValueError(f"{path} has no GenTron metadata ('config', 'meta'); make it with sample.py --export")
     step = int(md["step"]) if md.get("step", "").lstrip("-").isdigit() else None
@@ -66,13 +83,7 @@ def read_checkpoint(path, ema=True):
         from safetensors.torch import load_file
 
         return load_file(path), config, meta, step
-    try:  # plain types only (STYLE.md): never unpickle arbitrary objects
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} is not a plain-type GenTron checkpoint ({str(e).splitlines()[0]})") from None
-    missing = [k for k in ("model", "config", "meta") if k not in ckpt]
-    if missing:
-        raise ValueError(f"{path} is not a GenTron checkpoint: missing {', '.join(missing)}")
+    ckpt = load_pt(path)
     weights = ckpt.get("ema") if ema else ckpt["model"]
     if weights is None:
         raise ValueError(f"{path} has no EMA weights; pass --no-ema to sample with the raw weights")
@@ -156,8 +167,21 @@ def stored_settings(path):
     path = init_file(path)
     if path.endswith(".safetensors"):
         return export_metadata(path)[:2]
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return ckpt.get("config", {}), ckpt.get("meta", {})
+    ckpt = load_pt(path, mmap=True)
+    return ckpt["config"], ckpt["meta"]
+
+
+def check_init(config, cfg, path):
+    """Raise unless weights of a model with stored `config` can start this run's model `cfg` (--init-from):
+    the same architecture at any resolution or clip length, or T2I weights into a T2V model (Sec. 3.3.1).
+    Every rank calls it, so that all stop together (only rank 0 reads the weights)."""
+    have, want = config_dict(config), dataclasses.asdict(cfg)
+    diff = [k for k in want if k not in ("input_size", "num_frames", "temporal") and have.get(k) != want[k]]
+    if diff:
+        raise ValueError(f"--init-from {path} has a different model: "
+                         + ", ".join(f"{k} {have.get(k)} (this run: {want[k]})" for k in diff))
+    if have["temporal"] and not cfg.temporal:
+        raise ValueError(f"--init-from {path} is a T2V model; a T2I run cannot start from it")
 
 
 def load_init(path, cfg, seed):
@@ -172,18 +196,14 @@ def load_init(path, cfg, seed):
         weights = {k: v.float() for k, v in weights.items()}
         ckpt = {"model": weights, "ema": weights, "config": config, "step": step}
     else:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    have = {k: v for k, v in config_dict(ckpt["config"]).items() if k != "input_size"}
-    want = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "input_size"}
-    if cfg.temporal and not have["temporal"]:  # T2I -> T2V
+        ckpt = load_pt(path, mmap=True)
+    check_init(ckpt["config"], cfg, path)
+    if cfg.temporal and not ckpt["config"].get("temporal", False):  # T2I -> T2V
         torch.manual_seed(seed)
         m = GenTron(cfg)
         new = m.load_t2i_weights(ckpt["model"])
         print0(f"init from T2I {path}: {len(new)} new temporal weights, {len(ckpt['model'])} copied")
         model_sd = m.state_dict()
         return model_sd, {**model_sd, **ckpt["ema"]}
-    if {**have, "num_frames": 0} != {**want, "num_frames": 0}:
-        diff = [k for k in want if have.get(k) != want[k]]
-        raise ValueError(f"--init-from {path} has a different model ({', '.join(f'{k}={have.get(k)}' for k in diff)})")
     print0(f"init from {path}: model and EMA weights of step {ckpt['step']}")
     return ckpt["model"], ckpt["ema"]

@@ -240,8 +240,10 @@ class ShardedAdamW:
         index = {n: i for i, n in enumerate(self.names)}
         state = {index[n]: {k: _shard(v, self.params[index[n]]) if v.ndim else v.clone() for k, v in st.items()}
                  for n, st in full["state"].items()}
-        device_choice = {k: self.opt.param_groups[0][k] for k in ("fused", "foreach")}  # this run's device
-        groups = [{**g, **device_choice, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]]
+        # hyperparameters (betas, weight decay, eps; lr is set every step) and kernels come from this run: a
+        # resumed run follows its flags, as it does for --lr and --clip
+        this_run = {k: v for k, v in self.opt.param_groups[0].items() if k != "params"}
+        groups = [{**g, **this_run, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]]
         self.opt.load_state_dict({"state": state, "param_groups": groups})
 
 

@@ -238,13 +238,32 @@ def save_samples(samples, records, out_dir, cols):
     return mp4
 
 
+def check_settings(s, out_dir):
+    """A one-line error for each setting (flags or a samples.json's) that would fail, before any work is done."""
+    for key in ("batch_size", "n_per_prompt", "frames"):
+        if s.get(key) is not None and s[key] < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {s[key]}")
+    if s["seed"] < 0:
+        raise ValueError(f"--seed must be >= 0, got {s['seed']}")
+    for key in ("cfg", "mfg"):
+        if not math.isfinite(s[key]):
+            raise ValueError(f"--{key} must be a finite number, got {s[key]}")
+    try:
+        device = torch.device(s["device"])
+    except RuntimeError:
+        raise ValueError(f"--device {s['device']!r} is not a device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {s['device']}: this machine has {torch.cuda.device_count()} CUDA GPUs "
+                         "(a run recorded on a GPU can be redone with --device cpu, though not bit for bit)")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out {out_dir} is a file, not a folder")
+
+
 def run(settings, prompts, out_dir, only=None, progress=True):
     """Generate samples for a flat prompt list (index i = position) with `settings`, write them and
     samples.json. only = a list of indices to write (the batches that hold them are regenerated)."""
     s = settings
-    for key in ("batch_size", "n_per_prompt", "frames"):
-        if s.get(key) is not None and s[key] < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {s[key]}")
+    check_settings(s, out_dir)
     model, meta = load_model(s["ckpt"], ema=s["ema"], device=s["device"], video=s["video"])
     if meta["kind"] == "t2v" and not s["video"] and progress:
         print("note: T2V checkpoint sampled as images (one frame = the motion-free path); add --video for clips")
@@ -328,10 +347,14 @@ def main(argv=None):
             raise FileNotFoundError(f"{args.from_json} does not exist")
         with open(args.from_json) as f:
             rec = json.load(f)
-        settings = rec["settings"]
-        prompts = [None] * rec["num_samples"]
-        for r in rec["samples"]:
-            prompts[r["index"]] = r["prompt"]
+        try:
+            settings = rec["settings"]
+            prompts = [None] * rec["num_samples"]
+            for r in rec["samples"]:
+                prompts[r["index"]] = r["prompt"]
+        except (KeyError, TypeError, IndexError) as e:
+            raise ValueError(f"{args.from_json} is not a samples.json written by sample.py "
+                             f"({type(e).__name__}: {e})") from None
         if None in prompts:  # a partial JSON (itself a reproduction): only its own samples can be remade
             raise ValueError(f"{args.from_json} lists {sum(x is not None for x in prompts)} of {len(prompts)} "
                              "samples; use the samples.json of the original run")

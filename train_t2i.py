@@ -27,7 +27,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data as D
-from checkpoint import checkpoints, config_dict, load_init, save_checkpoint, stored_settings
+from checkpoint import check_init, checkpoints, config_dict, load_init, load_pt, save_checkpoint, stored_settings
 from diffusion import Diffusion
 from fsdp import (DistributedBatches, ShardedAdamW, build_model, load_full_state, master_process, matmul_peak_tflops,
                   next_position, print0, setup_distributed, step_draws)
@@ -42,12 +42,13 @@ LR = 1e-4  # constant learning rate with AdamW, paper Sec. 4.1 (XL/2 and G/2 at 
 TOY_LR = 1e-3  # toy / tiny models at batch 32: learn in minutes (1e-4 leaves a CPU toy run at noise)
 
 
-def bounded(kind, lo=None, hi=None):
-    """argparse type: a `kind` number in [lo, hi] (either bound optional); anything else is a one-line usage error."""
+def bounded(kind, lo=None, hi=None, open_hi=False):
+    """argparse type: a `kind` number in [lo, hi] (either bound optional; [lo, hi) with open_hi); anything else
+    is a one-line usage error."""
     def parse(text):
         value = kind(text)  # argparse reports a ValueError here as "invalid <kind> value"
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            need = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
+        if (lo is not None and value < lo) or (hi is not None and (value > hi or open_hi and value == hi)):
+            need = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}{')' if open_hi else ']'}"
             raise argparse.ArgumentTypeError(f"must be {need}, got {text}")
         return value
     parse.__name__ = kind.__name__
@@ -78,13 +79,13 @@ def get_parser(kind="t2i"):
                         "a resumed or --init-from run keeps its parent's")
     p.add_argument("--batch-size", type=bounded(int, 1), default=32, help="global batch per step (Sec. 4.1: 2048 at 256px, 784 at 512px)")
     p.add_argument("--grad-accum", type=bounded(int, 1), default=1, help="micro-steps per optimizer step")
-    p.add_argument("--lr", type=float, default=None, help=f"constant AdamW lr (default {LR}; {TOY_LR} for toy / tiny)")
+    p.add_argument("--lr", type=bounded(float, 0), default=None, help=f"constant AdamW lr (default {LR}; {TOY_LR} for toy / tiny)")
     p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
                    help="constant (DiT, the paper) or cosine decay to 0 at --max-steps (short toy runs)")
     p.add_argument("--weight-decay", type=bounded(float, 0), default=0.0)  # DiT: AdamW without weight decay
-    p.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999])  # AdamW defaults, as DiT
+    p.add_argument("--betas", type=bounded(float, 0, 1, open_hi=True), nargs=2, default=[0.9, 0.999])  # AdamW defaults, as DiT
     p.add_argument("--clip", type=bounded(float, 0), default=1.0, help="max gradient norm (0: off, the norm is still logged)")
-    p.add_argument("--ema", type=bounded(float, 0, 1), default=0.9999)  # DiT's EMA decay
+    p.add_argument("--ema", type=bounded(float, 0, 1, open_hi=True), default=0.9999)  # DiT's EMA decay
     p.add_argument("--caption-dropout", type=bounded(float, 0, 1), default=0.1)  # null caption 10% of the time: CFG (Ho & Salimans)
     p.add_argument("--max-steps", type=bounded(int, 1), default=800)  # the toy: ~7 min on 2 CPU cores; Sec. 4.1: 500K + 300K
     p.add_argument("--time-limit", type=bounded(float, 0), default=None,
@@ -294,7 +295,8 @@ def train(args, make_data, kind="t2i"):
 
 def _train(args, make_data, kind, rank, world, device):
     out, B, A = args.out, args.batch_size, args.grad_accum
-    args.lr = args.lr or (TOY_LR if args.size in ("toy", "tiny") else LR)  # resolved, so checkpoints record it
+    if args.lr is None:  # resolved, so checkpoints record it
+        args.lr = TOY_LR if args.size in ("toy", "tiny") else LR
     if B % (world * A):
         raise ValueError(f"--batch-size {B} must be divisible by world size {world} x --grad-accum {A}")
     micro = B // (world * A)
@@ -310,7 +312,7 @@ def _train(args, make_data, kind, rank, world, device):
             D.build_cache(data.dataset, args.cache, data.encoder, data.latents, dataset_spec=data.spec)
         dist.barrier()
         data = dataclasses.replace(cached_data(args.cache, device, data.frames), prompts=data.prompts)
-    ckpt = torch.load(found[-1], map_location="cpu", weights_only=True, mmap=True) if found else None  # --resume
+    ckpt = load_pt(found[-1], mmap=True) if found else None  # --resume
     # A resumed run or a child run (--init-from) keeps its parent's patch size, QK-norm and prediction unless told
     parent = (ckpt["config"], ckpt["meta"]) if ckpt else stored_settings(args.init_from) if args.init_from else None
     if parent:
@@ -336,8 +338,10 @@ def _train(args, make_data, kind, rank, world, device):
     model_sd = ema_sd = None  # full state dicts, needed on rank 0 only (None: the fresh seeded init)
     if ckpt:
         model_sd, ema_sd = ckpt["model"], ckpt["ema"]
-    elif args.init_from and master_process():
-        model_sd, ema_sd = load_init(args.init_from, cfg, args.seed)
+    elif args.init_from:
+        check_init(parent[0], cfg, args.init_from)  # on every rank: a mismatch stops all of them
+        if master_process():
+            model_sd, ema_sd = load_init(args.init_from, cfg, args.seed)
     # The EMA weights go through the model first: build with them, copy the shards, then load the weights.
     model = build_model(cfg, device, ac, args.compile, ema_sd, args.seed)
     opt = ShardedAdamW(model, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
@@ -351,6 +355,10 @@ def _train(args, make_data, kind, rank, world, device):
         step, pos = ckpt["step"], (ckpt["data"]["epoch"], ckpt["data"]["offset"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         print0(f"resumed {found[-1]} at step {step}")
+        was = ckpt.get("args", {})
+        for k in ("lr", "lr_schedule", "betas", "weight_decay", "clip", "ema"):
+            if k in was and was[k] != getattr(args, k):
+                print0(f"--resume: --{k.replace('_', '-')} {getattr(args, k)} (the checkpoint's run used {was[k]})")
     elif args.resume:
         print0(f"--resume: no checkpoint in {out}; starting from scratch")
 
@@ -468,7 +476,7 @@ def cli(main):
     """main() as a command: bad input (missing files, bad values) is one line of error from rank 0, no traceback."""
     try:
         main()
-    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
+    except (OSError, ValueError, ImportError) as e:  # OSError: missing or existing files, a VAE that won't load
         sys.exit(f"error: {e}" if int(os.environ.get("RANK", 0)) == 0 else 1)
 
 

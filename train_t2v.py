@@ -16,6 +16,7 @@ import os
 
 import data as D
 import train_t2i as T
+from checkpoint import checkpoints
 
 
 def get_parser():
@@ -58,9 +59,9 @@ def make_data_t2v(args, device):
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    if not (args.init_from or args.from_scratch or args.resume):
+    if not (args.init_from or args.from_scratch or (args.resume and checkpoints(args.out))):
         raise SystemExit("train_t2v.py starts from a T2I checkpoint (Sec. 3.3.1): pass --init-from RUN/ckpt-N.pt "
-                         "(or --from-scratch)")
+                         f"(or --from-scratch){'; --resume found no checkpoint in ' + args.out if args.resume else ''}")
     return T.train(args, make_data_t2v, "t2v")
 
 

@@ -82,6 +82,11 @@ def test_ode_samplers_converge_to_the_exact_flow_of_gaussian_data():
     assert err["dpm++2m", 25] < 0.02 < err["ddim", 25] / 2
 
 
+def test_ddpm_steps_zero_is_refused():
+    with pytest.raises(ValueError, match=r"steps must be in \[1, 1000\], got 0"):  # not "0 = all 1000"
+        sample(lambda x, t: x, Diffusion(), torch.zeros(1, 2), "ddpm", 0)
+
+
 def test_ddim_eta0_is_deterministic_and_eta1_is_not():
     d = Diffusion()
     model = lambda x, t: torch.sin(x) * (t.view(-1, 1) / 1000.0)  # any fixed eps function

@@ -194,6 +194,17 @@ def test_clear_errors(ckpts, tmp_path, monkeypatch):
     for flag in ("--batch-size", "--n-per-prompt"):
         with pytest.raises(ValueError, match=f"{flag} must be >= 1, got 0"):
             sample.main(["--ckpt", ckpts["t2i"], "a red circle", flag, "0", "--out", str(tmp_path / "x")])
+    # settings that would fail late (after sampling) or with a traceback are refused before any work
+    (tmp_path / "afile").write_text("")
+    no_gpu = "cuda:99"  # more GPUs than any machine has
+    for argv, message in ((["--seed", "-1"], "--seed must be >= 0"), (["--cfg", "nan"], "--cfg must be a finite"),
+                          (["--device", "bogus"], "'bogus' is not a device"), (["--device", no_gpu], "CUDA GPUs"),
+                          (["--out", str(tmp_path / "afile")], "is a file, not a folder")):
+        with pytest.raises(ValueError, match=message):
+            sample.main(["--ckpt", ckpts["t2i"], "a red circle", "--out", str(tmp_path / "x"), *argv])
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a samples.json written by sample.py"):
+        sample.main(["--from-json", str(tmp_path / "bad.json")])
     # the command line turns it into one line on stderr
     r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", ckpts["t2i"], "--video", "x"],
                        capture_output=True, text=True, cwd=str(tmp_path), env={**os.environ, "HF_HUB_OFFLINE": "1"})

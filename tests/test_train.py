@@ -140,6 +140,28 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+def test_resume_follows_the_flags_and_bad_parents_are_one_line_errors(tmp_path):
+    """A resumed run takes its optimizer settings from its flags (as --lr and --clip); a damaged newest
+    checkpoint, a parent of another model size, T2V weights for a T2I run and a T2V --resume with nothing to
+    resume are one-line errors (ValueError / SystemExit, which train_t2i.cli prints) before any training."""
+    T.main(tiny(tmp_path / "a", 2, "--ckpt-every", "2"))
+    T.main(tiny(tmp_path / "a", 4, "--ckpt-every", "2", "--resume", "--weight-decay", "0.1", "--betas", "0.8", "0.9"))
+    group = load(tmp_path / "a" / "ckpt-0000004.pt")["optimizer"]["param_groups"][0]
+    assert group["weight_decay"] == 0.1 and tuple(group["betas"]) == (0.8, 0.9)
+    with open(tmp_path / "a" / "ckpt-0000004.pt", "r+b") as f:
+        f.truncate(1000)  # e.g. a disk that filled up under another program
+    with pytest.raises(ValueError, match="ckpt-0000004.pt is not a readable GenTron checkpoint"):
+        T.main(tiny(tmp_path / "a", 6, "--resume"))
+    parent = str(tmp_path / "a" / "ckpt-0000002.pt")
+    with pytest.raises(ValueError, match=r"different model: depth 2 \(this run: 8\)"):
+        V.main(tiny(tmp_path / "v", 1, "--size", "toy", "--init-from", parent))
+    V.main(tiny(tmp_path / "v", 1, "--init-from", parent))
+    with pytest.raises(ValueError, match="is a T2V model"):
+        T.main(tiny(tmp_path / "i", 1, "--init-from", str(tmp_path / "v")))
+    with pytest.raises(SystemExit, match="--resume found no checkpoint"):
+        V.main(tiny(tmp_path / "typo", 1, "--resume"))
+
+
 def test_checkpoint_format(tmp_path):
     T.main(tiny(tmp_path, 4, "--ckpt-every", "1", "--keep", "2"))
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt")) == ["ckpt-0000003.pt", "ckpt-0000004.pt"]
@@ -343,6 +365,7 @@ def test_toy_cli_end_to_end(tmp_path):
 @pytest.mark.parametrize("script, argv, message", [
     ("train_t2i.py", ["--batch-size", "0"], "train_t2i.py: error: argument --batch-size: must be >= 1, got 0"),
     ("train_t2v.py", ["--p-motion-free", "1.5"], "train_t2v.py: error: argument --p-motion-free: must be in [0, 1], got 1.5"),
+    ("train_t2i.py", ["--ema", "1"], "train_t2i.py: error: argument --ema: must be in [0, 1), got 1"),  # never moves
     ("train_t2i.py", ["--resolution", "30", "--patch", "4"],
      "error: --resolution 30 must be a multiple of 4 (pixel downsampling 1 x patch 4)"),
 ])
