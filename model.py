@@ -194,7 +194,15 @@ class TemporalAttention(nn.Module):
     def forward(self, x, frames, motion_free=None):
         n = x.shape[1]
         x = rearrange(x, "(b t) n d -> (b n) t d", t=frames)  # Eq. 3
-        h = self.norm(x) + sincos_1d(torch.arange(frames, device=x.device), x.shape[-1]).to(x.dtype)
+        h = self.norm(x)
+        if frames > 1:
+            # Not in Eq. 4: a sin-cos frame position, so that the attention knows the frames' order. A motion-free
+            # clip gets none (Sec. 3.3.2): its frames see only themselves, and with a position each would still get
+            # its own frame-dependent offset, so temporal modelling would not be off. One frame: nothing to order.
+            pos = sincos_1d(torch.arange(frames, device=x.device), x.shape[-1]).to(x.dtype)  # (T, D)
+            if motion_free is not None:
+                pos = pos * (~motion_free).repeat_interleave(n)[:, None, None].to(x.dtype)  # (B N, T, D)
+            h = h + pos
         # The (B N) sequences are only T = 8 frames long; a fused kernel would spend a whole tile of `tile`
         # rows on each. So `pack` consecutive sequences run as one of pack * T tokens, with a block-diagonal
         # mask keeping each frame inside its own sequence: the same attention, ~6x faster when sampling T2V XL/2
@@ -209,7 +217,7 @@ class TemporalAttention(nn.Module):
             mask = (mask & ((i[:, None] == i[None, :]) | ~free))[:, None]
         elif pack == 1:
             mask = None  # nothing to mask: the flash kernel
-        x = x + self.attn(h.reshape(-1, pack * frames, h.shape[-1]), mask).view_as(x)  # Eq. 4 (+ frame position)
+        x = x + self.attn(h.reshape(-1, pack * frames, h.shape[-1]), mask).view_as(x)  # Eq. 4
         return rearrange(x, "(b n) t d -> (b t) n d", n=n)  # Eq. 5
 
     def pack_size(self, sequences, frames):

@@ -114,6 +114,24 @@ def test_motion_free_mask_makes_frames_independent():
     torch.testing.assert_close(a[1], model(**vid, motion_free=torch.tensor([False, False]))[1])
 
 
+def test_motion_free_clip_is_the_image_model_frame_by_frame():
+    """Sec. 3.3.2: the identity mask "suffices to disable temporal modeling". So a motion-free clip must be its
+    frames run one at a time through the same T2V model (T = 1: the image path), frame position included:
+    a clip of one image repeated gives that image's output on every frame. Random weights everywhere."""
+    model = build(temporal=True)
+    vid = inputs(b=2, frames=4)
+    vid["x"][1] = vid["x"][1, :1]  # clip 1: one image repeated 4 times
+    out = model(**vid, motion_free=torch.tensor([True, True]))
+    for f in range(4):
+        alone = model(**{**vid, "x": vid["x"][:, f : f + 1]}, motion_free=torch.tensor([True, True]))
+        torch.testing.assert_close(out[:, f : f + 1], alone, rtol=1e-5, atol=1e-5)
+        image = model(**{**vid, "x": vid["x"][:, f]})  # (B, C, H, W): the image path
+        torch.testing.assert_close(out[:, f], image, rtol=1e-5, atol=1e-5)
+    assert (out[1] - out[1, :1]).abs().max() < 1e-5  # the repeated image: the same output on every frame
+    moving = model(**vid, motion_free=torch.tensor([False, False]))
+    assert (moving[1] - moving[1, :1]).abs().max() > 1e-3  # with motion the frames differ (position, attention)
+
+
 def test_padded_text_tokens_are_ignored():
     model = build()
     a = inputs()
