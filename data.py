@@ -19,7 +19,7 @@ import warnings
 import numpy as np
 import torch
 from einops import rearrange
-from PIL import Image
+from PIL import Image, ImageOps
 
 from synthetic import (  # noqa: F401  (re-exported: data.ShapesDataset etc.)
     BACKGROUND, CATEGORIES, COLORS, HELDOUT_PAIRS, SHAPES, TRAIN_PAIRS,
@@ -59,8 +59,9 @@ VIDEO_EXTS = (".mp4", ".webm", ".mov", ".avi", ".mkv")
 
 
 def resize_center_crop(img, size):
-    """PIL image -> float (3, size, size) in [-1, 1]: resize the shorter side to size, crop the centre."""
-    img = img.convert("RGB")
+    """PIL image -> float (3, size, size) in [-1, 1]: upright as its EXIF orientation says (phone photos), resize
+    the shorter side to size, crop the centre."""
+    img = ImageOps.exif_transpose(img).convert("RGB")
     w, h = img.size
     s = size / min(w, h)
     nw, nh = max(size, round(w * s)), max(size, round(h * s))
@@ -84,6 +85,8 @@ def _list_pairs(root, exts, key):
                     raise ValueError(f"{root}:{n}: not valid JSON ({e})") from None
                 if not isinstance(rec, dict) or key not in rec or "caption" not in rec:
                     raise ValueError(f"{root}:{n}: each line needs {key!r} and 'caption' fields")
+                if not isinstance(rec[key], str) or not isinstance(rec["caption"], (str, type(None))):
+                    raise ValueError(f"{root}:{n}: {key!r} must be a path and 'caption' a string (or null)")
                 # a literal caption; "" (or null) trains as the null caption used for CFG
                 entries.append((os.path.join(base, rec[key]), ("text", rec["caption"] or "")))
         if not entries:
@@ -481,6 +484,9 @@ class CachedDataset(torch.utils.data.Dataset):
         _check_spec(self.meta, expect or {}, out_dir)
         self.out_dir, self.shard_size = out_dir, self.meta["shard_size"]
         self.shards = {}
+        for k in range(math.ceil(len(self) / self.shard_size)):  # a damaged shard fails now, not hours in
+            self._shard(k)
+        self.shards = {}  # opened again where used: in each DataLoader worker
 
     def __len__(self):
         return self.meta["num_items"]
@@ -488,7 +494,11 @@ class CachedDataset(torch.utils.data.Dataset):
     def _shard(self, k):
         if k not in self.shards:  # mmap: only the rows that are read are paged in
             path = os.path.join(self.out_dir, f"shard_{k:05d}.pt")
-            self.shards[k] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                self.shards[k] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except (RuntimeError, OSError, EOFError) as e:  # truncated, emptied or missing
+                raise ValueError(f"cache shard {path} is damaged ({str(e).splitlines()[0].split('. ')[0]}): delete "
+                                 "it and run build_cache (train --cache) again to rewrite it") from None
         return self.shards[k]
 
     def __getitem__(self, i):

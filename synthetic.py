@@ -55,8 +55,14 @@ HELDOUT_PAIRS = tuple((c, SHAPES[i % len(SHAPES)]) for i, c in enumerate(COLORS)
 TRAIN_PAIRS = tuple((c, s) for c in COLORS for s in SHAPES if (c, s) not in HELDOUT_PAIRS)
 
 
+MIN_SIZE = 17  # below, the smallest objects (half-size 2) of circle, diamond and cross have the same pixels
+
+
 def geometry(size):
     """Object half-sizes, minimum gap between objects and video speed, in pixels, for an image side."""
+    if size < MIN_SIZE:
+        raise ValueError(f"the shapes need images of at least {MIN_SIZE} px (got {size}): smaller, circle, diamond "
+                         "and cross render alike and the oracle cannot tell them apart")
     r_min, r_max = max(2, round(size * 5 / 32)), max(2, round(size * 7 / 32))  # 5..7 px at 32
     gap = max(1, size // 16)  # 2 px at 32
     speed = max(1, size // 16)  # px per frame; 8 frames travel 14 px at 32
@@ -254,6 +260,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         for c in categories:
             if c not in CATEGORIES:
                 raise ValueError(f"unknown category {c!r}; expected one of {CATEGORIES}")
+        geometry(size)  # a size too small for the oracle is refused here, not in the first batch
         self.split, self.size, self.seed, self.length = split, size, seed, length
         self.categories = tuple(categories)
         self.spec = f"shapes:{split}:size={size}:seed={seed}:{'+'.join(self.categories)}"  # for cache meta
@@ -290,6 +297,7 @@ class MovingShapesDataset(torch.utils.data.Dataset):
 
     def __init__(self, split="train", num_frames=8, size=32, seed=0, length=1_000_000):
         self.pairs = _pairs(split)
+        geometry(size)
         self.split, self.num_frames, self.size, self.seed, self.length = split, num_frames, size, seed, length
         self.spec = f"moving_shapes:{split}:size={size}:frames={num_frames}:seed={seed}"  # for cache meta
 

@@ -125,6 +125,17 @@ def test_shapes_are_pairwise_distinct_templates():
                 assert (masks[i] ^ masks[j]).sum() >= 8, (S.SHAPES[i], S.SHAPES[j], r)
 
 
+def test_sizes_too_small_for_the_oracle_are_refused():
+    """Under 17 px the smallest objects of three shapes render alike (the oracle scores its own renders ~70%
+    at 16, 100% from 17 on): refused at construction."""
+    for ds in (S.ShapesDataset, S.MovingShapesDataset):
+        with pytest.raises(ValueError, match="at least 17 px"):
+            ds(size=16)
+    metas = [m for c in S.CATEGORIES for _, m in S.heldout_prompts(c, 10, size=17)]
+    x = torch.from_numpy(np.stack([S.render(m["objects"], 17) for m in metas]))
+    assert S.score_images(x, metas)["overall"] == 1.0
+
+
 def test_heldout_split():
     assert len(S.HELDOUT_PAIRS) == 8 and not set(S.HELDOUT_PAIRS) & set(S.TRAIN_PAIRS)
     held = set(S.HELDOUT_PAIRS)
@@ -328,6 +339,21 @@ def test_image_folder_resizes_shorter_side(tmp_path):
     assert torch.allclose(x[:, :, 2:14].permute(1, 2, 0), g.expand(16, 12, 3), atol=0.02)
 
 
+def test_image_folder_follows_exif_orientation(tmp_path):
+    """A phone photo is stored sideways with an EXIF orientation tag; it must train upright. Stored: left half
+    red, right half blue; tag 6 = turn 90 degrees clockwise to display, so red ends up on top."""
+    from PIL import Image
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[:, :16], img[:, 16:] = (255, 0, 0), (0, 0, 255)
+    exif = Image.Image().getexif()
+    exif[0x0112] = 6
+    Image.fromarray(img).save(tmp_path / "a.png", exif=exif)
+    (tmp_path / "a.txt").write_text("x")
+    x = data.ImageTextFolder(str(tmp_path), size=32)[0]["x"]
+    assert x[0, :12].mean() > 0.9 and x[2, :12].mean() < -0.9  # top rows red
+    assert x[2, -12:].mean() > 0.9 and x[0, -12:].mean() < -0.9  # bottom rows blue
+
+
 def test_jsonl_manifest(tmp_path):
     (tmp_path / "imgs").mkdir()
     _png(tmp_path / "imgs" / "a.png", (0, 0, 255))
@@ -345,6 +371,11 @@ def test_jsonl_manifest(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"image": "imgs/a.png", "caption": "ok"}\n{"image": \n')
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         data.ImageTextFolder(str(tmp_path / "bad.jsonl"))
+    for line in ('{"image": null, "caption": "x"}', '{"image": "imgs/a.png", "caption": 7}',
+                 '{"image": "imgs/a.png", "caption": ["a", "b"]}'):  # at startup, not at the first batch
+        (tmp_path / "bad.jsonl").write_text('{"image": "imgs/a.png", "caption": "ok"}\n' + line + "\n")
+        with pytest.raises(ValueError, match="bad.jsonl:2: 'image' must be a path and 'caption' a string"):
+            data.ImageTextFolder(str(tmp_path / "bad.jsonl"))
 
 
 def test_missing_caption_and_empty_folder_are_clear_errors(tmp_path):
@@ -519,6 +550,10 @@ def test_cache_round_trip_and_refusal(tmp_path):
             data.CachedDataset(str(tmp_path), {**expect, field: value})
     with pytest.raises(FileNotFoundError):
         data.CachedDataset(str(tmp_path / "none"))
+    with open(tmp_path / "shard_00002.pt", "r+b") as f:
+        f.truncate(100)  # damaged after the cache was complete: refused when opened, naming the shard
+    with pytest.raises(ValueError, match="cache shard .*shard_00002.pt is damaged"):
+        data.CachedDataset(str(tmp_path), expect)
 
 
 def test_cache_killed_run_is_refused_then_resumed(tmp_path):
