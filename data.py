@@ -114,9 +114,12 @@ class _MediaTextDataset(torch.utils.data.Dataset):
     A file that cannot be decoded (unreadable, truncated, wrong format) is skipped: the item of the
     next index is returned instead, the file is counted in self.num_bad, and a single warning with
     the running count is issued at 1, 10, 100, ... bad files rather than one warning per file.
+
+    A dataset whose items should change from epoch to epoch (a clip's start in its video) sets per_epoch:
+    training then asks for index epoch * len + i (fsdp.DistributedBatches), which load() gets split.
     """
 
-    exts, key = (), ""
+    exts, key, per_epoch = (), "", False
 
     def __init__(self, root):
         self.root = root
@@ -139,12 +142,13 @@ class _MediaTextDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         n = len(self)
+        epoch, i = divmod(i, n)  # epoch > 0 only for per_epoch datasets in training
         for k in range(n):
             j = (i + k) % n
             if j in self.bad:
                 continue
             try:
-                x, caption = self.load(self.entries[j][0], j), self.caption(j)
+                x, caption = self.load(self.entries[j][0], j, epoch), self.caption(j)
             except Exception as e:  # noqa: BLE001 - any decoder error means "bad file"
                 self.bad.add(j)
                 if math.log10(len(self.bad)).is_integer():  # 1, 10, 100, ... bad files
@@ -164,7 +168,7 @@ class ImageTextFolder(_MediaTextDataset):
         super().__init__(root)
         self.size = size
 
-    def load(self, path, i):
+    def load(self, path, i, epoch=0):
         with Image.open(path) as img:
             img.load()  # decode now, so a truncated file raises here
             return resize_center_crop(img, self.size)
@@ -236,19 +240,20 @@ def read_clip(path, num_frames=8, target_fps=4, offset=0.0):
 class VideoTextFolder(_MediaTextDataset):
     """Videos with same-name .txt captions (a folder), or a JSONL manifest of {"video", "caption"}.
 
-    Item i is a clip of num_frames frames at target_fps; where it starts in the video is fixed by
-    (seed, i), so runs are reproducible. Decoding uses PyAV or imageio-ffmpeg (optional).
+    Item i is a clip of num_frames frames at target_fps; where it starts in the video is drawn from
+    (seed, epoch, i): another part of a long video each epoch, and a resumed run is identical. Decoding
+    uses PyAV or imageio-ffmpeg (optional).
     """
 
-    exts, key = VIDEO_EXTS, "video"
+    exts, key, per_epoch = VIDEO_EXTS, "video", True
 
     def __init__(self, root, size=256, num_frames=8, target_fps=4, seed=0):
         super().__init__(root)
         _video_plugin()  # fail at construction, not in a worker, if no decoder is installed
         self.size, self.num_frames, self.target_fps, self.seed = size, num_frames, target_fps, seed
 
-    def load(self, path, i):
-        offset = float(np.random.default_rng([self.seed, i]).random())
+    def load(self, path, i, epoch=0):
+        offset = float(np.random.default_rng([self.seed, epoch, i]).random())
         frames = read_clip(path, self.num_frames, self.target_fps, offset)
         return torch.stack([resize_center_crop(Image.fromarray(f), self.size) for f in frames])  # (T, 3, H, W)
 
@@ -262,9 +267,12 @@ class JointImageVideoDataset(torch.utils.data.Dataset):
 
     Motion-free guidance disables temporal attention with probability p_motion_free (identity
     mask, Fig. 3); those iterations can train on images as static pseudo-videos instead of clips.
-    The choice and the image are fixed by (seed, i), so the fraction is exact in expectation and
-    a resumed run is identical.
+    The choice and the image are drawn from (seed, epoch, i) (per_epoch, see _MediaTextDataset): each
+    epoch other clips are replaced and other images used, the fraction is exact in expectation, and a
+    resumed run is identical.
     """
+
+    per_epoch = True
 
     def __init__(self, videos, images, p_motion_free=0.5, num_frames=8, seed=0):
         if not 0.0 <= p_motion_free <= 1.0:
@@ -281,11 +289,13 @@ class JointImageVideoDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices):
         # The DataLoader's batched fetch: the images and the clips of a batch are each fetched in one
         # call, so a source with a batched __getitems__ (the synthetic data) renders its share at once.
-        sources = []  # (motion-free?, index into images or videos), fixed by (seed, i)
-        for i in indices:
-            rng = np.random.default_rng([self.seed, i])
+        sources = []  # (motion-free?, index into images or videos), drawn from (seed, epoch, i)
+        for index in indices:
+            epoch, i = divmod(index, len(self))
+            rng = np.random.default_rng([self.seed, epoch, i])
             mf = bool(rng.random() < self.p)
-            sources.append((mf, int(rng.integers(len(self.images))) if mf else i))
+            video = epoch * len(self.videos) + i if getattr(self.videos, "per_epoch", False) else i
+            sources.append((mf, int(rng.integers(len(self.images))) if mf else video))
         out = [None] * len(indices)
         for motion_free, ds in ((True, self.images), (False, self.videos)):
             pos = [k for k, (mf, _) in enumerate(sources) if mf == motion_free]

@@ -151,11 +151,12 @@ class DistributedBatches:
 
     Global batch k of an epoch is perm[k B : (k+1) B]; its micro-batch j of rank r is the slice
     [(j W + r) m, (j W + r + 1) m) with m = B / (W A). Every sample keeps its position in the global
-    batch, so 2 ranks x m == 1 rank x 2m on the same samples, with the same noise (see step_draws)."""
+    batch, so 2 ranks x m == 1 rank x 2m on the same samples, with the same noise (see step_draws).
+    per_epoch: yield epoch * n + i, for datasets whose items are drawn anew each epoch (data.py)."""
 
-    def __init__(self, n, batch, accum, rank, world, seed, pos):
+    def __init__(self, n, batch, accum, rank, world, seed, pos, per_epoch=False):
         self.n, self.batch, self.accum, self.rank, self.world = n, batch, accum, rank, world
-        self.seed, self.pos, self.micro = seed, pos, batch // (world * accum)
+        self.seed, self.pos, self.micro, self.per_epoch = seed, pos, batch // (world * accum), per_epoch
 
     def __iter__(self):
         pos, perm_epoch = self.pos, None
@@ -163,6 +164,8 @@ class DistributedBatches:
             epoch, offset = next_position(pos, self.batch, self.n)
             if epoch != perm_epoch:
                 perm, perm_epoch = permutation(self.n, self.seed, epoch), epoch
+                if self.per_epoch:  # the dataset draws per epoch (data.py): index epoch * n + i
+                    perm = perm + epoch * self.n
             for j in range(self.accum):
                 start = offset + (j * self.world + self.rank) * self.micro
                 yield perm[start : start + self.micro].tolist()

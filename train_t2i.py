@@ -369,7 +369,8 @@ def _train(args, make_data, kind, rank, world, device):
         if len(data.dataset) < B:
             raise ValueError(f"dataset {data.spec} has {len(data.dataset)} items, fewer than one batch of {B}")
         workers = args.num_workers if args.num_workers is not None else (4 if device.type == "cuda" else 0)
-        sampler = DistributedBatches(len(data.dataset), B, A, rank, world, args.seed, pos)
+        sampler = DistributedBatches(len(data.dataset), B, A, rank, world, args.seed, pos,
+                                     getattr(data.dataset, "per_epoch", False))
         loader = iter(torch.utils.data.DataLoader(data.dataset, batch_sampler=sampler, num_workers=workers,
                                                   collate_fn=D.collate, pin_memory=device.type == "cuda"))
     sample_shape = ((data.frames,) if data.frames else ()) + (data.channels, data.latent_size, data.latent_size)

@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
+import fsdp  # noqa: E402
 import synthetic as S  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -477,6 +478,35 @@ class FakeVAE(torch.nn.Module):
 
     def decode(self, z):
         return type("O", (), {"sample": z[:, :3].repeat_interleave(8, 2).repeat_interleave(8, 3)})()
+
+
+def test_joint_draws_change_every_epoch_and_clips_move(tmp_path, monkeypatch):
+    """Training asks per_epoch datasets for index epoch * n + i (fsdp.DistributedBatches). The joint dataset then
+    draws motion-free slots and images anew each epoch, so with p = 0.5 three epochs train on ~7/8 of the videos
+    (1 - 0.5^3), not the same half every epoch, and a video folder starts each clip elsewhere each epoch."""
+    T, n = 2, 2000
+    videos = [{"x": torch.zeros(T, 3, 2, 2), "caption": f"v{i}", "meta": None} for i in range(n)]
+    images = [{"x": torch.zeros(3, 2, 2), "caption": f"i{i}", "meta": None} for i in range(n)]
+    ds = data.JointImageVideoDataset(videos, images, p_motion_free=0.5, num_frames=T, seed=0)
+    sampler = fsdp.DistributedBatches(n, 100, 1, 0, 1, seed=0, pos=(0, 0), per_epoch=ds.per_epoch)
+    seen, batches = [], iter(sampler)
+    for epoch in range(3):
+        items = [it for _ in range(n // 100) for it in ds.__getitems__(next(batches))]
+        seen.append({it["caption"] for it in items})
+    used = lambda prefix, k: len({c for s in seen[:k] for c in s if c[0] == prefix}) / n
+    assert 0.45 < used("v", 1) < 0.55 and 0.84 < used("v", 3) < 0.91  # 1/2, then 7/8 of the videos
+    assert used("i", 3) > 0.6  # 3 x n/2 image draws with replacement: 1 - e^-1.5 = 78% of the images
+    # a video folder: the same video gets another start each epoch (read_clip's offset), the same one again
+    # for the same (epoch, i), so a resumed run is identical
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.mp4").write_bytes(b"")
+        (tmp_path / f"{name}.txt").write_text(name)
+    offsets = []
+    monkeypatch.setattr(data, "read_clip", lambda path, k, fps, offset: offsets.append(offset) or [np.zeros((4, 4, 3), np.uint8)] * k)
+    vf = data.VideoTextFolder(str(tmp_path), size=4, num_frames=2)
+    assert vf.per_epoch and vf[1]["caption"] == vf[2 + 1]["caption"] == "b"
+    vf[1]
+    assert offsets[0] != offsets[1] and offsets[0] == offsets[2]
 
 
 def test_latent_spaces():
