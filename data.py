@@ -11,6 +11,7 @@ Every dataset item is a dict {"x": tensor, "caption": str, "meta": dict or None,
 images are (3, H, W) and videos (T, 3, H, W), floats in [-1, 1].
 """
 
+import hashlib
 import json
 import math
 import os
@@ -396,6 +397,31 @@ def cache_spec(text_encoder, latent_space, resolution, num_frames=None, dataset=
             "resolution": resolution, "num_frames": num_frames, "dataset": dataset}
 
 
+def content_fingerprint(dataset):
+    """A hash of what a file dataset reads: every media and caption file's path, size and modification time,
+    and inline (JSONL) captions; also through a joint dataset's videos and images. A cache stores it, so a cache
+    built before files or captions changed is refused instead of silently training on the old ones. None for
+    data that its spec alone defines (the synthetic datasets)."""
+    h, found = hashlib.sha256(), False
+
+    def walk(ds):
+        nonlocal found
+        if isinstance(ds, _MediaTextDataset):
+            found = True
+            for path, (kind, caption) in ds.entries:
+                for f in (path, caption) if kind == "file" else (path,):
+                    st = os.stat(f) if os.path.exists(f) else None
+                    h.update(f"{f}|{st and st.st_size}|{st and st.st_mtime_ns}\n".encode())
+                if kind == "text":
+                    h.update(f"caption|{caption}\n".encode())
+        elif isinstance(ds, JointImageVideoDataset):
+            walk(ds.videos)
+            walk(ds.images)
+
+    walk(dataset)
+    return h.hexdigest()[:16] if found else None
+
+
 def _atomic_write(path, write):
     # write to a temp file, then rename: a killed run never leaves a complete-looking partial file
     tmp = f"{path}.tmp{os.getpid()}"
@@ -426,6 +452,7 @@ def build_cache(dataset, out_dir, text_encoder, latent_space, shard_size=4096, b
     num_frames = x0.shape[0] if x0.dim() == 4 else None
     spec = cache_spec(text_encoder, latent_space, x0.shape[-1], num_frames,
                       dataset_spec or getattr(dataset, "spec", type(dataset).__name__))
+    spec["content"] = content_fingerprint(dataset)  # files or captions changed since: refused below
     n, num_shards = len(dataset), math.ceil(len(dataset) / shard_size)
     os.makedirs(out_dir, exist_ok=True)
     for name in os.listdir(out_dir):  # a temp file is what a killed write leaves behind

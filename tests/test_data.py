@@ -586,6 +586,24 @@ def test_cache_round_trip_and_refusal(tmp_path):
         data.CachedDataset(str(tmp_path), expect)
 
 
+def test_cache_of_changed_files_is_refused(tmp_path):
+    """A cache records a fingerprint of its files and captions: rebuilding into it after a caption was edited
+    (same number of items) is refused, instead of training on the old features."""
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for name, color in (("a", (0, 0, 255)), ("b", (0, 255, 0))):
+        _png(src / f"{name}.png", color)
+        (src / f"{name}.txt").write_text(f"a {name} thing")
+    build = lambda: data.build_cache(data.ImageTextFolder(str(src), size=8), str(tmp_path / "c"), StubEncoder(),
+                                     data.PixelSpace(), shard_size=2, progress=False)
+    build()
+    build()  # unchanged files: the complete cache is kept
+    (src / "a.txt").write_text("a red circle")
+    with pytest.raises(ValueError, match="content="):
+        build()
+    assert data.content_fingerprint(S.ShapesDataset()) is None  # synthetic data: its spec says it all
+
+
 def test_cache_killed_run_is_refused_then_resumed(tmp_path):
     ds = S.MovingShapesDataset(num_frames=4, seed=0, length=6)
     with pytest.raises(KeyboardInterrupt):  # dies while encoding the second shard
