@@ -7,7 +7,7 @@ of the paper (T2I-CompBench, Sec. 4.2 and Tables 2-3; CLIP score and FID, Table 
     python evaluate.py --compbench T2I-CompBench/examples/dataset --ckpt runs/t2i --images out/compbench
     python evaluate.py --compbench T2I-CompBench/examples/dataset --images out/compbench   # score existing images
     python evaluate.py --clip-score out/                        # a sample.py output folder (images or videos)
-    python evaluate.py --fid out/ --ref data/coco_val_imgs      # needs `pip install torch-fidelity`
+    python evaluate.py --fid out/ --ref data/coco_val_imgs      # needs `pip install 'torch-fidelity>=0.4'`
     python evaluate.py --attention-logits --ckpt runs/t2i       # largest attention logit per block (stability)
 
 Oracle. The synthetic renderer (synthetic.py) draws flat colours from a fixed palette on black, objects that
@@ -290,6 +290,10 @@ def compbench_generate(model, meta, prompt_dir, image_dir, categories, n_per_pro
     """Write image_dir/{category}/samples/{prompt}_{k:06d}.png - the layout CompBench's own scripts read."""
     from sample import generate
 
+    for cat in categories:  # every folder checked before any image is generated
+        d = os.path.join(image_dir, cat, "samples")
+        if os.path.isdir(d) and any(f.lower().endswith((".png", ".jpg")) for f in os.listdir(d)):
+            raise FileExistsError(f"{d} already holds images; generate into an empty --images folder")
     for cat in categories:
         prompts = read_prompt_file(os.path.join(prompt_dir, COMPBENCH[cat]))[:max_prompts]
         flat = [p for p in prompts for _ in range(n_per_prompt)]
@@ -300,12 +304,20 @@ def compbench_generate(model, meta, prompt_dir, image_dir, categories, n_per_pro
             Image.fromarray(img).save(os.path.join(d, f"{p.replace('/', ' ')}_{k:06d}.png"))
 
 
-def read_samples(d):
-    """Images of a CompBench samples folder, in index order -> (PIL images, prompts from the file names)."""
+def sample_files(d):
+    """The images of a CompBench samples folder, in index order; a missing or empty folder is an error."""
     if not os.path.isdir(d):
         raise FileNotFoundError(f"no images folder {d}; generate it with --ckpt (see --help)")
     files = sorted((f for f in os.listdir(d) if f.lower().endswith((".png", ".jpg"))),
                    key=lambda f: int(os.path.splitext(f)[0].rsplit("_", 1)[-1]))
+    if not files:
+        raise ValueError(f"no .png / .jpg images in {d}")
+    return files
+
+
+def read_samples(d):
+    """Images of a CompBench samples folder, in index order -> (PIL images, prompts from the file names)."""
+    files = sample_files(d)
     return [Image.open(os.path.join(d, f)).convert("RGB") for f in files], [f.rsplit("_", 1)[0] for f in files]
 
 
@@ -320,6 +332,8 @@ def compbench(prompt_dir, image_dir, categories=tuple(COMPBENCH), device="cpu", 
     of UniDet for spatial (per-noun best box, threshold 0.1; 150 px distance rule scaled to the image size);
     rule-based noun phrases instead of spaCy (noun_phrases, spatial_objects); "on top of" scored like "on the
     top of" (CompBench returns 0 for it); complex keeps adjectives in the CLIP text (CompBench drops them)."""
+    for cat in categories:  # every folder before the first model loads: a missing one fails now, not after hours
+        sample_files(os.path.join(image_dir, cat, "samples"))
     need = set(categories)
     models = {}
     if need & {"color", "shape", "texture", "complex"}:
@@ -391,7 +405,7 @@ def fid(gen_dir, ref_dir, device="cpu"):
     try:
         import torch_fidelity
     except ImportError:
-        raise ImportError("FID needs `pip install torch-fidelity` (it fetches Inception weights once)") from None
+        raise ImportError("FID needs `pip install 'torch-fidelity>=0.4'` (it fetches Inception weights once)") from None
     import tempfile
 
     for d in (gen_dir, ref_dir):
@@ -403,8 +417,9 @@ def fid(gen_dir, ref_dir, device="cpu"):
                 for r in json.load(f)["samples"]:
                     os.symlink(os.path.abspath(os.path.join(gen_dir, r["file"])), os.path.join(tmp, r["file"]))
             gen_dir = tmp
+        # reference folders (COCO) mix image sizes: resize the shorter side to Inception's 299 and crop the centre
         m = torch_fidelity.calculate_metrics(input1=gen_dir, input2=ref_dir, cuda=str(device).startswith("cuda"),
-                                             fid=True, verbose=False)
+                                             fid=True, verbose=False, samples_resize_and_crop=299)
     return {"fid": float(m["frechet_inception_distance"])}
 
 
@@ -490,13 +505,14 @@ def main(argv=None):
     print(table)
     path = args.json or default
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump(scores, f, indent=1)
+    os.replace(path + ".tmp", path)  # atomic: a crash never leaves half a score file
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError, ImportError) as e:
+    except (OSError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")

@@ -95,6 +95,19 @@ def launch(script, out, flags, args, log):
 launch.count = 0
 
 
+def finished(out, steps):
+    """Whether the arm in `out` has finished its `steps` steps (then it is scored, not retrained). A run of
+    another length there (a --smoke run in the same --out, say) is an error: it would be scored as this one."""
+    found = checkpoints(out)
+    if not found:
+        return False
+    step = int(os.path.basename(found[-1])[5:-3])  # ckpt-NNNNNNN.pt
+    if step != steps:
+        raise SystemExit(f"{out} holds a run of {step} steps but this call trains {steps}: use another --out "
+                         "(or remove that folder)")
+    return True
+
+
 def run_all(jobs):
     """Wait for every job; a failed run stops the experiment with its log's tail."""
     for name, (proc, log) in jobs.items():
@@ -112,15 +125,16 @@ def phase_t2i(args, results, t0):
     scale = ["--max-steps", str(args.scale_steps), "--batch-size", str(args.scale_batch_size),
              "--ckpt-every", str(args.scale_steps), "--lr", str(args.scale_lr), "--seed", str(args.seeds[0]),
              "--patch", "2"]
-    arms = [("conditioning", name, seed, [*budget, "--seed", str(seed), *T2I_ARMS[name]])
+    arms = [("conditioning", name, seed, args.steps, [*budget, "--seed", str(seed), *T2I_ARMS[name]])
             for seed in args.seeds for name in args.t2i_arms]
     if args.scale_steps:
-        arms += [("scale", name, args.seeds[0], [*scale, *flags]) for name, flags in SCALE_ARMS.items()][::-1]
+        arms += [("scale", name, args.seeds[0], args.scale_steps, [*scale, *flags])
+                 for name, flags in SCALE_ARMS.items()][::-1]
     jobs, runs = {}, {}
-    for group, name, seed, flags in arms:  # the scale pair last, S first: the slowest arm gets a GPU of its own
+    for group, name, seed, steps, flags in arms:  # the scale pair last, S first: the slowest arm gets a GPU of its own
         out = os.path.join(args.out, f"t2i-{slug(name)}-s{seed}")
         runs[(group, name, seed)] = out
-        if not checkpoints(out):  # an arm that already finished is scored, not retrained
+        if not finished(out, steps):  # an arm that already finished is scored, not retrained
             jobs[(name, seed)] = (launch("train_t2i.py", out, flags, args, out + ".log"), out + ".log")
     run_all(jobs)
     print(f"T2I arms done in {time.time() - t0:.0f}s", flush=True)
@@ -134,7 +148,8 @@ def phase_t2i(args, results, t0):
             results["t2i"].append({"group": group, "arm": name, "seed": seed, "cfg": cfg, **s})
     write(results, args, t0)
     baseline = runs[("conditioning", args.t2i_arms[0], args.seeds[0])]
-    export(baseline, parent_path(args))  # fp32 EMA weights: the T2V phase starts from them
+    if not os.path.exists(parent_path(args)):  # the first call's baseline: T2V arms trained later start from it too
+        export(baseline, parent_path(args))  # fp32 EMA weights: the T2V phase starts from them
     if args.export_assets:  # the quick start's bundled models (README): EMA weights in fp16, < 20 MB together
         export(baseline, "assets/gentron_t2i.safetensors", dtype="fp16")
 
@@ -147,7 +162,7 @@ def phase_t2v(args, results, t0, parent):
     for name, arm in T2V_ARMS.items():
         out = os.path.join(args.out, f"t2v-{slug(name)}")
         runs[name] = out
-        if not checkpoints(out):  # an arm that already finished is scored, not retrained
+        if not finished(out, args.t2v_steps):  # an arm that already finished is scored, not retrained
             jobs[name] = (launch("train_t2v.py", out, [*flags, *arm], args, out + ".log"), out + ".log")
     run_all(jobs)
     print(f"T2V arms done in {time.time() - t0:.0f}s", flush=True)

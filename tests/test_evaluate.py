@@ -307,12 +307,46 @@ def test_compbench_end_to_end(hf_models, tmp_path):
              "--blip", hf_models["blip"], "--detector", hf_models["owl"]])
     cli = json.load(open(os.path.join(images, "compbench.json")))
     assert cli["color"] == pytest.approx(s["color"]) and cli["spatial"] == pytest.approx(s["spatial"])
+    # generating into folders that hold images is refused before any work (they would be scored together)
+    with pytest.raises(FileExistsError, match="already holds images"):
+        ev.compbench_generate(model, meta, str(prompts), images, ["texture", "color"], steps=2, progress=False)
+    assert not os.path.exists(os.path.join(images, "texture"))
+    # a missing or empty category folder is found before the first model loads, not after the others are scored
+    os.makedirs(os.path.join(images, "texture", "samples"))
+    for cats, error, message in ((["color", "shape2"], FileNotFoundError, "no images folder"),
+                                 (["color", "texture"], ValueError, "no .png / .jpg images")):
+        with pytest.raises(error, match=message):
+            ev.compbench(str(prompts), images, cats, blip="/nonexistent", clip="/nonexistent", detector="/nonexistent")
 
 
 def test_fid_needs_torch_fidelity(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # as if not installed
-    with pytest.raises(ImportError, match="pip install torch-fidelity"):
+    with pytest.raises(ImportError, match="pip install 'torch-fidelity"):
         ev.fid(str(tmp_path), str(tmp_path))
+
+
+def test_fid_brings_folders_of_mixed_sizes_to_one(tmp_path, monkeypatch):
+    """Reference folders (COCO) mix image sizes, which torch-fidelity cannot stack unless asked to resize:
+    fid() asks for the shorter side at Inception's 299 and a centre crop (torch-fidelity >= 0.4)."""
+    import types
+    seen = {}
+    fake = types.SimpleNamespace(calculate_metrics=lambda **kw: seen.update(kw) or {"frechet_inception_distance": 1.5})
+    monkeypatch.setitem(sys.modules, "torch_fidelity", fake)
+    assert ev.fid(str(tmp_path), str(tmp_path)) == {"fid": 1.5}
+    assert seen["samples_resize_and_crop"] == 299 and seen["fid"]
+
+
+def test_experiments_score_only_runs_of_the_requested_length(tmp_path):
+    """An arm whose folder holds a finished run is scored, not retrained; a run of another length there (a
+    --smoke run in the same --out) is refused instead of being scored as this call's arm."""
+    import experiments
+    out = tmp_path / "t2i-cross-attn-s0"
+    assert not experiments.finished(str(out), 2500)
+    out.mkdir()
+    (out / "ckpt-0000020.pt").write_bytes(b"")
+    assert experiments.finished(str(out), 20)
+    with pytest.raises(SystemExit, match="holds a run of 20 steps but this call trains 2500"):
+        experiments.finished(str(out), 2500)
 
 
 def test_clip_score_of_sample_folders(hf_models, tmp_path):
