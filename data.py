@@ -408,12 +408,12 @@ def content_fingerprint(dataset):
         nonlocal found
         if isinstance(ds, _MediaTextDataset):
             found = True
-            for path, (kind, caption) in ds.entries:
-                for f in (path, caption) if kind == "file" else (path,):
+            for path, (kind, v) in ds.entries:  # v: a caption file ("file") or the caption itself ("text")
+                for f in (path, v) if kind == "file" else (path,):
                     st = os.stat(f) if os.path.exists(f) else None
                     h.update(f"{f}|{st and st.st_size}|{st and st.st_mtime_ns}\n".encode())
                 if kind == "text":
-                    h.update(f"caption|{caption}\n".encode())
+                    h.update(f"caption|{v}\n".encode())
         elif isinstance(ds, JointImageVideoDataset):
             walk(ds.videos)
             walk(ds.images)
