@@ -61,8 +61,10 @@ def get_parser(kind="t2i"):
     p.add_argument("--data", default="shapes" if kind == "t2i" else "moving_shapes",
                    help="shapes | bench | image folder or .jsonl manifest | cache dir made by data.build_cache")
     p.add_argument("--cache", default=None, help="first cache --data's latents + text features here (rank 0), then train on it")
-    p.add_argument("--text-encoder", default="tiny-clip+t5", help="full scale: clip+t5 (Table 2, best)")
-    p.add_argument("--latent-space", default=None, help="default: pixel for built-in data, sd-vae for real data (Sec. 4.1)")
+    p.add_argument("--text-encoder", default=None, help="default: the parent's (--resume, --init-from), else "
+                   "tiny-clip+t5 (offline toy encoders); full scale: clip+t5 (Table 2, best)")
+    p.add_argument("--latent-space", default=None, help="default: the parent's (--resume, --init-from), else pixel for "
+                   "built-in data, sd-vae for real data (Sec. 4.1)")
     p.add_argument("--resolution", type=bounded(int, 1), default=None, help="pixels; default 32 (shapes) or 256 (Sec. 4.1, stage 1)")
     # model
     p.add_argument("--size", default="toy", choices=list(SIZES), help="a row of Table 1 (model.SIZES)")
@@ -306,15 +308,20 @@ def _train(args, make_data, kind, rank, world, device):
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(args.seed)
 
+    ckpt = load_pt(found[-1], mmap=True) if found else None  # --resume
+    # A resumed run or a child run (--init-from) keeps its parent's text encoder, latent space, patch size, QK-norm
+    # and prediction unless told otherwise
+    parent = (ckpt["config"], ckpt["meta"]) if ckpt else stored_settings(args.init_from) if args.init_from else None
+    if parent:
+        args.text_encoder = args.text_encoder or parent[1].get("text_encoder")
+        args.latent_space = args.latent_space or parent[1].get("latent_space")
+    args.text_encoder = args.text_encoder or "tiny-clip+t5"
     data = make_data(args, device)
     if args.cache:  # encode the whole dataset once on rank 0, then train from the cache
         if master_process():
             D.build_cache(data.dataset, args.cache, data.encoder, data.latents, dataset_spec=data.spec)
         dist.barrier()
         data = dataclasses.replace(cached_data(args.cache, device, data.frames), prompts=data.prompts)
-    ckpt = load_pt(found[-1], mmap=True) if found else None  # --resume
-    # A resumed run or a child run (--init-from) keeps its parent's patch size, QK-norm and prediction unless told
-    parent = (ckpt["config"], ckpt["meta"]) if ckpt else stored_settings(args.init_from) if args.init_from else None
     if parent:
         args.patch = args.patch or parent[0].get("patch")
         args.qk_norm = parent[0].get("qk_norm", False) if args.qk_norm is None else args.qk_norm

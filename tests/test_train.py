@@ -289,8 +289,8 @@ def test_t2v_starts_at_the_t2i_loss_on_pseudo_videos(tmp_path):
 
 
 def test_cpu_toy_uses_patch_4_and_children_keep_their_parents_settings(tmp_path):
-    """The no-argument demo on a CPU trains the toy at patch 4; --resume and a T2V child keep that patch
-    and the parent's prediction."""
+    """The no-argument demo on a CPU trains the toy at patch 4; --resume and a T2V child keep that patch,
+    and the parent's prediction and text encoder."""
     run = lambda out, *a: ["--size", "toy", "--batch-size", "2", "--num-samples", "0", "--device", "cpu",
                            "--out", str(tmp_path / out), *a]
     T.main(run("t2i", "--max-steps", "1"))
@@ -298,10 +298,14 @@ def test_cpu_toy_uses_patch_4_and_children_keep_their_parents_settings(tmp_path)
     assert load(tmp_path / "t2i" / "ckpt-0000002.pt")["config"]["patch"] == 4
     V.main(run("t2v", "--max-steps", "1", "--init-from", str(tmp_path / "t2i"), "--num-frames", "2"))
     assert load(tmp_path / "t2v" / "ckpt-0000001.pt")["config"]["patch"] == 4
-    # likewise the prediction: an eps run in pixel space (not the default there) resumes as eps
-    T.main(run("eps", "--max-steps", "1", "--prediction", "eps"))
+    # likewise the prediction (an eps run in pixel space, not the default there) and the text encoder: a resumed
+    # run and a child run (--init-from) keep the parent's, so the README's stage-2 and T2V commands need no flag
+    T.main(run("eps", "--max-steps", "1", "--prediction", "eps", "--text-encoder", "tiny-clip"))
     T.main(run("eps", "--max-steps", "2", "--resume"))
-    assert load(tmp_path / "eps" / "ckpt-0000002.pt")["meta"]["prediction"] == "eps"
+    meta = load(tmp_path / "eps" / "ckpt-0000002.pt")["meta"]
+    assert meta["prediction"] == "eps" and meta["text_encoder"] == "tiny-clip"
+    T.main(run("child", "--max-steps", "1", "--init-from", str(tmp_path / "eps")))
+    assert load(tmp_path / "child" / "ckpt-0000001.pt")["meta"]["text_encoder"] == "tiny-clip"
 
 
 def test_qk_norm_is_inherited_and_older_checkpoints_still_load(tmp_path):
