@@ -7,7 +7,7 @@ FSDP2 (a unit per block; one rank without --ac: one unit), bf16 compute, optiona
 checkpointing (--ac: every block, --ac N: every N-th) and torch.compile, AdamW on the shards (fsdp.ShardedAdamW).
 
 MFU = model FLOP/s / the bf16 matmul peak measured in the same run (an 8192^3 product), with model
-FLOPs from model.flops_per_sample: 3x forward for a training step (recompute not counted), 1x for
+FLOPs from flops.flops_per_sample: 3x forward for a training step (recompute not counted), 1x for
 sampling. With --fsdp, --batch is per GPU, samples/s is global (summed over ranks), TFLOP/s and MFU
 are per GPU and memory is the largest over ranks. Inputs are random latents and text features of the
 real shapes (SD-VAE latents, CLIP+T5 with `--text-len` tokens), so no weights or data are needed.
@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from model import SIZES, GenTron, cast_matmul_weights, flops_per_sample, make_config
+from flops import flops_per_sample
+from model import SIZES, GenTron, cast_matmul_weights, make_config
 # the model, optimizer and logging as training builds them
 from fsdp import ShardedAdamW, build_model, matmul_peak_tflops, print0, setup_distributed
 

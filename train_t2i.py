@@ -29,9 +29,10 @@ from tqdm import tqdm
 import data as D
 from checkpoint import check_init, checkpoints, config_dict, load_init, load_pt, save_checkpoint, stored_settings
 from diffusion import Diffusion
+from flops import flops_per_sample
 from fsdp import (DistributedBatches, ShardedAdamW, build_model, load_full_state, master_process, matmul_peak_tflops,
                   next_position, print0, setup_distributed, step_draws)
-from model import SIZES, GenTron, GenTronConfig, flops_per_sample
+from model import SIZES, GenTron, GenTronConfig
 from sample import generate, grid_image
 from text_encoders import load_text_encoder
 

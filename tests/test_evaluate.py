@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import evaluate as ev
+import metrics
 from synthetic import CATEGORIES, COLORS, DIRECTIONS, SHAPES, geometry, heldout_prompts, render
 from test_sample import make_checkpoint
 
@@ -190,26 +191,26 @@ def test_counts_below_one_are_usage_errors(capsys):
 
 
 def test_noun_phrases_and_spatial_parsing():
-    assert ev.noun_phrases("A green bench and a red car.") == ["a green bench", "a red car"]
-    assert ev.noun_phrases("a bathroom with green tile and a red shower curtain") == \
+    assert metrics.noun_phrases("A green bench and a red car.") == ["a green bench", "a red car"]
+    assert metrics.noun_phrases("a bathroom with green tile and a red shower curtain") == \
         ["a bathroom", "green tile", "a red shower curtain"]
-    assert ev.noun_phrases("a bird on the left of a dog") == ["a bird", "a dog"]
-    assert ev.spatial_objects("a bird on the left of a dog") == ("on the left of", "bird", "dog")
-    assert ev.spatial_objects("a wooden chair near a sofa and a lamp") == ("near", "chair", "sofa")
-    assert ev.spatial_objects("a red car") == (None, None, None)
+    assert metrics.noun_phrases("a bird on the left of a dog") == ["a bird", "a dog"]
+    assert metrics.spatial_objects("a bird on the left of a dog") == ("on the left of", "bird", "dog")
+    assert metrics.spatial_objects("a wooden chair near a sofa and a lamp") == ("near", "chair", "sofa")
+    assert metrics.spatial_objects("a red car") == (None, None, None)
 
 
 def test_determine_position_matches_compbench_rule():
     a, b = (0, 0, 10, 10), (20, 2, 30, 12)  # b right of a, no overlap
-    assert ev.determine_position("on the left of", a, b) == 1.0
-    assert ev.determine_position("on the right of", a, b) == 0.0
-    assert ev.determine_position("on the right of", b, a) == 1.0
-    assert ev.determine_position("on the top of", a, (2, 20, 12, 30)) == 1.0  # y grows downwards
-    assert ev.determine_position("on the bottom of", (2, 20, 12, 30), a) == 1.0
+    assert metrics.determine_position("on the left of", a, b) == 1.0
+    assert metrics.determine_position("on the right of", a, b) == 0.0
+    assert metrics.determine_position("on the right of", b, a) == 1.0
+    assert metrics.determine_position("on the top of", a, (2, 20, 12, 30)) == 1.0  # y grows downwards
+    assert metrics.determine_position("on the bottom of", (2, 20, 12, 30), a) == 1.0
     c = (5, 0, 15, 10)  # overlapping, IoU = 50 / 150 = 1/3 >= 0.1 -> 0.1 / IoU
-    assert ev.determine_position("on the left of", a, c) == pytest.approx(0.3)
-    assert ev.determine_position("near", a, (400, 400, 410, 410)) == pytest.approx(150 / 400)
-    assert ev.determine_position("near", a, b) == 1.0
+    assert metrics.determine_position("on the left of", a, c) == pytest.approx(0.3)
+    assert metrics.determine_position("near", a, (400, 400, 410, 410)) == pytest.approx(150 / 400)
+    assert metrics.determine_position("near", a, b) == 1.0
 
 
 @pytest.fixture(scope="module")
@@ -259,23 +260,23 @@ def pil_images(n, seed=0, size=32):
 
 
 def test_blip_vqa_is_product_over_noun_phrases(hf_models):
-    model, proc = ev.load_hf("BlipForQuestionAnswering", hf_models["blip"])
+    model, proc = metrics.load_hf("BlipForQuestionAnswering", hf_models["blip"])
     imgs = pil_images(2)
     prompts = ["a red bench and a green car", "a blue dog"]
-    s = ev.blip_vqa_scores(imgs, prompts, model, proc)
-    p = ev.blip_yes_prob(model, proc, [imgs[0], imgs[0], imgs[1]], ["a red bench?", "a green car?", "a blue dog?"])
+    s = metrics.blip_vqa_scores(imgs, prompts, model, proc)
+    p = metrics.blip_yes_prob(model, proc, [imgs[0], imgs[0], imgs[1]], ["a red bench?", "a green car?", "a blue dog?"])
     assert all(0 <= v <= 1 for v in s)
     assert s == pytest.approx([float(p[0] * p[1]), float(p[2])], rel=1e-4)
 
 
 def test_clip_scores_and_frame_consistency(hf_models):
-    model, proc = ev.load_hf("CLIPModel", hf_models["clip"])
+    model, proc = metrics.load_hf("CLIPModel", hf_models["clip"])
     imgs = pil_images(4)
-    s = ev.clip_score(imgs, ["a red car", "a dog", "a bird", "a bench"], model, proc)
-    cos = ev.clip_cosine(imgs, ["a red car", "a dog", "a bird", "a bench"], model, proc)
+    s = metrics.clip_score(imgs, ["a red car", "a dog", "a bird", "a bench"], model, proc)
+    cos = metrics.clip_cosine(imgs, ["a red car", "a dog", "a bird", "a bench"], model, proc)
     assert all(0 <= v <= 100 for v in s) and s == pytest.approx((100 * cos.clamp(min=0)).tolist(), abs=1e-4)
     static, changing = [imgs[0]] * 4, imgs
-    c = ev.frame_consistency([static, changing], model, proc)
+    c = metrics.frame_consistency([static, changing], model, proc)
     assert c[0] == pytest.approx(100, abs=1e-3) and c[1] < c[0]
 
 
@@ -288,13 +289,13 @@ def test_compbench_end_to_end(hf_models, tmp_path):
              "spatial": ["a bird on the left of a dog", "a car on the top of a bench"],
              "non_spatial": ["a dog chasing a bird"], "complex": ["the red car is near a green bench"]}
     for cat, lines in files.items():
-        (prompts / ev.COMPBENCH[cat]).write_text("\n".join(lines) + "\n")
+        (prompts / metrics.COMPBENCH[cat]).write_text("\n".join(lines) + "\n")
     model, meta = load_model(make_checkpoint(str(tmp_path / "r" / "ckpt-0000001.pt")))
     images = str(tmp_path / "images")
-    ev.compbench_generate(model, meta, str(prompts), images, list(files), n_per_prompt=2, steps=2, progress=False)
+    metrics.compbench_generate(model, meta, str(prompts), images, list(files), n_per_prompt=2, steps=2, progress=False)
     names = sorted(os.listdir(os.path.join(images, "spatial", "samples")))  # CompBench's {prompt}_{index:06d}.png
     assert len(names) == 4 and names[-1] == "a car on the top of a bench_000003.png"
-    s = ev.compbench(str(prompts), images, list(files), blip=hf_models["blip"], clip=hf_models["clip"],
+    s = metrics.compbench(str(prompts), images, list(files), blip=hf_models["blip"], clip=hf_models["clip"],
                      detector=hf_models["owl"])
     assert set(s) == set(files) | {"mean"}
     assert all(0 <= s[c] <= 1 for c in ("color", "shape", "spatial")) and -1 <= s["non_spatial"] <= 1, s  # raw cosine
@@ -309,20 +310,20 @@ def test_compbench_end_to_end(hf_models, tmp_path):
     assert cli["color"] == pytest.approx(s["color"]) and cli["spatial"] == pytest.approx(s["spatial"])
     # generating into folders that hold images is refused before any work (they would be scored together)
     with pytest.raises(FileExistsError, match="already holds images"):
-        ev.compbench_generate(model, meta, str(prompts), images, ["texture", "color"], steps=2, progress=False)
+        metrics.compbench_generate(model, meta, str(prompts), images, ["texture", "color"], steps=2, progress=False)
     assert not os.path.exists(os.path.join(images, "texture"))
     # a missing or empty category folder is found before the first model loads, not after the others are scored
     os.makedirs(os.path.join(images, "texture", "samples"))
     for cats, error, message in ((["color", "shape2"], FileNotFoundError, "no images folder"),
                                  (["color", "texture"], ValueError, "no .png / .jpg images")):
         with pytest.raises(error, match=message):
-            ev.compbench(str(prompts), images, cats, blip="/nonexistent", clip="/nonexistent", detector="/nonexistent")
+            metrics.compbench(str(prompts), images, cats, blip="/nonexistent", clip="/nonexistent", detector="/nonexistent")
 
 
 def test_fid_needs_torch_fidelity(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # as if not installed
     with pytest.raises(ImportError, match="pip install 'torch-fidelity"):
-        ev.fid(str(tmp_path), str(tmp_path))
+        metrics.fid(str(tmp_path), str(tmp_path))
 
 
 def test_fid_brings_folders_of_mixed_sizes_to_one(tmp_path, monkeypatch):
@@ -332,7 +333,7 @@ def test_fid_brings_folders_of_mixed_sizes_to_one(tmp_path, monkeypatch):
     seen = {}
     fake = types.SimpleNamespace(calculate_metrics=lambda **kw: seen.update(kw) or {"frechet_inception_distance": 1.5})
     monkeypatch.setitem(sys.modules, "torch_fidelity", fake)
-    assert ev.fid(str(tmp_path), str(tmp_path)) == {"fid": 1.5}
+    assert metrics.fid(str(tmp_path), str(tmp_path)) == {"fid": 1.5}
     assert seen["samples_resize_and_crop"] == 299 and seen["fid"]
 
 

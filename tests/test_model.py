@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import (MLP, GenTron, cast_matmul_weights, count_params, flops_per_sample, linear_gelu, make_config,
-                   param_formula)
+from flops import count_params, flops_per_sample, param_formula
+from model import MLP, GenTron, cast_matmul_weights, linear_gelu, make_config
 
 TEXT_DIM, POOLED_DIM, L = 24, 16, 7
 
@@ -206,7 +206,7 @@ def test_attention_logit_max_and_the_qk_norm_bound():
     # The failure QK-norm prevents (README, "Bundled models"): attention logits q.k / sqrt(Dh) that grow with
     # the weights. Scaling block 0's QKV projection 10x scales its logits 100x; with per-head RMSNorm (unit
     # gains) |q.k| / sqrt(Dh) <= |q| |k| / sqrt(Dh) = sqrt(Dh) in every attention layer, whatever the weights.
-    from model import attention_logit_max
+    from evaluate import attention_logit_max
 
     batch = {**inputs(b=2, frames=3), "motion_free": torch.tensor([False, True])}
     for qk_norm in (False, True):
@@ -226,7 +226,7 @@ def test_attention_logit_max_and_the_qk_norm_bound():
 
 def test_attention_logit_max_ignores_padded_text():
     # Padded caption tokens are masked out of cross-attention, so huge features there change nothing
-    from model import attention_logit_max
+    from evaluate import attention_logit_max
 
     model, batch = build(), inputs(b=2)  # caption 0 has 3 padded tokens
     text = batch["text"].clone()
