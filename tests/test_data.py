@@ -134,7 +134,8 @@ def test_sizes_too_small_for_the_oracle_are_refused():
             ds(size=16)
     metas = [m for c in S.CATEGORIES for _, m in S.heldout_prompts(c, 10, size=17)]
     x = torch.from_numpy(np.stack([S.render(m["objects"], 17) for m in metas]))
-    assert S.score_images(x, metas)["overall"] == 1.0
+    from evaluate import score_images
+    assert score_images(x, metas)["overall"] == 1.0
 
 
 def test_heldout_split():
