@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import cache as C
 import data as D
 from checkpoint import check_init, checkpoints, config_dict, load_init, load_pt, save_checkpoint, stored_settings
 from diffusion import Diffusion
@@ -60,7 +61,7 @@ def get_parser(kind="t2i"):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # data and frozen encoders
     p.add_argument("--data", default="shapes" if kind == "t2i" else "moving_shapes",
-                   help="shapes | bench | image folder or .jsonl manifest | cache dir made by data.build_cache")
+                   help="shapes | bench | image folder or .jsonl manifest | cache dir made by cache.build_cache")
     p.add_argument("--cache", default=None, help="first cache --data's latents + text features here (rank 0), then train on it")
     p.add_argument("--text-encoder", default=None, help="default: the parent's (--resume, --init-from), else "
                    "tiny-clip+t5 (offline toy encoders); full scale: clip+t5 (Table 2, best)")
@@ -172,7 +173,7 @@ def online_data(dataset, spec, args, device, frames=None):
 
 def cached_data(path, device, frames=None):
     """A build_cache directory: latents and text features are read; "" is encoded once for caption dropout."""
-    ds = D.CachedDataset(path)
+    ds = C.CachedDataset(path)
     m, item = ds.meta, ds[0]
     shapes = (item["text"].shape, item["text_mask"].shape, item["pooled"].shape)
     if master_process():  # only rank 0 loads the text encoder, for the one null caption
@@ -320,7 +321,7 @@ def _train(args, make_data, kind, rank, world, device):
     data = make_data(args, device)
     if args.cache:  # encode the whole dataset once on rank 0, then train from the cache
         if master_process():
-            D.build_cache(data.dataset, args.cache, data.encoder, data.latents, dataset_spec=data.spec)
+            C.build_cache(data.dataset, args.cache, data.encoder, data.latents, dataset_spec=data.spec)
         dist.barrier()
         data = dataclasses.replace(cached_data(args.cache, device, data.frames), prompts=data.prompts)
     if parent:

@@ -11,6 +11,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cache  # noqa: E402
 import data  # noqa: E402
 import fsdp  # noqa: E402
 import synthetic as S  # noqa: E402
@@ -562,10 +563,10 @@ class StubEncoder:
 def test_cache_round_trip_and_refusal(tmp_path):
     ds = S.ShapesDataset(seed=1, length=10)
     enc, px = StubEncoder(), data.PixelSpace()
-    meta = data.build_cache(ds, str(tmp_path), enc, px, shard_size=4, batch_size=3, progress=False)
+    meta = cache.build_cache(ds, str(tmp_path), enc, px, shard_size=4, batch_size=3, progress=False)
     assert meta["complete"] and sorted(os.listdir(tmp_path)) == ["meta.json"] + [f"shard_0000{k}.pt" for k in range(3)]
-    expect = data.cache_spec(enc, px, 32, None, ds.spec)
-    cd = data.CachedDataset(str(tmp_path), expect)
+    expect = cache.cache_spec(enc, px, 32, None, ds.spec)
+    cd = cache.CachedDataset(str(tmp_path), expect)
     assert len(cd) == 10
     for i in range(10):
         it, ref = cd[i], ds[i]
@@ -578,13 +579,13 @@ def test_cache_round_trip_and_refusal(tmp_path):
     # any other encoder / latent space / resolution is refused, naming the field
     for field, value in (("latent_space", "stabilityai/sd-vae-ft-ema"), ("text_encoder", "clip"), ("resolution", 64)):
         with pytest.raises(ValueError, match=f"{field}="):
-            data.CachedDataset(str(tmp_path), {**expect, field: value})
+            cache.CachedDataset(str(tmp_path), {**expect, field: value})
     with pytest.raises(FileNotFoundError):
-        data.CachedDataset(str(tmp_path / "none"))
+        cache.CachedDataset(str(tmp_path / "none"))
     with open(tmp_path / "shard_00002.pt", "r+b") as f:
         f.truncate(100)  # damaged after the cache was complete: refused when opened, naming the shard
     with pytest.raises(ValueError, match="cache shard .*shard_00002.pt is damaged"):
-        data.CachedDataset(str(tmp_path), expect)
+        cache.CachedDataset(str(tmp_path), expect)
 
 
 def test_cache_of_changed_files_is_refused(tmp_path):
@@ -595,32 +596,32 @@ def test_cache_of_changed_files_is_refused(tmp_path):
     for name, color in (("a", (0, 0, 255)), ("b", (0, 255, 0))):
         _png(src / f"{name}.png", color)
         (src / f"{name}.txt").write_text(f"a {name} thing")
-    build = lambda: data.build_cache(data.ImageTextFolder(str(src), size=8), str(tmp_path / "c"), StubEncoder(),
+    build = lambda: cache.build_cache(data.ImageTextFolder(str(src), size=8), str(tmp_path / "c"), StubEncoder(),
                                      data.PixelSpace(), shard_size=2, progress=False)
     build()
     build()  # unchanged files: the complete cache is kept
     (src / "a.txt").write_text("a red circle")
     with pytest.raises(ValueError, match="content="):
         build()
-    assert data.content_fingerprint(S.ShapesDataset()) is None  # synthetic data: its spec says it all
+    assert cache.content_fingerprint(S.ShapesDataset()) is None  # synthetic data: its spec says it all
 
 
 def test_cache_killed_run_is_refused_then_resumed(tmp_path):
     ds = S.MovingShapesDataset(num_frames=4, seed=0, length=6)
     with pytest.raises(KeyboardInterrupt):  # dies while encoding the second shard
-        data.build_cache(ds, str(tmp_path), StubEncoder(fail_after=2), data.PixelSpace(),
+        cache.build_cache(ds, str(tmp_path), StubEncoder(fail_after=2), data.PixelSpace(),
                          shard_size=4, batch_size=2, progress=False)
     assert sorted(os.listdir(tmp_path)) == ["meta.json", "shard_00000.pt"]
     with pytest.raises(ValueError, match="incomplete"):
-        data.CachedDataset(str(tmp_path))
+        cache.CachedDataset(str(tmp_path))
     with pytest.raises(ValueError, match="shard_size="):  # resuming with other settings is refused
-        data.build_cache(ds, str(tmp_path), StubEncoder(), data.PixelSpace(), shard_size=3, progress=False)
+        cache.build_cache(ds, str(tmp_path), StubEncoder(), data.PixelSpace(), shard_size=3, progress=False)
     (tmp_path / "shard_00001.pt.tmp123").write_bytes(b"half a shard")  # what a kill mid-write leaves
     enc = StubEncoder()
-    data.build_cache(ds, str(tmp_path), enc, data.PixelSpace(), shard_size=4, batch_size=2, progress=False)
+    cache.build_cache(ds, str(tmp_path), enc, data.PixelSpace(), shard_size=4, batch_size=2, progress=False)
     assert sorted(os.listdir(tmp_path)) == ["meta.json", "shard_00000.pt", "shard_00001.pt"]
     assert enc.calls == 1  # only the missing shard (2 items, 1 batch) was encoded
-    cd = data.CachedDataset(str(tmp_path), {"num_frames": 4, "latent_space": "pixel"})
+    cd = cache.CachedDataset(str(tmp_path), {"num_frames": 4, "latent_space": "pixel"})
     assert torch.equal(cd[5]["x"], ds[5]["x"]) and cd[5]["x"].shape == (4, 3, 32, 32)
     assert cd[5]["motion_free"].dtype == torch.bool and not cd[5]["motion_free"]
 
@@ -633,8 +634,8 @@ def test_cache_with_real_text_encoder(tmp_path):
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"tiny text encoder unavailable: {e}")
     ds = S.ShapesDataset(seed=0, length=3)
-    data.build_cache(ds, str(tmp_path), enc, data.PixelSpace(), shard_size=2, progress=False)
-    cd = data.CachedDataset(str(tmp_path), data.cache_spec(enc, data.PixelSpace(), 32, None, ds.spec))
+    cache.build_cache(ds, str(tmp_path), enc, data.PixelSpace(), shard_size=2, progress=False)
+    cd = cache.CachedDataset(str(tmp_path), cache.cache_spec(enc, data.PixelSpace(), 32, None, ds.spec))
     tok, mask, pooled = enc([ds[2]["caption"]])
     assert torch.allclose(cd[2]["text"], tok[0].cpu()) and torch.equal(cd[2]["text_mask"], mask[0].bool().cpu())
 

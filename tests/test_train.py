@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import cache
 import data as D
 import fsdp
 import train_t2i as T
@@ -327,12 +328,12 @@ def test_qk_norm_is_inherited_and_older_checkpoints_still_load(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# precomputed features (data.build_cache) and the null caption
+# precomputed features (cache.build_cache) and the null caption
 
 
 def test_cached_features_and_null_caption(tmp_path, process_group):
     enc = T.load_text_encoder("tiny-clip+t5")
-    D.build_cache(D.ShapesDataset(length=8), tmp_path / "cache", enc, D.PixelSpace(), progress=False)
+    cache.build_cache(D.ShapesDataset(length=8), tmp_path / "cache", enc, D.PixelSpace(), progress=False)
     hist = T.main(tiny(tmp_path / "run", 2, "--data", str(tmp_path / "cache"), "--caption-dropout", "0.5"))
     assert len(hist["loss"]) == 2 and all(0 < v < 2 for v in hist["loss"])
     assert load(tmp_path / "run" / "ckpt-0000002.pt")["meta"]["dataset"].startswith("shapes:train")

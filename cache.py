@@ -1,0 +1,170 @@
+"""
+The latent / text-feature cache: a dataset encoded once (VAE latents, frozen text-encoder features) into
+shards on disk, so that training runs neither (`train_t2i.py --cache`). Written atomically and resumably; a
+cache built with other settings, from files or captions that changed since, unfinished or damaged, is refused.
+"""
+
+import hashlib
+import json
+import math
+import os
+
+import torch
+
+from data import JointImageVideoDataset, _MediaTextDataset, collate
+
+
+def cache_spec(text_encoder, latent_space, resolution, num_frames=None, dataset=""):
+    """The settings a cache is built with; CachedDataset refuses a cache whose settings differ."""
+    return {"text_encoder": text_encoder.spec, "text_dim": text_encoder.text_dim,
+            "pooled_dim": text_encoder.pooled_dim, "max_length": getattr(text_encoder, "max_length", None),
+            "latent_space": latent_space.spec, "latent_channels": latent_space.channels,
+            "resolution": resolution, "num_frames": num_frames, "dataset": dataset}
+
+
+def content_fingerprint(dataset):
+    """A hash of what a file dataset reads: every media and caption file's path, size and modification time,
+    and inline (JSONL) captions; also through a joint dataset's videos and images. A cache stores it, so a cache
+    built before files or captions changed is refused instead of silently training on the old ones. None for
+    data that its spec alone defines (the synthetic datasets)."""
+    h, found = hashlib.sha256(), False
+
+    def walk(ds):
+        nonlocal found
+        if isinstance(ds, _MediaTextDataset):
+            found = True
+            for path, (kind, v) in ds.entries:  # v: a caption file ("file") or the caption itself ("text")
+                for f in (path, v) if kind == "file" else (path,):
+                    st = os.stat(f) if os.path.exists(f) else None
+                    h.update(f"{f}|{st and st.st_size}|{st and st.st_mtime_ns}\n".encode())
+                if kind == "text":
+                    h.update(f"caption|{v}\n".encode())
+        elif isinstance(ds, JointImageVideoDataset):
+            walk(ds.videos)
+            walk(ds.images)
+
+    walk(dataset)
+    return h.hexdigest()[:16] if found else None
+
+
+def _atomic_write(path, write):
+    # write to a temp file, then rename: a killed run never leaves a complete-looking partial file
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    _atomic_write(path, write)
+
+
+@torch.no_grad()
+def build_cache(dataset, out_dir, text_encoder, latent_space, shard_size=4096, batch_size=64,
+                num_workers=0, dataset_spec=None, dtype=None, progress=True):
+    """Encode a dataset once into out_dir/shard_NNNNN.pt + meta.json; resumes a killed run.
+
+    Each shard is a dict of plain tensors, lists and strings (torch.load(weights_only=True)):
+    "x" latents (n, [T,] C, h, w), "text" (n, L, C), "text_mask" (n, L), "pooled" (n, P),
+    "caption", "meta", and "motion_free" (n,) for videos. dtype (e.g. torch.bfloat16) casts the
+    float tensors to save disk. meta.json is marked complete only after the last shard is written.
+    """
+    from tqdm import tqdm
+
+    x0 = dataset[0]["x"]
+    num_frames = x0.shape[0] if x0.dim() == 4 else None
+    spec = cache_spec(text_encoder, latent_space, x0.shape[-1], num_frames,
+                      dataset_spec or getattr(dataset, "spec", type(dataset).__name__))
+    spec["content"] = content_fingerprint(dataset)  # files or captions changed since: refused below
+    n, num_shards = len(dataset), math.ceil(len(dataset) / shard_size)
+    os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(out_dir):  # a temp file is what a killed write leaves behind
+        if ".tmp" in name:
+            os.remove(os.path.join(out_dir, name))
+    meta_path = os.path.join(out_dir, "meta.json")
+    if os.path.exists(meta_path):  # resume only a cache of the same settings
+        with open(meta_path) as f:
+            old = json.load(f)
+        _check_spec(old, {**spec, "num_items": n, "shard_size": shard_size}, out_dir)
+    meta = {**spec, "num_items": n, "shard_size": shard_size, "complete": False}
+    _write_json(meta_path, meta)
+    device = getattr(latent_space, "device", "cpu")
+    for k in tqdm(range(num_shards), desc="cache", disable=not progress):
+        path = os.path.join(out_dir, f"shard_{k:05d}.pt")
+        if os.path.exists(path):  # written atomically, so an existing shard is complete
+            continue
+        idx = range(k * shard_size, min(n, (k + 1) * shard_size))
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch_size,
+                                             num_workers=num_workers, collate_fn=collate)
+        parts = []
+        for b in loader:
+            tokens, mask, pooled = text_encoder(b["caption"])
+            z = latent_space.encode(b["x"].to(device))
+            part = {"x": z, "text": tokens, "text_mask": mask.bool(), "pooled": pooled}
+            if "motion_free" in b:
+                part["motion_free"] = b["motion_free"]
+            parts.append({key: v.detach().cpu() for key, v in part.items()})
+            parts[-1]["caption"], parts[-1]["meta"] = b["caption"], b["meta"] or [None] * len(b["caption"])
+        shard = {key: torch.cat([p[key] for p in parts]) for key in parts[0] if key not in ("caption", "meta")}
+        if dtype is not None:
+            shard = {key: v.to(dtype) if v.is_floating_point() else v for key, v in shard.items()}
+        shard["caption"] = [c for p in parts for c in p["caption"]]
+        shard["meta"] = [m for p in parts for m in p["meta"]]
+        _atomic_write(path, lambda tmp: torch.save(shard, tmp))
+    meta["complete"] = True
+    _write_json(meta_path, meta)
+    return meta
+
+
+def _check_spec(have, want, out_dir):
+    # name the first mismatched field, so the user knows what to rebuild
+    for key, v in want.items():
+        if key not in have:
+            raise ValueError(f"cache {out_dir} has no field {key!r} in meta.json; rebuild it")
+        if have[key] != v:
+            raise ValueError(f"cache {out_dir} was built with {key}={have[key]!r} but {v!r} is expected; "
+                             f"rebuild it with build_cache or use another directory")
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """Items of a build_cache directory: {"x", "text", "text_mask", "pooled", "caption", "meta", ...}.
+
+    expect is a dict of settings (e.g. cache_spec(...) or just {"latent_space": "pixel"}); a cache
+    built with anything else, or not finished, is refused. Shards are memory-mapped on first use.
+    """
+
+    def __init__(self, out_dir, expect=None):
+        meta_path = os.path.join(out_dir, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"no cache at {out_dir} (missing {meta_path}); run build_cache first")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        if not self.meta.get("complete"):
+            raise ValueError(f"cache {out_dir} is incomplete (build_cache was interrupted); run it again to finish")
+        _check_spec(self.meta, expect or {}, out_dir)
+        self.out_dir, self.shard_size = out_dir, self.meta["shard_size"]
+        self.shards = {}
+        for k in range(math.ceil(len(self) / self.shard_size)):  # a damaged shard fails now, not hours in
+            self._shard(k)
+        self.shards = {}  # opened again where used: in each DataLoader worker
+
+    def __len__(self):
+        return self.meta["num_items"]
+
+    def _shard(self, k):
+        if k not in self.shards:  # mmap: only the rows that are read are paged in
+            path = os.path.join(self.out_dir, f"shard_{k:05d}.pt")
+            try:
+                self.shards[k] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except (RuntimeError, OSError, EOFError) as e:  # truncated, emptied or missing
+                raise ValueError(f"cache shard {path} is damaged ({str(e).splitlines()[0].split('. ')[0]}): delete "
+                                 "it and run build_cache (train --cache) again to rewrite it") from None
+        return self.shards[k]
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        s, j = self._shard(i // self.shard_size), i % self.shard_size
+        return {key: v[j] for key, v in s.items()}
