@@ -23,11 +23,17 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # finding and reading
 
 
+def checkpoint_step(path):
+    """The step of a ckpt-NNNNNNN.pt path (from its name), None for any other file name."""
+    m = re.fullmatch(r"ckpt-(\d+)\.pt", os.path.basename(path))
+    return int(m.group(1)) if m else None
+
+
 def checkpoints(run_dir):
     """A run directory's ckpt-*.pt paths, oldest (lowest step) first; [] if there are none."""
     if not os.path.isdir(run_dir):
         return []
-    steps = sorted((int(m.group(1)), f) for f in os.listdir(run_dir) if (m := re.fullmatch(r"ckpt-(\d+)\.pt", f)))
+    steps = sorted((checkpoint_step(f), f) for f in os.listdir(run_dir) if checkpoint_step(f) is not None)
     return [os.path.join(run_dir, f) for _, f in steps]
 
 

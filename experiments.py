@@ -31,7 +31,7 @@ import time
 import torch
 
 from evaluate import oracle_eval
-from checkpoint import checkpoints, export
+from checkpoint import checkpoint_step, checkpoints, export
 from sample import load_model
 
 PAPER_ARMS = {  # name -> extra train_t2i.py flags (the first arm is the baseline and the T2V parent)
@@ -101,7 +101,7 @@ def finished(out, steps):
     found = checkpoints(out)
     if not found:
         return False
-    step = int(os.path.basename(found[-1])[5:-3])  # ckpt-NNNNNNN.pt
+    step = checkpoint_step(found[-1])
     if step != steps:
         raise SystemExit(f"{out} holds a run of {step} steps but this call trains {steps}: use another --out "
                          "(or remove that folder)")

@@ -201,7 +201,7 @@ def compbench_generate(model, meta, prompt_dir, image_dir, categories, n_per_pro
 
     for cat in categories:  # every folder checked before any image is generated
         d = os.path.join(image_dir, cat, "samples")
-        if os.path.isdir(d) and any(f.lower().endswith((".png", ".jpg")) for f in os.listdir(d)):
+        if images_in(d):
             raise FileExistsError(f"{d} already holds images; generate into an empty --images folder")
     for cat in categories:
         prompts = read_prompt_file(os.path.join(prompt_dir, COMPBENCH[cat]))[:max_prompts]
@@ -213,12 +213,16 @@ def compbench_generate(model, meta, prompt_dir, image_dir, categories, n_per_pro
             Image.fromarray(img).save(os.path.join(d, f"{p.replace('/', ' ')}_{k:06d}.png"))
 
 
+def images_in(d):
+    """Names of the .png / .jpg files in folder d ([] if there is no such folder)."""
+    return [f for f in os.listdir(d) if f.lower().endswith((".png", ".jpg"))] if os.path.isdir(d) else []
+
+
 def sample_files(d):
     """The images of a CompBench samples folder, in index order; a missing or empty folder is an error."""
     if not os.path.isdir(d):
         raise FileNotFoundError(f"no images folder {d}; generate it with --ckpt (see --help)")
-    files = sorted((f for f in os.listdir(d) if f.lower().endswith((".png", ".jpg"))),
-                   key=lambda f: int(os.path.splitext(f)[0].rsplit("_", 1)[-1]))
+    files = sorted(images_in(d), key=lambda f: int(os.path.splitext(f)[0].rsplit("_", 1)[-1]))
     if not files:
         raise ValueError(f"no .png / .jpg images in {d}")
     return files
