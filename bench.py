@@ -3,7 +3,7 @@ Throughput and MFU of GenTron: a training step (forward, backward, fused AdamW) 
 pass (the CFG batch: prompts + null captions), timed with CUDA events over steps run back to back after
 warm-up. One device by
 default; with --fsdp (implied under torchrun) the model is built exactly as train_t2i.py trains it:
-FSDP2 (a unit per block; one rank without --ac: one unit), bf16 compute, optional activation
+FSDP2 (--fsdp-unit blocks per unit; one rank without --ac: one unit), bf16 compute, optional activation
 checkpointing (--ac: every block, --ac N: every N-th) and torch.compile, AdamW on the shards (fsdp.ShardedAdamW).
 
 MFU = model FLOP/s / the bf16 matmul peak measured in the same run (an 8192^3 product), with model
@@ -55,6 +55,8 @@ p.add_argument("--compile-mode", default=None,
 p.add_argument("--fsdp", action="store_true", help="FSDP2 as training builds it (fsdp.build_model) (implied when WORLD_SIZE > 1)")
 p.add_argument("--ac", type=int, nargs="?", const=1, default=0, metavar="N",
                help="activation checkpointing of every N-th block (--ac alone: every block; needs --fsdp)")
+p.add_argument("--fsdp-unit", type=int, default=4, metavar="K",
+               help="with --fsdp: consecutive blocks per FSDP2 unit where blocks are sharded (as train_t2i.py)")
 p.add_argument("--attention", default="auto", choices=["auto", *ATTENTION],
                help="SDPA backend for the timed steps (auto: PyTorch picks). flash also allows efficient, "
                     "because flash takes no mask: the masked cross-attention calls then run the efficient kernel")
@@ -170,6 +172,8 @@ def main(args):
         p.error("--ac needs --fsdp (activation checkpointing is applied by fsdp.build_model)")
     if args.compile_mode and (args.fsdp or not args.compile):
         p.error("--compile-mode applies to --compile without --fsdp (fsdp.build_model compiles in the default mode)")
+    if args.fsdp_unit < 1:
+        p.error(f"--fsdp-unit must be at least 1, got {args.fsdp_unit}")
     if args.fsdp:  # a 1-process group under plain python, so one code path for any number of GPUs
         rank, world, device, created = setup_distributed(args.device)
     else:
@@ -183,7 +187,7 @@ def main(args):
         p.error(f"--resolution {args.resolution} must be a multiple of {8 * cfg.patch} (SD-VAE downsampling 8 x patch {cfg.patch})")
 
     def build():  # (model, the callable that is timed); build_model compiles what it builds itself
-        model = build_model(cfg, device, args.ac, args.compile) if args.fsdp else GenTron(cfg).to(device)
+        model = build_model(cfg, device, args.ac, args.compile, unit=args.fsdp_unit) if args.fsdp else GenTron(cfg).to(device)
         return model, torch.compile(model, mode=args.compile_mode) if args.compile and not args.fsdp else model
 
     g = torch.Generator().manual_seed(rank)

@@ -99,6 +99,9 @@ def get_parser(kind="t2i"):
     p.add_argument("--ac", type=bounded(int, 0), nargs="?", const=1, default=None, metavar="N",
                    help="activation checkpointing of every N-th block: --ac every block, --ac 2 every other, "
                         "--ac 0 off (default: every block for G, Sec. 4.1)")
+    p.add_argument("--fsdp-unit", type=bounded(int, 1), default=4, metavar="K",
+                   help="consecutive blocks per FSDP2 unit (one all-gather and reduce-scatter each) where blocks "
+                        "are sharded: over ranks, or with --ac; larger units cost less host time per block")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (each block when sharded over ranks); the first compile of a "
                         "large model takes minutes")
@@ -352,7 +355,7 @@ def _train(args, make_data, kind, rank, world, device):
         if master_process():
             model_sd, ema_sd = load_init(args.init_from, cfg, args.seed)
     # The EMA weights go through the model first: build with them, copy the shards, then load the weights.
-    model = build_model(cfg, device, ac, args.compile, ema_sd, args.seed)
+    model = build_model(cfg, device, ac, args.compile, ema_sd, args.seed, args.fsdp_unit)
     opt = ShardedAdamW(model, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
     with torch.no_grad():
         ema = [s.clone() for s in opt.shards]  # this rank's EMA shards, next to its parameter shards

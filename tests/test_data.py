@@ -505,6 +505,7 @@ def test_joint_draws_change_every_epoch_and_clips_move(tmp_path, monkeypatch):
         (tmp_path / f"{name}.txt").write_text(name)
     offsets = []
     monkeypatch.setattr(data, "read_clip", lambda path, k, fps, offset: offsets.append(offset) or [np.zeros((4, 4, 3), np.uint8)] * k)
+    monkeypatch.setattr(data, "_video_plugin", lambda: None)  # no decoding here: runs without imageio-ffmpeg too
     vf = data.VideoTextFolder(str(tmp_path), size=4, num_frames=2)
     assert vf.per_epoch and vf[1]["caption"] == vf[2 + 1]["caption"] == "b"
     vf[1]

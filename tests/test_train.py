@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from torch.distributed.fsdp import FSDPModule
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -184,27 +185,34 @@ def test_checkpoint_format(tmp_path):
 # activation checkpointing
 
 
-def test_activation_checkpointing_gives_same_gradients(process_group):
+def test_activation_checkpointing_and_fsdp_units_give_same_gradients(process_group):
+    """Checkpointing (Sec. 4.1) recomputes the checkpointed blocks in backward, and grouping blocks into FSDP2
+    units changes only the communication: the gradients are those of the plain model, exactly."""
     device = process_group
-    cfg = GenTronConfig(depth=2, width=64, mlp_width=128, heads=4, in_channels=3, input_size=8, text_dim=16, pooled_dim=8)
+    cfg = GenTronConfig(depth=3, width=64, mlp_width=128, heads=4, in_channels=3, input_size=8, text_dim=16, pooled_dim=8)
     g = torch.Generator().manual_seed(0)
     state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in fsdp.fresh_state(cfg, 0).items()}  # non-zero gates
     batch = dict(x=torch.randn(3, 3, 8, 8, generator=g), t=torch.tensor([10, 500, 999]),
                  text=torch.randn(3, 5, 16, generator=g), text_mask=torch.ones(3, 5, dtype=torch.bool),
                  pooled=torch.randn(3, 8, generator=g))
-    grads, calls = {}, {}
-    for ac in (0, 1, 2):  # none, every block, every 2nd block (blocks 0 of 0-1)
-        model = fsdp.build_model(cfg, device, ac=ac, init_state=state)
-        calls[ac] = [0, 0]
+    grads, calls, units = {}, {}, {}
+    # (ac, unit): none; every block; every 2nd block (blocks 0 and 2); every block in units of 2 (blocks 0-1, 2)
+    for run in ((0, 1), (1, 1), (2, 1), (1, 2)):
+        model = fsdp.build_model(cfg, device, ac=run[0], init_state=state, unit=run[1])
+        calls[run] = [0] * cfg.depth
         for i, block in enumerate(model.blocks):
-            block.mlp.register_forward_hook(lambda *_, i=i, ac=ac: calls[ac].__setitem__(i, calls[ac][i] + 1))
+            block.mlp.register_forward_hook(lambda *_, i=i, run=run: calls[run].__setitem__(i, calls[run][i] + 1))
+        units[run] = [id(b._get_fsdp_state()._fsdp_param_group) if isinstance(b, FSDPModule) else None
+                      for b in model.blocks]
         model(**batch).square().mean().backward()
-        grads[ac] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
-    assert calls == {0: [1, 1], 1: [2, 2], 2: [2, 1]}  # AC recomputes a checkpointed block in backward
-    assert grads[0]["blocks.0.attn.qkv.weight"].abs().sum() > 0
-    for ac in (1, 2):
-        for n in grads[0]:
-            torch.testing.assert_close(grads[ac][n], grads[0][n], rtol=0, atol=0)  # recompute is exact on CPU
+        grads[run] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    assert calls == {(0, 1): [1, 1, 1], (1, 1): [2, 2, 2], (2, 1): [2, 1, 2], (1, 2): [2, 2, 2]}  # AC recomputes
+    assert units[(0, 1)] == [None] * 3  # one rank, no checkpointing: the whole model is one unit (the root)
+    assert len(set(units[(1, 1)])) == 3 and units[(1, 2)][0] == units[(1, 2)][1] != units[(1, 2)][2]
+    assert grads[(0, 1)]["blocks.0.attn.qkv.weight"].abs().sum() > 0
+    for run in grads:
+        for n in grads[(0, 1)]:
+            torch.testing.assert_close(grads[run][n], grads[(0, 1)][n], rtol=0, atol=0)  # recompute is exact on CPU
 
 
 def test_sharded_adamw_is_torch_adamw_with_clipping(process_group):
