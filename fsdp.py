@@ -5,7 +5,8 @@ matmul peak that MFU is reported against, GenTron built as FSDP2 shards, each ra
 batch order with per-step random draws, and AdamW on the shards.
 
 FSDP2 in torchtitan order: the model is built on the meta device, each block gets activation
-checkpointing and torch.compile, then fully_shard per block and at the root (bf16 compute, fp32
+checkpointing and torch.compile, then fully_shard per unit of consecutive blocks (4 by default) and
+at the root (bf16 compute, fp32
 gradient reduction; one rank without checkpointing: the root alone, compiled whole), then to_empty
 and the weights of a seeded single-process init, broadcast from rank 0 - so N ranks x batch b
 trains exactly like 1 rank x batch Nb (tests/test_train.py).
