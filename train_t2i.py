@@ -391,7 +391,8 @@ def _train(args, make_data, kind, rank, world, device):
     flops = 3 * flops_per_sample(cfg, data.text_len, data.frames or 1)  # fwd + bwd = 3x fwd; recompute not counted
     print0(f"{kind} GenTron-{args.size}: {sum(p.numel() for p in opt.params) / 1e6:.2f}M params, {world} rank(s) on "
            f"{device.type}, global batch {B} = {world} x {micro} x {A} accum, {data.spec}, "
-           f"AC {f'every {ac} block(s)' if ac else 'off'}, FSDP2 units of {args.fsdp_unit} block(s), compile {args.compile}")
+           f"AC {f'every {ac} block(s)' if ac else 'off'}, FSDP2 units of "
+           f"{f'{args.fsdp_unit} block(s)' if world > 1 or ac else 'the whole model'}, compile {args.compile}")
     if kind == "t2i" and args.data == "shapes" and args.size == "toy" and device.type == "cpu":
         print0(f"toy run on the CPU at patch {cfg.patch} (the bar shows the time left): {args.max_steps} steps; then "
                f"{out}/samples.png shows held-out prompts as blobs of mostly the right colour with rough shapes, and "
