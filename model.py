@@ -70,8 +70,8 @@ SIZES = {
     "toy": dict(depth=8, width=128, mlp_width=512, heads=4),  # bundled models, CPU quick start
     "S": dict(depth=12, width=384, mlp_width=1536, heads=6),  # toy runs (DiT-S widths)
     "B": dict(depth=12, width=768, mlp_width=3072, heads=12),  # DiT-B widths
-    "XL": dict(depth=28, width=1152, mlp_width=4608, heads=16),  # GenTron-XL/2, Table 1: 930.0M
-    "G": dict(depth=48, width=1664, mlp_width=6656, heads=16),  # GenTron-G/2, Table 1: 3083.8M
+    "XL": dict(depth=28, width=1152, mlp_width=4608, heads=16),  # GenTron-XL/2 (Table 1: 930.0M; here 830.3M, README)
+    "G": dict(depth=48, width=1664, mlp_width=6656, heads=16),  # GenTron-G/2 (Table 1: 3083.8M; here 2946.6M)
 }
 
 
