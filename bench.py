@@ -175,10 +175,16 @@ def main(args):
     if args.fsdp_unit < 1:
         p.error(f"--fsdp-unit must be at least 1, got {args.fsdp_unit}")
     if args.fsdp:  # a 1-process group under plain python, so one code path for any number of GPUs
-        rank, world, device, created = setup_distributed(args.device)
+        try:
+            rank, world, device, created = setup_distributed(args.device)
+        except ValueError as e:  # a bad --device
+            p.error(str(e))
     else:
         rank, world, created = 0, 1, False
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        except RuntimeError:
+            p.error(f"--device {args.device!r} is not a device: cpu, cuda or cuda:N")
     if args.max_batch and (device.type != "cuda" or args.profile):
         p.error("--max-batch needs CUDA (it stops at torch.cuda.OutOfMemoryError); --profile a found batch in a 2nd run")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import time
 
 import torch
 
@@ -50,7 +51,12 @@ def content_fingerprint(dataset):
 def _atomic_write(path, write):
     # write to a temp file, then rename: a killed run never leaves a complete-looking partial file
     tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
+    try:
+        write(tmp)
+    except (OSError, RuntimeError) as e:  # a full disk: no partial file stays behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(f"could not write {path} ({str(e).splitlines()[0]})") from None
     os.replace(tmp, path)
 
 
@@ -116,6 +122,19 @@ def build_cache(dataset, out_dir, text_encoder, latent_space, shard_size=4096, b
     meta["complete"] = True
     _write_json(meta_path, meta)
     return meta
+
+
+def wait_until_complete(out_dir, poll=5.0):
+    """Block until build_cache (on another process) has marked out_dir/meta.json complete."""
+    path = os.path.join(out_dir, "meta.json")
+    while True:
+        try:
+            with open(path) as f:
+                if json.load(f).get("complete"):
+                    return
+        except (OSError, ValueError):  # not written yet
+            pass
+        time.sleep(poll)
 
 
 def _check_spec(have, want, out_dir):

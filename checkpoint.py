@@ -132,7 +132,13 @@ def save_checkpoint(out, step, model, opt, ema, pos, cfg, meta, args, keep):
             "config": dataclasses.asdict(cfg), "meta": meta, "args": vars(args)}
     if master_process():
         path = os.path.join(out, f"ckpt-{step:07d}.pt")
-        torch.save(ckpt, path + ".tmp")
+        try:
+            torch.save(ckpt, path + ".tmp")
+        except (OSError, RuntimeError) as e:  # a full disk: torch.save raises RuntimeError from its zip writer
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+            raise OSError(f"could not write {path} ({str(e).splitlines()[0]}); "
+                          f"the checkpoints already in {out} are intact") from None
         os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written newest checkpoint
         for old in checkpoints(out)[:-keep]:
             os.remove(old)

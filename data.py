@@ -155,7 +155,7 @@ class _MediaTextDataset(torch.utils.data.Dataset):
                                   f"file(s) so far, latest {self.entries[j][0]}: {e!r}")
                 continue
             return {"x": x, "caption": caption, "meta": None}
-        raise RuntimeError(f"no readable files in {self.root} ({len(self.bad)} bad)")
+        raise ValueError(f"no readable files in {self.root} ({len(self.bad)} bad)")
 
 
 class ImageTextFolder(_MediaTextDataset):

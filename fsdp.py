@@ -34,7 +34,14 @@ def setup_distributed(device=None):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` gets a 1-process group, so the code path is
     the same. Returns (rank, world_size, device, created) - created: this call made the process group."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device: cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asks for a GPU, but PyTorch sees no CUDA device here")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)  # plain "cuda": this process's GPU under torchrun
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # frozen encoders / VAE

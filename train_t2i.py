@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import resource
 import sys
 import time
@@ -49,6 +50,8 @@ def bounded(kind, lo=None, hi=None, open_hi=False):
     is a one-line usage error."""
     def parse(text):
         value = kind(text)  # argparse reports a ValueError here as "invalid <kind> value"
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if (lo is not None and value < lo) or (hi is not None and (value > hi or open_hi and value == hi)):
             need = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}{')' if open_hi else ']'}"
             raise argparse.ArgumentTypeError(f"must be {need}, got {text}")
@@ -119,7 +122,7 @@ def get_parser(kind="t2i"):
     # the sample grid written at the end
     p.add_argument("--num-samples", type=bounded(int, 0), default=16, help="held-out prompts in samples.png (0: none)")
     p.add_argument("--sample-steps", type=bounded(int, 1, 1000), default=25)  # DPM-Solver++(2M) needs ~20-25 steps
-    p.add_argument("--cfg-scale", type=float, default=7.5)  # lambda_T = 7.5, paper Sec. 3.3.2
+    p.add_argument("--cfg-scale", type=bounded(float), default=7.5)  # lambda_T = 7.5, paper Sec. 3.3.2
     p.add_argument("--eval-n", type=bounded(int, 0), default=16, help="oracle scores on N held-out prompts per category (0: off)")
     p.add_argument("--debug-nan-at-step", type=int, default=None, help=argparse.SUPPRESS)  # tests: plant a NaN loss
     return p
@@ -189,6 +192,20 @@ def cached_data(path, device, frames=None):
     null = (null[0], null[1].bool(), null[2])
     return Data(ds, m["dataset"], m["text_encoder"], m["latent_space"], m["resolution"], m["latent_channels"],
                 item["x"].shape[-1], m["text_dim"], m["pooled_dim"], shapes[0][0], m["num_frames"] or frames, null=null)
+
+
+def check_cache(ds, path, given, kind):
+    """A cache fixes what it was made with: flags given on the command line must agree with its meta.json."""
+    m = ds.meta
+    if kind == "t2v" and not m["num_frames"]:
+        raise ValueError(f"{path} is a cache of images; train_t2v.py needs one of videos")
+    p = re.search(r"p_motion_free=([0-9.]+)", m["dataset"])
+    made = {"--text-encoder": m["text_encoder"], "--latent-space": m["latent_space"], "--resolution": m["resolution"],
+            "--num-frames": m["num_frames"], "--p-motion-free": float(p.group(1)) if p else None}
+    for flag, value in given.items():
+        if value is not None and made.get(flag) is not None and value != made[flag]:
+            raise ValueError(f"the cache {path} was made with {flag} {made[flag]}, not {value}: "
+                             f"drop the flag, or build a cache with it")
 
 
 def bench_data(args, device, frames=None, p_motion_free=0.0):
@@ -311,20 +328,39 @@ def _train(args, make_data, kind, rank, world, device):
     if found and not args.resume:
         raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
     os.makedirs(out, exist_ok=True)
+    if master_process():  # a checkpoint write killed midway leaves its temp file: nothing to resume from
+        for name in os.listdir(out):
+            if name.startswith("ckpt-") and name.endswith(".pt.tmp"):
+                os.remove(os.path.join(out, name))
     torch.manual_seed(args.seed)
 
     ckpt = load_pt(found[-1], mmap=True) if found else None  # --resume
     # A resumed run or a child run (--init-from) keeps its parent's text encoder, latent space, patch size, QK-norm
     # and prediction unless told otherwise
     parent = (ckpt["config"], ckpt["meta"]) if ckpt else stored_settings(args.init_from) if args.init_from else None
+    if ckpt:  # a resumed run trains the same target from the same features
+        for flag, key in (("--prediction", "prediction"), ("--text-encoder", "text_encoder"), ("--latent-space", "latent_space")):
+            given, was = getattr(args, key.replace("-", "_")), ckpt["meta"].get(key, "eps" if key == "prediction" else None)
+            if given is not None and was is not None and given != was:
+                raise ValueError(f"{found[-1]} was trained with {flag} {was}; a resumed run keeps it (got {given})")
     if parent:
         args.text_encoder = args.text_encoder or parent[1].get("text_encoder")
         args.latent_space = args.latent_space or parent[1].get("latent_space")
+    given = {"--text-encoder": args.text_encoder, "--latent-space": args.latent_space, "--resolution": args.resolution}
+    if kind == "t2v":
+        given.update({"--num-frames": args.num_frames, "--p-motion-free": args.p_motion_free})
     args.text_encoder = args.text_encoder or "tiny-clip+t5"
     data = make_data(args, device)
+    if isinstance(data.dataset, C.CachedDataset):
+        check_cache(data.dataset, args.data, given, kind)
     if args.cache:  # encode the whole dataset once on rank 0, then train from the cache
+        if data.encoder is None:
+            raise ValueError(f"--cache encodes a dataset of files; --data {args.data} is "
+                             f"{'random features' if data.dataset is None else 'a cache already'}")
         if master_process():
             C.build_cache(data.dataset, args.cache, data.encoder, data.latents, dataset_spec=data.spec)
+        else:  # wait on the file, not in a collective: building a large cache outlasts the process group's timeout
+            C.wait_until_complete(args.cache)
         dist.barrier()
         data = dataclasses.replace(cached_data(args.cache, device, data.frames), prompts=data.prompts)
     if parent:

@@ -22,25 +22,26 @@ from checkpoint import checkpoints
 def get_parser():
     p = T.get_parser("t2v")
     p.description = __doc__
-    p.add_argument("--num-frames", type=T.bounded(int, 1), default=8)  # Sec. 4.1: 8-frame clips at 4 fps
+    p.add_argument("--num-frames", type=T.bounded(int, 1), default=None)  # Sec. 4.1: 8-frame clips at 4 fps
     # The paper does not give p_motion_free. 0.5 weighs the two conditions of Eq. 6 (motion on / off)
     # equally, the way CFG needs both text and "" predictions, and spends half the samples on images,
     # whose per-frame quality the joint training is meant to keep (Sec. 3.3.2, "Solution I").
-    p.add_argument("--p-motion-free", type=T.bounded(float, 0, 1), default=0.5)
+    p.add_argument("--p-motion-free", type=T.bounded(float, 0, 1), default=None)
     p.add_argument("--image-data", default=None, help="image folder / .jsonl for the pseudo-videos of real --data")
     p.add_argument("--from-scratch", action="store_true", help="train without a T2I checkpoint (not the paper's recipe)")
-    p.add_argument("--mfg-scale", type=float, default=1.2, help="lambda_M of Eq. 6 for samples.png")  # paper: 1.0-1.3
+    p.add_argument("--mfg-scale", type=T.bounded(float), default=1.2, help="lambda_M of Eq. 6 for samples.png")  # paper: 1.0-1.3
     p.set_defaults(batch_size=8, max_steps=600, num_samples=8)  # toy: 8 clips per step; Sec. 4.1: 128 clips
     return p
 
 
 def make_data_t2v(args, device):
     """--data for text-to-video: moving_shapes (+ shapes images) | bench | cache dir | video folder / .jsonl."""
-    frames, p = args.num_frames, args.p_motion_free
+    if os.path.isfile(os.path.join(args.data, "meta.json")):  # a cache: its clip length and motion-free draws
+        return T.cached_data(args.data, device, args.num_frames)
+    frames = args.num_frames = args.num_frames or 8
+    p = args.p_motion_free = 0.5 if args.p_motion_free is None else args.p_motion_free
     if args.data == "bench":
         return T.bench_data(args, device, frames=frames, p_motion_free=p)
-    if os.path.isfile(os.path.join(args.data, "meta.json")):
-        return T.cached_data(args.data, device, frames)
     if args.data == "moving_shapes":
         size = args.resolution or 32
         videos = D.MovingShapesDataset("train", num_frames=frames, size=size, seed=args.seed)

@@ -662,3 +662,23 @@ def test_read_clip_without_or_with_wrong_duration(monkeypatch, duration):
     monkeypatch.setattr(data, "_video_plugin", lambda: (fake, "x"))
     got = [int(f[0, 0, 0]) for f in data.read_clip("v.mp4", 8, 4, offset=1.0)]
     assert got == list(range(5, 48, 6))
+
+
+def test_other_ranks_wait_for_the_cache_on_its_file(tmp_path):
+    """Under torchrun, ranks other than 0 wait for rank 0's cache build by polling meta.json (a collective would
+    time out on a long build): they go on only once it is marked complete."""
+    import json
+    import threading
+    import time
+
+    done = []
+    waiter = threading.Thread(target=lambda: done.append(cache.wait_until_complete(str(tmp_path), poll=0.01)),
+                              daemon=True)
+    waiter.start()
+    time.sleep(0.2)
+    (tmp_path / "meta.json").write_text(json.dumps({"complete": False}))  # a build under way
+    time.sleep(0.2)
+    assert not done
+    (tmp_path / "meta.json").write_text(json.dumps({"complete": True}))
+    waiter.join(timeout=5)
+    assert done == [None]

@@ -150,6 +150,8 @@ def test_resume_follows_the_flags_and_bad_parents_are_one_line_errors(tmp_path):
     T.main(tiny(tmp_path / "a", 4, "--ckpt-every", "2", "--resume", "--weight-decay", "0.1", "--betas", "0.8", "0.9"))
     group = load(tmp_path / "a" / "ckpt-0000004.pt")["optimizer"]["param_groups"][0]
     assert group["weight_decay"] == 0.1 and tuple(group["betas"]) == (0.8, 0.9)
+    with pytest.raises(ValueError, match="trained with --prediction v; a resumed run keeps it"):
+        T.main(tiny(tmp_path / "a", 6, "--resume", "--prediction", "eps"))  # would train another target
     with open(tmp_path / "a" / "ckpt-0000004.pt", "r+b") as f:
         f.truncate(1000)  # e.g. a disk that filled up under another program
     with pytest.raises(ValueError, match="ckpt-0000004.pt is not a readable GenTron checkpoint"):
@@ -343,6 +345,13 @@ def test_cached_features_and_null_caption(tmp_path, process_group):
     enc = T.load_text_encoder("tiny-clip+t5")
     cache.build_cache(D.ShapesDataset(length=8), tmp_path / "cache", enc, D.PixelSpace(), progress=False)
     hist = T.main(tiny(tmp_path / "run", 2, "--data", str(tmp_path / "cache"), "--caption-dropout", "0.5"))
+    # flags that disagree with what the cache was made with are refused, not ignored; so is an image cache for T2V
+    with pytest.raises(ValueError, match="made with --resolution 32, not 64"):
+        T.main(tiny(tmp_path / "r64", 1, "--data", str(tmp_path / "cache"), "--resolution", "64"))
+    with pytest.raises(ValueError, match="is a cache of images; train_t2v.py needs one of videos"):
+        V.main(tiny(tmp_path / "v", 1, "--data", str(tmp_path / "cache"), "--from-scratch"))
+    with pytest.raises(ValueError, match="is a cache already"):
+        T.main(tiny(tmp_path / "c2", 1, "--data", str(tmp_path / "cache"), "--cache", str(tmp_path / "cache2")))
     assert len(hist["loss"]) == 2 and all(0 < v < 2 for v in hist["loss"])
     assert load(tmp_path / "run" / "ckpt-0000002.pt")["meta"]["dataset"].startswith("shapes:train")
     # caption dropout swaps in the features of "" exactly (CFG's unconditional input)
@@ -353,6 +362,35 @@ def test_cached_features_and_null_caption(tmp_path, process_group):
     for k, ref in zip(("text", "text_mask", "pooled"), null):
         assert torch.equal(cond[k][0], ref[0]) and torch.equal(cond[k][2], ref[0])
         assert torch.equal(cond[k][1], batch[k][1])
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    """A full disk during a checkpoint write (torch.save's zip writer raises RuntimeError) stops the run with
+    one line naming the file; no temp file stays, the earlier checkpoint is untouched, and a temp file left
+    by a killed write is removed when the next run starts."""
+    run = tmp_path / "a"
+    T.main(tiny(run, 1))
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        open(f, "wb").write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 24472256 vs 24472144")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"could not write .*ckpt-0000002.pt \(\[enforce fail.*already in .* are intact"):
+        T.main(tiny(run, 2, "--resume"))
+    assert sorted(p.name for p in run.glob("ckpt-*")) == ["ckpt-0000001.pt"]
+    monkeypatch.setattr(torch, "save", real_save)
+    (run / "ckpt-0000002.pt.tmp").write_bytes(b"partial")  # as a kill -9 mid-write leaves it
+    T.main(tiny(run, 2, "--resume"))
+    assert sorted(p.name for p in run.glob("ckpt-*")) == ["ckpt-0000001.pt", "ckpt-0000002.pt"]
+
+
+def test_device_flags(process_group):
+    with pytest.raises(ValueError, match="--device 'foo' is not a device"):
+        fsdp.setup_distributed("foo")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="PyTorch sees no CUDA device"):
+            fsdp.setup_distributed("cuda")
 
 
 # -----------------------------------------------------------------------------
@@ -379,6 +417,9 @@ def test_toy_cli_end_to_end(tmp_path):
     ("train_t2i.py", ["--batch-size", "0"], "train_t2i.py: error: argument --batch-size: must be >= 1, got 0"),
     ("train_t2v.py", ["--p-motion-free", "1.5"], "train_t2v.py: error: argument --p-motion-free: must be in [0, 1], got 1.5"),
     ("train_t2i.py", ["--ema", "1"], "train_t2i.py: error: argument --ema: must be in [0, 1), got 1"),  # never moves
+    ("train_t2i.py", ["--ema", "nan"], "train_t2i.py: error: argument --ema: must be a finite number, got nan"),
+    ("train_t2i.py", ["--data", "bench", "--cache", "unused"],
+     "error: --cache encodes a dataset of files; --data bench is random features"),
     ("train_t2i.py", ["--resolution", "30", "--patch", "4"],
      "error: --resolution 30 must be a multiple of 4 (pixel downsampling 1 x patch 4)"),
 ])
