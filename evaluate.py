@@ -283,6 +283,12 @@ def main(argv=None):
     for name in ("n", "n_per_prompt", "max_prompts", "batch_size"):  # --steps: diffusion.py checks its range
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    from sample import check_settings
+
+    try:  # the checks sample.py makes: seed, finite guidance scales, a device this machine has
+        check_settings(dict(seed=args.seed, cfg=args.cfg, mfg=args.mfg, device=args.device), out_dir="")
+    except ValueError as e:
+        p.error(str(e))
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # progress bars of our own loops only

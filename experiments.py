@@ -190,7 +190,10 @@ def main(args):
     os.makedirs(args.out, exist_ok=True)
     file = os.path.join(args.out, "results.json")
     results = json.load(open(file)) if os.path.exists(file) else {}  # a later phase adds to an earlier one
-    results["settings"] = {**results.get("settings", {}), args.phase: vars(args)}
+    # every call's flags, in order: a later call (a second seed, say) adds rows and must not erase how the
+    # earlier rows were made
+    results.setdefault("settings", {}).setdefault(args.phase, vars(args))  # the first call of each phase
+    results.setdefault("calls", []).append({**vars(args), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     t0 = time.time()
     if args.phase in ("t2i", "all"):
         phase_t2i(args, results, t0)

@@ -143,15 +143,23 @@ def determine_position(locality, box1, box2, iou_threshold=0.1, distance_thresho
     return 1.0 if iou < iou_threshold else iou_threshold / iou
 
 
+# words that end the phrase before a spatial word without being its noun ("the hat was on top of the rack")
+NOT_NOUNS = {"is", "are", "was", "were", "be", "been", "being", "sits", "sit", "sitting", "stands", "standing",
+             "lies", "lying", "rests", "resting", "hangs", "hanging", "placed", "located", "positioned", "situated",
+             "seated", "perched", "parked", "kept", "put", "set"}
+
+
 def spatial_objects(prompt):
-    """(locality, noun 1, noun 2) of a spatial prompt: CompBench takes the first and last spaCy NOUN; this takes
-    the last word before the spatial words and the last word of the phrase after them."""
+    """(locality, noun 1, noun 2) of a spatial prompt: CompBench takes the nearest spaCy NOUNs around the spatial
+    words; this takes the last word before them that is not a verb of NOT_NOUNS, and the last word of the phrase
+    after them."""
     text = prompt.lower().strip().rstrip(".")
     for w in SPATIAL_WORDS:
         if f" {w} " in text:
             left, right = text.split(f" {w} ", 1)
             right = re.split(r"\s*(?:,|\band\b|\bwhile\b|\bwith\b)\s*", right)[0]
-            return w, left.split()[-1], right.split()[-1]
+            words = [x for x in left.split() if x not in NOT_NOUNS] or left.split()
+            return w, words[-1], right.split()[-1]
     return None, None, None
 
 
@@ -191,7 +199,7 @@ def spatial_scores(images, prompts, model, processor, threshold=0.1):
 def read_prompt_file(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CompBench prompt file {path} does not exist")
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first prompt
         return [line.strip() for line in f if line.strip()]
 
 
@@ -308,7 +316,7 @@ def clip_eval(sample_dir, model_name=CLIP_L14, device="cpu"):
 
 def fid(gen_dir, ref_dir, device="cpu"):
     """FID between two image folders with torch-fidelity (optional). A sample.py folder contributes only the
-    samples its samples.json lists (not grid.png)."""
+    samples its samples.json lists (not grid.png); of a video run, every frame of every clip (frame FID)."""
     try:
         import torch_fidelity
     except ImportError:
@@ -321,8 +329,15 @@ def fid(gen_dir, ref_dir, device="cpu"):
     with tempfile.TemporaryDirectory() as tmp:
         if os.path.isfile(os.path.join(gen_dir, "samples.json")):
             with open(os.path.join(gen_dir, "samples.json")) as f:
-                for r in json.load(f)["samples"]:
-                    os.symlink(os.path.abspath(os.path.join(gen_dir, r["file"])), os.path.join(tmp, r["file"]))
+                rec = json.load(f)
+            for r in rec["samples"]:
+                src = os.path.join(gen_dir, r["file"])
+                if not rec["settings"].get("video"):
+                    os.symlink(os.path.abspath(src), os.path.join(tmp, r["file"]))
+                    continue
+                strip = np.asarray(Image.open(src).convert("RGB"))  # frames side by side: split them
+                for k, frame in enumerate(np.split(strip, strip.shape[1] // strip.shape[0], axis=1)):
+                    Image.fromarray(frame).save(os.path.join(tmp, f"{r['file'][:-4]}_{k:02d}.png"))
             gen_dir = tmp
         # reference folders (COCO) mix image sizes: resize the shorter side to Inception's 299 and crop the centre
         m = torch_fidelity.calculate_metrics(input1=gen_dir, input2=ref_dir, cuda=str(device).startswith("cuda"),

@@ -292,12 +292,25 @@ def run(settings, prompts, out_dir, only=None, progress=True):
     return samples, records
 
 
+SETTINGS = ("ckpt", "ema", "video", "sampler", "steps", "cfg", "mfg", "seed", "frames", "n_per_prompt", "batch_size",
+            "device")  # what samples.json must record to redo a run
+
+
+def free_dir(base):
+    """base, or base-2, base-3, ...: the first folder that holds no earlier run's samples.json."""
+    out, k = base, 1
+    while os.path.exists(os.path.join(out, "samples.json")):
+        k += 1
+        out = f"{base}-{k}"
+    return out
+
+
 def read_prompts(args):
     prompts = list(args.prompt)
     if args.prompts:
         if not os.path.isfile(args.prompts):
-            raise FileNotFoundError(f"prompt file {args.prompts} does not exist")
-        with open(args.prompts) as f:
+            raise FileNotFoundError(f"prompt file {args.prompts} {'is a folder' if os.path.isdir(args.prompts) else 'does not exist'}")
+        with open(args.prompts, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the prompt
             prompts += [line.strip() for line in f if line.strip()]
     if not prompts:
         raise ValueError('give at least one prompt, e.g. python sample.py "a red circle above a blue square"')
@@ -319,7 +332,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--frames", type=int, default=None, help="frames per clip (default: the checkpoint's)")
     p.add_argument("--no-ema", action="store_true", help="raw weights instead of the EMA weights")
-    p.add_argument("--out", default="out", help="output folder")
+    p.add_argument("--out", default=None, help="output folder (default: out, or out-2, out-3, ... where out holds "
+                   "an earlier run); a folder that holds an earlier run's samples.json is refused")
     p.add_argument("--device", help="default: cuda if available, else cpu (--from-json: the recorded device)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: PyTorch's); 1 is fastest for the "
                    "toy models on a busy machine")
@@ -328,6 +342,8 @@ def main(argv=None):
     p.add_argument("--from-json", metavar="samples.json", help="regenerate samples of an earlier run exactly")
     p.add_argument("--index", type=int, action="append", help="with --from-json: only these sample indices")
     args = p.parse_args(argv)
+    if args.out and os.path.exists(os.path.join(args.out, "samples.json")):  # never overwrite an earlier run
+        raise ValueError(f"--out {args.out} holds an earlier run (samples.json): choose another folder")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bars for the tiny encoders
@@ -345,14 +361,17 @@ def main(argv=None):
     if args.from_json:
         if not os.path.isfile(args.from_json):
             raise FileNotFoundError(f"{args.from_json} does not exist")
-        with open(args.from_json) as f:
-            rec = json.load(f)
         try:
+            with open(args.from_json) as f:
+                rec = json.load(f)
             settings = rec["settings"]
+            missing = [k for k in SETTINGS if k not in settings]
+            if missing:
+                raise KeyError(f"settings lack {', '.join(missing)}")
             prompts = [None] * rec["num_samples"]
             for r in rec["samples"]:
                 prompts[r["index"]] = r["prompt"]
-        except (KeyError, TypeError, IndexError) as e:
+        except (KeyError, TypeError, IndexError, ValueError) as e:  # ValueError: not JSON
             raise ValueError(f"{args.from_json} is not a samples.json written by sample.py "
                              f"({type(e).__name__}: {e})") from None
         if None in prompts:  # a partial JSON (itself a reproduction): only its own samples can be remade
@@ -362,7 +381,7 @@ def main(argv=None):
             settings["ckpt"] = settings["ckpt_file"]  # the exact file, not a run dir's newest checkpoint now
         if args.device:
             settings["device"] = args.device  # numerics differ across devices: exact only on the recorded one
-        out = args.out if args.out != "out" else os.path.join(os.path.dirname(args.from_json) or ".", "from_json")
+        out = args.out or free_dir(os.path.join(os.path.dirname(args.from_json) or ".", "from_json"))
         _, records = run(settings, prompts, out, only=args.index)
     else:
         settings = dict(ckpt=args.ckpt, ema=not args.no_ema, video=args.video, sampler=args.sampler,
@@ -370,7 +389,7 @@ def main(argv=None):
                         n_per_prompt=args.n_per_prompt, batch_size=args.batch_size,
                         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         prompts = [q for q in read_prompts(args) for _ in range(args.n_per_prompt)]
-        out = args.out
+        out = args.out or free_dir("out")
         _, records = run(settings, prompts, out)
     print(f"wrote {len(records)} sample(s), grid.png and samples.json to {out}")
 

@@ -184,6 +184,12 @@ def test_counts_below_one_are_usage_errors(capsys):
         with pytest.raises(SystemExit) as e:
             ev.main(argv)
         assert e.value.code == 2 and f"error: {argv[1]} must be >= 1, got 0" in capsys.readouterr().err
+    # the settings sample.py checks, before any model loads
+    for argv, message in ((["--cfg", "nan"], "--cfg must be a finite number"), (["--device", "foo"], "is not a device"),
+                          (["--device", "cuda:99"], "CUDA GPUs")):
+        with pytest.raises(SystemExit) as e:
+            ev.main(["--oracle", *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 # -----------------------------------------------------------------------------
@@ -198,6 +204,9 @@ def test_noun_phrases_and_spatial_parsing():
     assert metrics.spatial_objects("a bird on the left of a dog") == ("on the left of", "bird", "dog")
     assert metrics.spatial_objects("a wooden chair near a sofa and a lamp") == ("near", "chair", "sofa")
     assert metrics.spatial_objects("a red car") == (None, None, None)
+    # CompBench's complex category puts verbs before the spatial words: the noun is the hat, not "was"
+    assert metrics.spatial_objects("The red hat was on top of the brown coat rack.") == ("on top of", "hat", "rack")
+    assert metrics.spatial_objects("a book is sitting next to the lamp") == ("next to", "book", "lamp")
 
 
 def test_determine_position_matches_compbench_rule():
@@ -335,6 +344,17 @@ def test_fid_brings_folders_of_mixed_sizes_to_one(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_fidelity", fake)
     assert metrics.fid(str(tmp_path), str(tmp_path)) == {"fid": 1.5}
     assert seen["samples_resize_and_crop"] == 299 and seen["fid"]
+    # a sample.py video folder is scored frame by frame: its strips are split, not resized whole
+    strip = np.concatenate([np.full((8, 8, 3), 30 * k, np.uint8) for k in range(4)], axis=1)  # 4 frames of 8x8
+    Image.fromarray(strip).save(tmp_path / "0000_clip.png")
+    rec = {"settings": {"video": True}, "samples": [{"file": "0000_clip.png"}]}
+    (tmp_path / "samples.json").write_text(json.dumps(rec))
+    frames = {}
+    fake.calculate_metrics = lambda **kw: frames.update({f: np.asarray(Image.open(os.path.join(kw["input1"], f)))
+                                                         for f in os.listdir(kw["input1"])}) or {"frechet_inception_distance": 2.0}
+    assert metrics.fid(str(tmp_path), str(tmp_path)) == {"fid": 2.0}
+    assert sorted(frames) == [f"0000_clip_{k:02d}.png" for k in range(4)]
+    assert all(a.shape == (8, 8, 3) and (a == 30 * k).all() for k, a in enumerate(frames[f] for f in sorted(frames)))
 
 
 def test_experiments_score_only_runs_of_the_requested_length(tmp_path):
@@ -348,6 +368,18 @@ def test_experiments_score_only_runs_of_the_requested_length(tmp_path):
     assert experiments.finished(str(out), 20)
     with pytest.raises(SystemExit, match="holds a run of 20 steps but this call trains 2500"):
         experiments.finished(str(out), 2500)
+
+
+def test_experiments_keep_every_calls_settings(tmp_path, monkeypatch):
+    """A second call into the same --out (e.g. the README's second seed) adds its flags; the first call's, which
+    made the rows already there, stay."""
+    import experiments
+    monkeypatch.setattr(experiments, "phase_t2i", lambda args, results, t0: experiments.write(results, args, t0))
+    for seed in ("0", "1"):
+        experiments.main(experiments.p.parse_args(["--out", str(tmp_path), "--phase", "t2i", "--seeds", seed,
+                                                   "--device", "cpu"]))
+    r = json.load(open(tmp_path / "results.json"))
+    assert r["settings"]["t2i"]["seeds"] == [0] and [c["seeds"] for c in r["calls"]] == [[0], [1]]
 
 
 def test_clip_score_of_sample_folders(hf_models, tmp_path):

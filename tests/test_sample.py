@@ -211,3 +211,25 @@ def test_clear_errors(ckpts, tmp_path, monkeypatch):
                        capture_output=True, text=True, cwd=str(tmp_path), env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:")
     assert "text-to-image" in r.stderr
+
+
+def test_earlier_runs_are_never_overwritten(ckpts, tmp_path, monkeypatch):
+    """A second run with the default --out writes out-2/ (the first run's files and samples.json stay); an --out
+    that holds an earlier run, or regenerating a samples.json into its own folder, is refused. A prompt file's
+    UTF-8 byte-order mark is not part of its first prompt."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.txt").write_bytes("\ufeffa red circle\r\na blue square\r\n".encode("utf-8"))
+    base = ["--ckpt", ckpts["t2i"], "--steps", "2"]
+    sample.main([*base, "--prompts", "p.txt"])
+    first = json.load(open("out/samples.json"))
+    assert [r["prompt"] for r in first["samples"]] == ["a red circle", "a blue square"]
+    png = open("out/" + first["samples"][0]["file"], "rb").read()
+    sample.main([*base, "--seed", "5", "a red circle"])
+    assert json.load(open("out/samples.json")) == first and open("out/" + first["samples"][0]["file"], "rb").read() == png
+    assert json.load(open("out-2/samples.json"))["settings"]["seed"] == 5
+    with pytest.raises(ValueError, match="--out out holds an earlier run"):
+        sample.main([*base, "a red circle", "--out", "out"])
+    with pytest.raises(ValueError, match="holds an earlier run"):
+        sample.main(["--from-json", "out/samples.json", "--index", "0", "--out", "out/"])
+    sample.main(["--from-json", "out/samples.json", "--index", "0"])  # default: out/from_json
+    assert json.load(open("out/from_json/samples.json"))["samples"][0]["prompt"] == "a red circle"
