@@ -310,8 +310,10 @@ def clip_eval(sample_dir, model_name=CLIP_L14, device="cpu"):
     videos = [[Image.fromarray(f) for f in np.split(a, a.shape[1] // a.shape[0], axis=1)] for a in arrays]  # strips
     frames = [f for v in videos for f in v]
     texts = [p for p, v in zip(prompts, videos) for _ in v]
+    multi = [v for v in videos if len(v) > 1]  # one-frame clips have no consecutive frames to compare
     return {"clip_score_per_frame": float(np.mean(clip_score(frames, texts, model, processor))),
-            "frame_consistency": float(np.mean(frame_consistency(videos, model, processor))), "n": len(recs)}
+            "frame_consistency": float(np.mean(frame_consistency(multi, model, processor))) if multi else None,
+            "n": len(recs)}
 
 
 def fid(gen_dir, ref_dir, device="cpu"):
