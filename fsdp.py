@@ -138,7 +138,7 @@ def load_full_state(model, state):
 
 def _checkpointed(forward):
     def checkpointed_forward(*args):
-        # a block draws no random numbers, so there is no RNG state to save for the recompute (host time per block)
+        # a block draws no random numbers: no RNG state to save and restore around the recompute
         return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False)
     return checkpointed_forward
 

@@ -340,7 +340,7 @@ def _train(args, make_data, kind, rank, world, device):
     parent = (ckpt["config"], ckpt["meta"]) if ckpt else stored_settings(args.init_from) if args.init_from else None
     if ckpt:  # a resumed run trains the same target from the same features
         for flag, key in (("--prediction", "prediction"), ("--text-encoder", "text_encoder"), ("--latent-space", "latent_space")):
-            given, was = getattr(args, key.replace("-", "_")), ckpt["meta"].get(key, "eps" if key == "prediction" else None)
+            given, was = getattr(args, key), ckpt["meta"].get(key, "eps" if key == "prediction" else None)
             if given is not None and was is not None and given != was:
                 raise ValueError(f"{found[-1]} was trained with {flag} {was}; a resumed run keeps it (got {given})")
     if parent:

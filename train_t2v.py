@@ -22,11 +22,13 @@ from checkpoint import checkpoints
 def get_parser():
     p = T.get_parser("t2v")
     p.description = __doc__
-    p.add_argument("--num-frames", type=T.bounded(int, 1), default=None)  # Sec. 4.1: 8-frame clips at 4 fps
+    p.add_argument("--num-frames", type=T.bounded(int, 1), default=None,
+                   help="frames per clip (default 8, Sec. 4.1: 8-frame clips at 4 fps; a cache: its own)")
     # The paper does not give p_motion_free. 0.5 weighs the two conditions of Eq. 6 (motion on / off)
     # equally, the way CFG needs both text and "" predictions, and spends half the samples on images,
     # whose per-frame quality the joint training is meant to keep (Sec. 3.3.2, "Solution I").
-    p.add_argument("--p-motion-free", type=T.bounded(float, 0, 1), default=None)
+    p.add_argument("--p-motion-free", type=T.bounded(float, 0, 1), default=None,
+                   help="fraction of motion-free pseudo-videos (default 0.5; a cache: its own)")
     p.add_argument("--image-data", default=None, help="image folder / .jsonl for the pseudo-videos of real --data")
     p.add_argument("--from-scratch", action="store_true", help="train without a T2I checkpoint (not the paper's recipe)")
     p.add_argument("--mfg-scale", type=T.bounded(float), default=1.2, help="lambda_M of Eq. 6 for samples.png")  # paper: 1.0-1.3
