@@ -60,13 +60,16 @@ VIDEO_EXTS = (".mp4", ".webm", ".mov", ".avi", ".mkv")
 def resize_center_crop(img, size):
     """PIL image -> float (3, size, size) in [-1, 1]: upright as its EXIF orientation says (phone photos), resize
     the shorter side to size, crop the centre."""
-    img = ImageOps.exif_transpose(img).convert("RGB")
+    img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I;16"):  # 16-bit grey: scale to 8 bits (convert("RGB") would clip it at 255)
+        img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
+    if "A" in img.getbands() or "transparency" in img.info:  # transparent pixels are white, not their hidden RGB
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
+    img = img.convert("RGB")
     w, h = img.size
-    s = size / min(w, h)
-    nw, nh = max(size, round(w * s)), max(size, round(h * s))
-    img = img.resize((nw, nh), resample=Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    img = img.crop((left, top, left + size, top + size))
+    side = min(w, h)  # crop the centre square, then resize it: a 2000 x 1 image never becomes 512000 x 256
+    left, top = (w - side) // 2, (h - side) // 2
+    img = img.resize((size, size), resample=Image.BICUBIC, box=(left, top, left + side, top + side))
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W)
 
 
@@ -74,7 +77,7 @@ def _list_pairs(root, exts, key):
     """(media path, caption or caption-file path) for a folder with same-name .txt files or a JSONL manifest."""
     if os.path.isfile(root) and root.endswith(".jsonl"):
         base, entries = os.path.dirname(os.path.abspath(root)), []
-        with open(root) as f:
+        with open(root, encoding="utf-8-sig", errors="replace") as f:  # a stray non-UTF-8 byte: one caption char
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -94,7 +97,12 @@ def _list_pairs(root, exts, key):
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root} is neither a folder nor a .jsonl manifest")
     entries = []
-    for d, _, files in sorted(os.walk(root)):
+    seen = set()  # linked folders are followed (datasets assembled with ln -s), each real folder once
+    for d, dirs, files in sorted(os.walk(root, followlinks=True)):
+        if os.path.realpath(d) in seen:
+            dirs[:] = []
+            continue
+        seen.add(os.path.realpath(d))
         for name in sorted(files):
             stem, ext = os.path.splitext(name)
             if ext.lower() in exts:
@@ -136,7 +144,7 @@ class _MediaTextDataset(torch.utils.data.Dataset):
         kind, v = self.entries[i][1]
         if kind == "text":
             return v
-        with open(v) as f:
+        with open(v, encoding="utf-8-sig", errors="replace") as f:  # a BOM is not caption text
             return f.read().strip()  # an empty file -> "" -> the null caption
 
     def __getitem__(self, i):
@@ -220,20 +228,31 @@ def read_clip(path, num_frames=8, target_fps=4, offset=0.0):
     iio, plugin = _video_plugin()
     with iio.imopen(path, "r", plugin=plugin) as f:
         meta = f.metadata()
-        fps = float(meta.get("fps") or 0)
-        if fps <= 0:
-            raise ValueError(f"{path}: unknown frame rate")
-        # the header's duration gives the frame count, so decoding can stop at the last needed frame
-        est = int(round(float(meta.get("duration") or 0) * fps))
-        last = frame_indices(est, fps, num_frames, target_fps, offset)[-1] if est > 0 else math.inf
-        frames = []
-        for frame in f.iter():
-            frames.append(frame)
-            if len(frames) > last:
-                break
-    # exact count when the duration was unknown or over-estimated; else the same indices as above
-    n = est if len(frames) > last else len(frames)
-    return [frames[k] for k in frame_indices(n, fps, num_frames, target_fps, offset)]
+    fps = float(meta.get("fps") or 0)
+    if fps <= 0:
+        raise ValueError(f"{path}: unknown frame rate")
+    # the header's duration gives the frame count: decode up to the last needed frame, keep only those
+    est = int(round(float(meta.get("duration") or 0) * fps))
+    if est > 0:
+        idx = frame_indices(est, fps, num_frames, target_fps, offset)
+        frames = _decode(iio, plugin, path, set(idx))
+        if frames is not None:
+            return [frames[k] for k in idx]
+    # the length was unknown or over-estimated: decode every frame once, then pick
+    frames = _decode(iio, plugin, path)
+    return [frames[k] for k in frame_indices(len(frames), fps, num_frames, target_fps, offset)]
+
+
+def _decode(iio, plugin, path, want=None):
+    """{index: frame} of the frames in want (every frame if None); None if the video ends before max(want)."""
+    out, last = {}, max(want) if want else math.inf
+    with iio.imopen(path, "r", plugin=plugin) as f:
+        for k, frame in enumerate(f.iter()):
+            if want is None or k in want:
+                out[k] = frame
+            if k >= last:
+                return out
+    return out if want is None else None
 
 
 class VideoTextFolder(_MediaTextDataset):

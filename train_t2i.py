@@ -353,16 +353,6 @@ def _train(args, make_data, kind, rank, world, device):
     data = make_data(args, device)
     if isinstance(data.dataset, C.CachedDataset):
         check_cache(data.dataset, args.data, given, kind)
-    if args.cache:  # encode the whole dataset once on rank 0, then train from the cache
-        if data.encoder is None:
-            raise ValueError(f"--cache encodes a dataset of files; --data {args.data} is "
-                             f"{'random features' if data.dataset is None else 'a cache already'}")
-        if master_process():
-            C.build_cache(data.dataset, args.cache, data.encoder, data.latents, dataset_spec=data.spec)
-        else:  # wait on the file, not in a collective: building a large cache outlasts the process group's timeout
-            C.wait_until_complete(args.cache)
-        dist.barrier()
-        data = dataclasses.replace(cached_data(args.cache, device, data.frames), prompts=data.prompts)
     if parent:
         args.patch = args.patch or parent[0].get("patch")
         args.qk_norm = parent[0].get("qk_norm", False) if args.qk_norm is None else args.qk_norm
@@ -374,6 +364,8 @@ def _train(args, make_data, kind, rank, world, device):
     if data.resolution % (down * cfg.patch):
         raise ValueError(f"--resolution {data.resolution} must be a multiple of {down * cfg.patch} "
                          f"({data.latent_space} downsampling {down} x patch {cfg.patch})")
+    if data.dataset is not None and len(data.dataset) < B:
+        raise ValueError(f"dataset {data.spec} has {len(data.dataset)} items, fewer than one batch of {B}")
     args.prediction = args.prediction or ("v" if data.latent_space == "pixel" else "eps")  # resolved, as lr
     meta = {"kind": kind, "text_encoder": data.text_encoder, "latent_space": data.latent_space,
             "resolution": data.resolution, "num_frames": data.frames, "dataset": data.spec,
@@ -383,11 +375,22 @@ def _train(args, make_data, kind, rank, world, device):
     # model, optimizer, EMA - from the newest checkpoint (--resume), another run (--init-from) or a fresh init
     if ckpt and config_dict(ckpt["config"]) != dataclasses.asdict(cfg):
         raise ValueError(f"{found[-1]} was trained with another model config {ckpt['config']}; use the same flags")
+    if args.init_from and not ckpt:
+        check_init(parent[0], cfg, args.init_from)  # on every rank: a mismatch stops all of them
+    if args.cache:  # after the checks above: encode the whole dataset once on rank 0, then train from it
+        if data.encoder is None:
+            raise ValueError(f"--cache encodes a dataset of files; --data {args.data} is "
+                             f"{'random features' if data.dataset is None else 'a cache already'}")
+        if master_process():
+            C.build_cache(data.dataset, args.cache, data.encoder, data.latents, dataset_spec=data.spec)
+        else:  # wait on the file, not in a collective: building a large cache outlasts the process group's timeout
+            C.wait_until_complete(args.cache)
+        dist.barrier()
+        data = dataclasses.replace(cached_data(args.cache, device, data.frames), prompts=data.prompts)
     model_sd = ema_sd = None  # full state dicts, needed on rank 0 only (None: the fresh seeded init)
     if ckpt:
         model_sd, ema_sd = ckpt["model"], ckpt["ema"]
     elif args.init_from:
-        check_init(parent[0], cfg, args.init_from)  # on every rank: a mismatch stops all of them
         if master_process():
             model_sd, ema_sd = load_init(args.init_from, cfg, args.seed)
     # The EMA weights go through the model first: build with them, copy the shards, then load the weights.
@@ -414,8 +417,6 @@ def _train(args, make_data, kind, rank, world, device):
     if data.dataset is None:
         loader = bench_batches(data, micro, device, args.seed + rank)
     else:
-        if len(data.dataset) < B:
-            raise ValueError(f"dataset {data.spec} has {len(data.dataset)} items, fewer than one batch of {B}")
         workers = args.num_workers if args.num_workers is not None else (4 if device.type == "cuda" else 0)
         sampler = DistributedBatches(len(data.dataset), B, A, rank, world, args.seed, pos,
                                      getattr(data.dataset, "per_epoch", False))

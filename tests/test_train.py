@@ -350,6 +350,9 @@ def test_cached_features_and_null_caption(tmp_path, process_group):
         T.main(tiny(tmp_path / "r64", 1, "--data", str(tmp_path / "cache"), "--resolution", "64"))
     with pytest.raises(ValueError, match="is a cache of images; train_t2v.py needs one of videos"):
         V.main(tiny(tmp_path / "v", 1, "--data", str(tmp_path / "cache"), "--from-scratch"))
+    with pytest.raises(ValueError, match="must be a multiple of 4"):  # found before hours of encoding, not after
+        T.main(tiny(tmp_path / "r30", 1, "--cache", str(tmp_path / "c30"), "--resolution", "30", "--patch", "4"))
+    assert not (tmp_path / "c30").exists()
     with pytest.raises(ValueError, match="is a cache already"):
         T.main(tiny(tmp_path / "c2", 1, "--data", str(tmp_path / "cache"), "--cache", str(tmp_path / "cache2")))
     assert len(hist["loss"]) == 2 and all(0 < v < 2 for v in hist["loss"])
