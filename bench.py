@@ -185,6 +185,10 @@ def main(args):
             device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         except RuntimeError:
             p.error(f"--device {args.device!r} is not a device: cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device} asks for a GPU, but PyTorch sees no CUDA device here")
+    if args.profile and device.type != "cuda":
+        p.error("--profile reads CUDA kernel times: it needs a GPU")
     if args.max_batch and (device.type != "cuda" or args.profile):
         p.error("--max-batch needs CUDA (it stops at torch.cuda.OutOfMemoryError); --profile a found batch in a 2nd run")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

@@ -1,6 +1,6 @@
 """
 The diffusion process of GenTron (Sec. 3.1): DDPM's linear noise schedule, the closed-form forward
-process q(x_t | x_0) (Eq. 1), the epsilon-prediction loss, three samplers (DDPM ancestral = Eq. 2,
+process q(x_t | x_0) (Eq. 1), the eps- or v-prediction loss, three samplers (DDPM ancestral = Eq. 2,
 DDIM, DPM-Solver++(2M)) and the two guidance rules: classifier-free guidance and motion-free
 guidance (Eq. 6).
 

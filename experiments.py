@@ -12,7 +12,7 @@ exactly with evaluate.py's oracle (held-out colour-shape pairs never seen in tra
 
 Every arm of a comparison gets the same budget (steps, batch, lr, seed, data order). Arms train
 concurrently as separate `train_t2i.py` / `train_t2v.py` processes, spread over the visible GPUs.
-The scale pair has its own, smaller budget (the S model costs 13x the toy's FLOPs per sample).
+The scale pair has its own, smaller budget (the S model costs about 11x the toy's FLOPs per sample, 13x its parameters).
 The T2I phase ends with the baseline arm's EMA weights exported; the T2V phase starts from them.
 
     python experiments.py --out runs/exp                    # both phases, writes results.md/.json

@@ -96,7 +96,7 @@ def get_parser(kind="t2i"):
     p.add_argument("--caption-dropout", type=bounded(float, 0, 1), default=0.1)  # null caption 10% of the time: CFG (Ho & Salimans)
     p.add_argument("--max-steps", type=bounded(int, 1), default=800)  # the toy: ~7 min on 2 CPU cores; Sec. 4.1: 500K + 300K
     p.add_argument("--time-limit", type=bounded(float, 0), default=None,
-                   help="minutes: stop cleanly (checkpoint, samples, scores) at the first log step past it")
+                   help="minutes: stop cleanly (checkpoint, samples, scores) at the first log or checkpoint step past it")
     p.add_argument("--seed", type=int, default=0)
     # system
     p.add_argument("--ac", type=bounded(int, 0), nargs="?", const=1, default=None, metavar="N",

@@ -1,8 +1,8 @@
 r"""
 Train GenTron text-to-video (Sec. 3.3) from a text-to-image checkpoint, with train_t2i.py's machinery.
 
-    python train_t2v.py --init-from runs/t2i/ckpt-0001000.pt     # toy: moving shapes + shapes images, CPU
-    torchrun --nproc_per_node 8 train_t2v.py --size XL --init-from runs/xl512/ckpt-0300000.pt \
+    python train_t2v.py --init-from runs/t2i                      # toy: moving shapes + shapes images, CPU
+    torchrun --nproc_per_node 8 train_t2v.py --size G --init-from runs/g512/ckpt-0300000.pt \
         --data /data/videos --image-data /data/images --resolution 256 --batch-size 128 --out runs/t2v
 
 Sec. 3.3.1: every block gets a temporal self-attention layer whose output projection starts at zero,
