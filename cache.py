@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 
 import torch
@@ -135,6 +136,21 @@ def wait_until_complete(out_dir, poll=5.0):
         except (OSError, ValueError):  # not written yet
             pass
         time.sleep(poll)
+
+
+def check_flags(meta, path, given, video=False):
+    """A cache fixes what it was made with: flags given on the command line ({flag: value or None}) must agree
+    with its meta.json; a video run needs a cache of videos."""
+    if video and not meta["num_frames"]:
+        raise ValueError(f"{path} is a cache of images; train_t2v.py needs one of videos")
+    p = re.search(r"p_motion_free=([0-9.]+)", meta["dataset"])
+    made = {"--text-encoder": meta["text_encoder"], "--latent-space": meta["latent_space"],
+            "--resolution": meta["resolution"], "--num-frames": meta["num_frames"],
+            "--p-motion-free": float(p.group(1)) if p else None}
+    for flag, value in given.items():
+        if value is not None and made.get(flag) is not None and value != made[flag]:
+            raise ValueError(f"the cache {path} was made with {flag} {made[flag]}, not {value}: "
+                             f"drop the flag, or build a cache with it")
 
 
 def _check_spec(have, want, out_dir):

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import resource
 import sys
 import time
@@ -194,20 +193,6 @@ def cached_data(path, device, frames=None):
                 item["x"].shape[-1], m["text_dim"], m["pooled_dim"], shapes[0][0], m["num_frames"] or frames, null=null)
 
 
-def check_cache(ds, path, given, kind):
-    """A cache fixes what it was made with: flags given on the command line must agree with its meta.json."""
-    m = ds.meta
-    if kind == "t2v" and not m["num_frames"]:
-        raise ValueError(f"{path} is a cache of images; train_t2v.py needs one of videos")
-    p = re.search(r"p_motion_free=([0-9.]+)", m["dataset"])
-    made = {"--text-encoder": m["text_encoder"], "--latent-space": m["latent_space"], "--resolution": m["resolution"],
-            "--num-frames": m["num_frames"], "--p-motion-free": float(p.group(1)) if p else None}
-    for flag, value in given.items():
-        if value is not None and made.get(flag) is not None and value != made[flag]:
-            raise ValueError(f"the cache {path} was made with {flag} {made[flag]}, not {value}: "
-                             f"drop the flag, or build a cache with it")
-
-
 def bench_data(args, device, frames=None, p_motion_free=0.0):
     """Random SD-VAE latents and CLIP+T5-shaped text features (120 tokens): no encoders, no files."""
     res, C = args.resolution or 256, 768 + 4096
@@ -352,7 +337,7 @@ def _train(args, make_data, kind, rank, world, device):
     args.text_encoder = args.text_encoder or "tiny-clip+t5"
     data = make_data(args, device)
     if isinstance(data.dataset, C.CachedDataset):
-        check_cache(data.dataset, args.data, given, kind)
+        C.check_flags(data.dataset.meta, args.data, given, video=kind == "t2v")
     if parent:
         args.patch = args.patch or parent[0].get("patch")
         args.qk_norm = parent[0].get("qk_norm", False) if args.qk_norm is None else args.qk_norm
