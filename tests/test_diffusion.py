@@ -33,9 +33,36 @@ def test_q_sample_matches_composed_eq1_chain():
     x = torch.full((50_000,), -1.0, dtype=torch.float64)
     for beta in d.betas[:200]:
         x = (1 - beta).sqrt() * x + beta.sqrt() * torch.randn(x.shape, generator=g, dtype=torch.float64)
-    ab = d.alpha_bar[199].item()
-    assert x.mean().item() == pytest.approx(-(ab**0.5), abs=0.01)
-    assert x.var().item() == pytest.approx(1 - ab, rel=0.03)
+    closed = d.q_sample(torch.full_like(x, -1.0), torch.full((1,), 199), torch.randn(x.shape, generator=g, dtype=torch.float64))
+    assert x.mean().item() == pytest.approx(closed.mean().item(), abs=0.01)
+    assert x.var().item() == pytest.approx(closed.var().item(), rel=0.03)
+
+
+def test_q_sample_is_eq1_exactly_and_the_grid_spans_t():
+    d = Diffusion()
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 400, 999])
+    ab = d.alpha_bar[t].view(-1, 1)
+    assert torch.allclose(d.q_sample(x0, t, noise), ab.sqrt() * x0 + (1 - ab).sqrt() * noise, rtol=0, atol=1e-12)
+    for n in (1, 25, 1000):  # the sampling grid starts at the last training step and ends at 0
+        grid = d.timesteps(n)
+        assert grid[0] == 999 and (n == 1 or grid[-1] == 0) and len(grid) == n and (grid.diff() < 0).all()
+
+
+def test_ddpm_samples_gaussian_data_with_its_moments():
+    """Eq. 2 (ancestral DDPM, the posterior's mean and variance at each step) with the exact eps of data
+    N(mu, s^2) generates samples with that mean and standard deviation; with the noise of each step scaled
+    wrongly (or skipped) the spread is off. (An oracle for a known x_0 cannot tell: its last step returns x_0.)"""
+    d, mu, s = Diffusion(), 0.3, 0.5
+
+    def eps_fn(x, t):  # E[eps | x_t] for x_0 ~ N(mu, s^2)
+        ab = d.alpha_bar[t].view(-1, *[1] * (x.ndim - 1))
+        return (1 - ab).sqrt() * (x - ab.sqrt() * mu) / (ab * s * s + 1 - ab)
+
+    xT = torch.randn(4, 10000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = sample(eps_fn, d, xT, "ddpm", 1000, generator=torch.Generator().manual_seed(1))
+    assert abs(out.mean().item() - mu) < 0.01 and abs(out.std().item() - s) < 0.015
 
 
 def oracle(d, x0):

@@ -167,9 +167,11 @@ def test_resume_follows_the_flags_and_bad_parents_are_one_line_errors(tmp_path):
 
 
 def test_checkpoint_format(tmp_path):
-    T.main(tiny(tmp_path, 4, "--ckpt-every", "1", "--keep", "2"))
+    T.main(tiny(tmp_path, 4, "--ckpt-every", "1", "--keep", "2", "--ema", "0.5"))
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt")) == ["ckpt-0000003.pt", "ckpt-0000004.pt"]
-    ckpt = load(tmp_path / "ckpt-0000004.pt")
+    ckpt, prev = load(tmp_path / "ckpt-0000004.pt"), load(tmp_path / "ckpt-0000003.pt")
+    for k, v in ckpt["ema"].items():  # each step: ema <- decay * ema + (1 - decay) * the step's new weights
+        torch.testing.assert_close(v, 0.5 * prev["ema"][k] + 0.5 * ckpt["model"][k], rtol=0, atol=1e-6)
     assert set(ckpt) == CKPT_KEYS and ckpt["step"] == 4
     assert ckpt["meta"] == {"kind": "t2i", "text_encoder": "tiny-clip+t5", "latent_space": "pixel", "resolution": 32,
                             "num_frames": None, "dataset": "shapes:train:size=32:seed=0:single+color+shape+spatial",
@@ -262,6 +264,20 @@ def test_sharded_adamw_is_torch_adamw_with_clipping(process_group):
 
 # -----------------------------------------------------------------------------
 # T2V from a T2I checkpoint (Sec. 3.3.1)
+
+
+def test_t2v_training_passes_the_motion_free_flags_to_the_model(tmp_path, monkeypatch):
+    """Sec. 3.3.2: the batch's motion-free flags (the identity temporal mask) reach the model in every
+    training step, both values at p_motion_free 0.5 (the flags are what the mask acts on)."""
+    seen, forward = [], GenTron.forward
+
+    def spy(self, *args, motion_free=None, **kwargs):
+        seen.append(None if motion_free is None else motion_free.tolist())
+        return forward(self, *args, motion_free=motion_free, **kwargs)
+    monkeypatch.setattr(GenTron, "forward", spy)
+    V.main(tiny(tmp_path / "v", 3, "--from-scratch", "--batch-size", "8", "--num-frames", "2", "--p-motion-free", "0.5"))
+    flags = [f for step in seen for f in step]
+    assert len(seen) == 3 and None not in seen and 0 < sum(flags) < len(flags)
 
 
 def test_t2v_starts_at_the_t2i_loss_on_pseudo_videos(tmp_path):
@@ -365,6 +381,15 @@ def test_cached_features_and_null_caption(tmp_path, process_group):
     for k, ref in zip(("text", "text_mask", "pooled"), null):
         assert torch.equal(cond[k][0], ref[0]) and torch.equal(cond[k][2], ref[0])
         assert torch.equal(cond[k][1], batch[k][1])
+    # the online path (captions encoded each step) drops the same way: the dropped rows are the features of ""
+    online = T.online_data(D.ShapesDataset(length=4), "shapes", T.get_parser().parse_args(["--text-encoder", "tiny-clip+t5"]), process_group)
+    batch = D.collate([online.dataset[i] for i in range(3)])
+    cond = T.text_condition(batch, torch.tensor([True, False, True]), online, process_group)
+    kept = enc([batch["caption"][1]])
+    for k, ref, ref_kept in zip(("text", "text_mask", "pooled"), null, kept):
+        same = lambda a, b: torch.allclose(a.float(), b.float(), atol=1e-5)  # encoded in another batch: rounding
+        assert same(cond[k][0], ref[0]) and same(cond[k][2], ref[0]) and same(cond[k][1], ref_kept[0])
+        assert not same(cond[k][1], ref[0]) or k == "text_mask"  # the kept caption is not the null one
 
 
 def test_a_failed_checkpoint_write_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
