@@ -175,7 +175,8 @@ def test_guided_eps_fn_is_eq6_from_one_batched_forward():
         e_nn = model(x, t, **null, motion_free=off)
         e_nm = model(x, t, **null, motion_free=on)
         e_tm = model(x, t, **cond, motion_free=on)
-    torch.testing.assert_close(got, mfg_combine(e_nn, e_nm, e_tm, 7.5, 1.2), rtol=1e-5, atol=1e-5)
+    # one batch of 3b vs three batches of b: float32 rounding, amplified up to ~8x by the guidance scales
+    torch.testing.assert_close(got, mfg_combine(e_nn, e_nm, e_tm, 7.5, 1.2), rtol=1e-4, atol=1e-4)
     assert (e_nn - e_nm).abs().max() > 1e-3  # the motion-free flag really changes the prediction
 
 
