@@ -641,9 +641,8 @@ def test_cache_with_real_text_encoder(tmp_path):
     assert torch.allclose(cd[2]["text"], tok[0].cpu()) and torch.equal(cd[2]["text_mask"], mask[0].bool().cpu())
 
 
-@pytest.mark.parametrize("duration", [None, 2.0, 3.0])
-def test_read_clip_without_or_with_wrong_duration(monkeypatch, duration):
-    # headers may lack the duration (decode everything) or over-state it (resample from what exists)
+def fake_video(monkeypatch, n, duration):
+    """read_clip's decoder replaced by n frames of grey level k % 256 at 24 fps, with this header duration."""
     class Reader:
         def __enter__(self):
             return self
@@ -655,11 +654,17 @@ def test_read_clip_without_or_with_wrong_duration(monkeypatch, duration):
             return {"fps": 24.0, "duration": duration}
 
         def iter(self):
-            for k in range(48):
-                yield np.full((2, 2, 3), k, np.uint8)
+            for k in range(n):
+                yield np.full((2, 2, 3), k % 256, np.uint8)
 
     fake = type("iio", (), {"imopen": staticmethod(lambda *a, **k: Reader())})
     monkeypatch.setattr(data, "_video_plugin", lambda: (fake, "x"))
+
+
+@pytest.mark.parametrize("duration", [None, 2.0, 3.0])
+def test_read_clip_without_or_with_wrong_duration(monkeypatch, duration):
+    # headers may lack the duration (decode everything) or over-state it (resample from what exists)
+    fake_video(monkeypatch, 48, duration)
     got = [int(f[0, 0, 0]) for f in data.read_clip("v.mp4", 8, 4, offset=1.0)]
     assert got == list(range(5, 48, 6))
 
@@ -667,51 +672,11 @@ def test_read_clip_without_or_with_wrong_duration(monkeypatch, duration):
 def test_read_clip_keeps_only_the_frames_it_returns(monkeypatch):
     """A long video is not held in memory: of the frames decoded up to the clip's last, only the clip's stay."""
     kept = []
-
-    class Reader:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            pass
-
-        def metadata(self):
-            return {"fps": 24.0, "duration": 1000 / 24}
-
-        def iter(self):
-            for k in range(1000):
-                yield np.full((2, 2, 3), k % 256, np.uint8)
-
-    fake = type("iio", (), {"imopen": staticmethod(lambda *a, **k: Reader())})
-    monkeypatch.setattr(data, "_video_plugin", lambda: (fake, "x"))
+    fake_video(monkeypatch, 1000, 1000 / 24)
     decode = data._decode
     monkeypatch.setattr(data, "_decode", lambda *a, **k: kept.append(decode(*a, **k)) or kept[-1])
     clip = data.read_clip("v.mp4", 8, 4, offset=1.0)
     assert len(clip) == 8 and len(kept) == 1 and sorted(kept[0]) == data.frame_indices(1000, 24, 8, 4, 1.0)
-
-
-def test_image_modes_thin_images_linked_folders_and_bom_captions(tmp_path):
-    """16-bit grey is scaled, not clipped to white; transparent pixels are white, not their hidden colour; a
-    2000 x 1 image is cropped before it is resized; linked subfolders are read; a caption file's BOM is not text."""
-    from PIL import Image
-    ramp = (np.arange(64, dtype=np.uint16)[None].repeat(8, 0) * 1024)  # 0 .. 64512: mean grey 0.49
-    Image.fromarray(ramp).save(tmp_path / "grey16.png")
-    with Image.open(tmp_path / "grey16.png") as img:
-        assert img.mode == "I;16"
-        x = data.resize_center_crop(img, 8)
-    assert abs(float(x.mean() + 1) / 2 - 0.49) < 0.05
-    rgba = np.zeros((8, 8, 4), np.uint8)
-    rgba[..., 1] = 255  # green, fully transparent
-    assert torch.allclose(data.resize_center_crop(Image.fromarray(rgba, "RGBA"), 4), torch.ones(3, 4, 4))
-    assert data.resize_center_crop(Image.new("RGB", (2000, 1), (0, 0, 255)), 16).shape == (3, 16, 16)
-    real, root = tmp_path / "part2", tmp_path / "data"
-    for d in (real, root / "part1"):
-        d.mkdir(parents=True)
-        Image.new("RGB", (4, 4)).save(d / "a.png")
-        (d / "a.txt").write_bytes("\ufeffa red circle".encode("utf-8"))
-    (root / "part2").symlink_to(real)
-    ds = data.ImageTextFolder(str(root), size=4)
-    assert len(ds) == 2 and ds.caption(0) == ds.caption(1) == "a red circle"
 
 
 def test_other_ranks_wait_for_the_cache_on_its_file(tmp_path):
