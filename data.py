@@ -97,12 +97,15 @@ def _list_pairs(root, exts, key):
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root} is neither a folder nor a .jsonl manifest")
     entries = []
-    seen = set()  # linked folders are followed (datasets assembled with ln -s), each real folder once
-    for d, dirs, files in sorted(os.walk(root, followlinks=True)):
-        if os.path.realpath(d) in seen:
+    folders, seen = [], set()  # linked folders are followed (datasets assembled with ln -s), each real one once
+    for d, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(d)
+        if real in seen:  # a second link to it, or a loop: do not descend
             dirs[:] = []
             continue
-        seen.add(os.path.realpath(d))
+        seen.add(real)
+        folders.append((d, files))
+    for d, files in sorted(folders):
         for name in sorted(files):
             stem, ext = os.path.splitext(name)
             if ext.lower() in exts:

@@ -679,6 +679,31 @@ def test_read_clip_keeps_only_the_frames_it_returns(monkeypatch):
     assert len(clip) == 8 and len(kept) == 1 and sorted(kept[0]) == data.frame_indices(1000, 24, 8, 4, 1.0)
 
 
+def test_image_modes_thin_images_linked_folders_and_bom_captions(tmp_path):
+    """16-bit grey is scaled, not clipped to white; transparent pixels are white, not their hidden colour; a
+    2000 x 1 image is cropped before it is resized; linked subfolders are read; a caption file's BOM is not text."""
+    from PIL import Image
+    ramp = (np.arange(64, dtype=np.uint16)[None].repeat(8, 0) * 1024)  # 0 .. 64512: mean grey 0.49
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    with Image.open(tmp_path / "grey16.png") as img:
+        assert img.mode == "I;16"
+        x = data.resize_center_crop(img, 8)
+    assert abs(float(x.mean() + 1) / 2 - 0.49) < 0.05
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 1] = 255  # green, fully transparent
+    assert torch.allclose(data.resize_center_crop(Image.fromarray(rgba, "RGBA"), 4), torch.ones(3, 4, 4))
+    assert data.resize_center_crop(Image.new("RGB", (2000, 1), (0, 0, 255)), 16).shape == (3, 16, 16)
+    real, root = tmp_path / "part2", tmp_path / "data"
+    for d in (real, root / "part1"):
+        d.mkdir(parents=True)
+        Image.new("RGB", (4, 4)).save(d / "a.png")
+        (d / "a.txt").write_bytes("\ufeffa red circle".encode("utf-8"))
+    (root / "part2").symlink_to(real)
+    (root / "part1" / "up").symlink_to(root)  # a loop: walked once
+    ds = data.ImageTextFolder(str(root), size=4)
+    assert len(ds) == 2 and ds.caption(0) == ds.caption(1) == "a red circle"
+
+
 def test_other_ranks_wait_for_the_cache_on_its_file(tmp_path):
     """Under torchrun, ranks other than 0 wait for rank 0's cache build by polling meta.json (a collective would
     time out on a long build): they go on only once it is marked complete."""
