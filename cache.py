@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from checkpoint import atomic_write, write_json
 from data import JointImageVideoDataset, _MediaTextDataset, collate
 
 
@@ -49,25 +50,6 @@ def content_fingerprint(dataset):
     return h.hexdigest()[:16] if found else None
 
 
-def _atomic_write(path, write):
-    # write to a temp file, then rename: a killed run never leaves a complete-looking partial file
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-    except (OSError, RuntimeError) as e:  # a full disk: no partial file stays behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise OSError(f"could not write {path} ({str(e).splitlines()[0]})") from None
-    os.replace(tmp, path)
-
-
-def _write_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-    _atomic_write(path, write)
-
-
 @torch.no_grad()
 def build_cache(dataset, out_dir, text_encoder, latent_space, shard_size=4096, batch_size=64,
                 num_workers=0, dataset_spec=None, dtype=None, progress=True):
@@ -96,7 +78,7 @@ def build_cache(dataset, out_dir, text_encoder, latent_space, shard_size=4096, b
             old = json.load(f)
         _check_spec(old, {**spec, "num_items": n, "shard_size": shard_size}, out_dir)
     meta = {**spec, "num_items": n, "shard_size": shard_size, "complete": False}
-    _write_json(meta_path, meta)
+    write_json(meta_path, meta)
     device = getattr(latent_space, "device", "cpu")
     for k in tqdm(range(num_shards), desc="cache", disable=not progress):
         path = os.path.join(out_dir, f"shard_{k:05d}.pt")
@@ -119,9 +101,9 @@ def build_cache(dataset, out_dir, text_encoder, latent_space, shard_size=4096, b
             shard = {key: v.to(dtype) if v.is_floating_point() else v for key, v in shard.items()}
         shard["caption"] = [c for p in parts for c in p["caption"]]
         shard["meta"] = [m for p in parts for m in p["meta"]]
-        _atomic_write(path, lambda tmp: torch.save(shard, tmp))
+        atomic_write(path, lambda tmp: torch.save(shard, tmp))
     meta["complete"] = True
-    _write_json(meta_path, meta)
+    write_json(meta_path, meta)
     return meta
 
 

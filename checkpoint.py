@@ -20,6 +20,30 @@ from model import GenTron, GenTronConfig
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # -----------------------------------------------------------------------------
+# writing any file atomically (checkpoints, cache shards, score and result JSONs)
+
+
+def atomic_write(path, write):
+    """write(tmp) to a temp file beside path, then rename it to path: a killed run never leaves a
+    complete-looking partial file. A failed write (a full disk) removes the temp file and is one OSError."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+    except (OSError, RuntimeError) as e:  # RuntimeError: torch.save's zip writer on a full disk
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(f"could not write {path} ({str(e).splitlines()[0]})") from None
+    os.replace(tmp, path)
+
+
+def write_json(path, obj, **kwargs):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, **kwargs)
+    atomic_write(path, write)
+
+
+# -----------------------------------------------------------------------------
 # finding and reading
 
 
@@ -33,7 +57,7 @@ def checkpoints(run_dir):
     """A run directory's ckpt-*.pt paths, oldest (lowest step) first; [] if there are none."""
     if not os.path.isdir(run_dir):
         return []
-    steps = sorted((checkpoint_step(f), f) for f in os.listdir(run_dir) if checkpoint_step(f) is not None)
+    steps = sorted((s, f) for f in os.listdir(run_dir) if (s := checkpoint_step(f)) is not None)
     return [os.path.join(run_dir, f) for _, f in steps]
 
 
@@ -115,6 +139,13 @@ def config_dict(config):
 # writing: training checkpoints and exports
 
 
+def remove_partial_checkpoints(out):
+    """Delete the temp files of checkpoint writes that were killed midway (nothing to resume from)."""
+    for name in os.listdir(out) if os.path.isdir(out) else []:
+        if name.startswith("ckpt-") and ".pt.tmp" in name:
+            os.remove(os.path.join(out, name))
+
+
 def save_checkpoint(out, step, model, opt, ema, pos, cfg, meta, args, keep):
     """All ranks gather full state dicts; rank 0 writes ckpt-{step}.pt atomically (temp file + rename)
     and keeps the last `keep`. opt: fsdp.ShardedAdamW; ema: this rank's EMA shards, in its parameter order.
@@ -132,14 +163,10 @@ def save_checkpoint(out, step, model, opt, ema, pos, cfg, meta, args, keep):
             "config": dataclasses.asdict(cfg), "meta": meta, "args": vars(args)}
     if master_process():
         path = os.path.join(out, f"ckpt-{step:07d}.pt")
-        try:
-            torch.save(ckpt, path + ".tmp")
-        except (OSError, RuntimeError) as e:  # a full disk: torch.save raises RuntimeError from its zip writer
-            if os.path.exists(path + ".tmp"):
-                os.remove(path + ".tmp")
-            raise OSError(f"could not write {path} ({str(e).splitlines()[0]}); "
-                          f"the checkpoints already in {out} are intact") from None
-        os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written newest checkpoint
+        try:  # atomic: a crash never leaves a half-written newest checkpoint
+            atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+        except OSError as e:
+            raise OSError(f"{e}; the checkpoints already in {out} are intact") from None
         for old in checkpoints(out)[:-keep]:
             os.remove(old)
     dist.barrier()

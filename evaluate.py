@@ -21,13 +21,13 @@ their command line too.
 """
 
 import argparse
-import json
 import os
 import sys
 
 import numpy as np
 import torch
 
+from checkpoint import write_json
 from metrics import (BLIP_VQA, CLIP_B32, CLIP_L14, COMPBENCH, DETECTOR, clip_eval, compbench,
                      compbench_generate, fid)
 from model import CrossAttention
@@ -333,9 +333,7 @@ def main(argv=None):
     print(table)
     path = args.json or default
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(scores, f, indent=1)
-    os.replace(path + ".tmp", path)  # atomic: a crash never leaves half a score file
+    write_json(path, scores)  # atomic: a crash never leaves half a score file
     print(f"wrote {path}")
 
 

@@ -31,7 +31,7 @@ import time
 import torch
 
 from evaluate import oracle_eval
-from checkpoint import checkpoint_step, checkpoints, export
+from checkpoint import checkpoint_step, checkpoints, export, write_json
 from sample import load_model
 
 PAPER_ARMS = {  # name -> extra train_t2i.py flags (the first arm is the baseline and the T2V parent)
@@ -210,9 +210,7 @@ def write(results, args, t0):
     results.setdefault("device", {})[args.phase] = (torch.cuda.get_device_name() if torch.device(args.device).type
                                                     == "cuda" else "cpu")
     file = os.path.join(args.out, "results.json")
-    with open(file + ".tmp", "w") as f:
-        json.dump(results, f, indent=1, default=str)
-    os.replace(file + ".tmp", file)  # atomic: an interrupted write never loses the earlier phase
+    write_json(file, results, default=str)  # atomic: an interrupted write never loses the earlier phase
     table = tables(results)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table)

@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 import cache as C
 import data as D
-from checkpoint import check_init, checkpoints, config_dict, load_init, load_pt, save_checkpoint, stored_settings
+from checkpoint import (check_init, checkpoints, config_dict, load_init, load_pt, remove_partial_checkpoints,
+                        save_checkpoint, stored_settings)
 from diffusion import Diffusion
 from flops import flops_per_sample
 from fsdp import (DistributedBatches, ShardedAdamW, build_model, load_full_state, master_process, matmul_peak_tflops,
@@ -313,24 +314,23 @@ def _train(args, make_data, kind, rank, world, device):
     if found and not args.resume:
         raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
     os.makedirs(out, exist_ok=True)
-    if master_process():  # a checkpoint write killed midway leaves its temp file: nothing to resume from
-        for name in os.listdir(out):
-            if name.startswith("ckpt-") and name.endswith(".pt.tmp"):
-                os.remove(os.path.join(out, name))
+    if master_process():
+        remove_partial_checkpoints(out)
     torch.manual_seed(args.seed)
 
     ckpt = load_pt(found[-1], mmap=True) if found else None  # --resume
     # A resumed run or a child run (--init-from) keeps its parent's text encoder, latent space, patch size, QK-norm
     # and prediction unless told otherwise
     parent = (ckpt["config"], ckpt["meta"]) if ckpt else stored_settings(args.init_from) if args.init_from else None
-    if ckpt:  # a resumed run trains the same target from the same features
-        for flag, key in (("--prediction", "prediction"), ("--text-encoder", "text_encoder"), ("--latent-space", "latent_space")):
-            given, was = getattr(args, key), ckpt["meta"].get(key, "eps" if key == "prediction" else None)
-            if given is not None and was is not None and given != was:
-                raise ValueError(f"{found[-1]} was trained with {flag} {was}; a resumed run keeps it (got {given})")
-    if parent:
-        args.text_encoder = args.text_encoder or parent[1].get("text_encoder")
-        args.latent_space = args.latent_space or parent[1].get("latent_space")
+    was = {"text_encoder": parent[1].get("text_encoder"), "latent_space": parent[1].get("latent_space"),
+           "prediction": parent[1].get("prediction", "eps")} if parent else {}  # older checkpoints: eps
+    for key, value in was.items():  # a resumed run trains the same target from the same features
+        given = getattr(args, key)
+        if ckpt and given is not None and value is not None and given != value:
+            raise ValueError(f"{found[-1]} was trained with --{key.replace('_', '-')} {value}; "
+                             f"a resumed run keeps it (got {given})")
+    args.text_encoder = args.text_encoder or was.get("text_encoder")
+    args.latent_space = args.latent_space or was.get("latent_space")
     given = {"--text-encoder": args.text_encoder, "--latent-space": args.latent_space, "--resolution": args.resolution}
     if kind == "t2v":
         given.update({"--num-frames": args.num_frames, "--p-motion-free": args.p_motion_free})
@@ -341,7 +341,7 @@ def _train(args, make_data, kind, rank, world, device):
     if parent:
         args.patch = args.patch or parent[0].get("patch")
         args.qk_norm = parent[0].get("qk_norm", False) if args.qk_norm is None else args.qk_norm
-        args.prediction = args.prediction or parent[1].get("prediction", "eps")  # older checkpoints: eps
+        args.prediction = args.prediction or was["prediction"]
     elif args.patch is None and args.size == "toy" and device.type == "cpu":
         args.patch = 4  # the no-argument CPU demo: 64 tokens train ~4x faster than the row's 2x2 (README)
     cfg = model_config(args, data, **({"temporal": True, "num_frames": data.frames} if kind == "t2v" else {}))
