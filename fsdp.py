@@ -13,6 +13,7 @@ trains exactly like 1 rank x batch Nb (tests/test_train.py).
 """
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -94,6 +95,10 @@ def build_model(cfg, device, ac=0, compile=False, init_state=None, seed=0, unit=
     unit: consecutive blocks per FSDP2 unit (one all-gather / reduce-scatter each) where blocks are sharded.
     init_state: full state dict used on rank 0 (others ignore it); default: the seeded single-process init, so
     the weights do not depend on the number of ranks."""
+    # FSDP2 (torch >= 2.12) warns when a sharded module returns a view, since an in-place op on one would skip its
+    # backward all-gather. Ours do (a block's gate is a slice of its adaLN output, a Linear's 3D output a view of its
+    # 2D product), and nothing modifies them in place.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     with torch.device("meta"):
         model = GenTron(cfg)  # no memory yet: shapes only
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))

@@ -292,8 +292,11 @@ class GenTronBlock(nn.Module):
         # adaLN-zero: shift, scale and gate of self-attention and MLP from the condition c (Fig. 2)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
 
-    def forward(self, x, c, text=None, text_mask=None, frames=1, motion_free=None):
-        # x (B T, N, D); c (B, D) per clip: modulation is computed once per clip, then shared by frames
+    def forward(self, x, c, text=None, text_mask=None, frames=1, motion_free=None, branch=None, gate=None):
+        """x (B T, N, D); c (B, D) per clip: modulation is computed once per clip, then shared by frames.
+        Returns (x, branch, gate): the MLP's residual update x + gate * branch is left to the next block (or the
+        final layer), whose first add_norm applies it in the same pass as its norm; `branch, gate` in are the
+        previous block's (None: nothing pending)."""
         mod = self.adaLN_modulation(c)[:, None]  # (B, 1, 6D)
         if frames > 1:
             mod = mod.repeat_interleave(frames, dim=0)  # (B T, 1, 6D)
@@ -301,7 +304,7 @@ class GenTronBlock(nn.Module):
         # x = x + gate1 * attn(modulate(norm1(x), shift1, scale1)); x = x + cross_attn(norm2(x), text);
         # x = temporal(x); x = x + gate2 * mlp(modulate(norm3(x), shift2, scale2)) - written so that each
         # residual update is one pass with the next sub-layer's norm (add_norm): `branch` waits for it.
-        _, h = add_norm(x, None, None, self.norm1, shift1, scale1)
+        x, h = add_norm(x, branch, gate, self.norm1, shift1, scale1)
         branch, gate = self.attn(h), gate1
         if self.cross:
             x, h = add_norm(x, branch, gate, self.norm2)
@@ -310,7 +313,7 @@ class GenTronBlock(nn.Module):
             x = self.temporal(residual(x, branch, gate), frames, motion_free)  # residual inside, Eq. 3-5
             branch, gate = None, None
         x, h = add_norm(x, branch, gate, self.norm3, shift2, scale2)
-        return residual(x, self.mlp(h), gate2)
+        return x, self.mlp(h), gate2
 
 
 class FinalLayer(nn.Module):
@@ -322,12 +325,13 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 2 * cfg.width))
         self.linear = nn.Linear(cfg.width, cfg.patch * cfg.patch * cfg.in_channels)
 
-    def forward(self, x, c, frames=1):
+    def forward(self, x, c, frames=1, branch=None, gate=None):
+        """x + gate * branch: the residual stream and the last block's pending MLP update (GenTronBlock)."""
         mod = self.adaLN_modulation(c)[:, None]  # (B, 1, 2D)
         if frames > 1:
             mod = mod.repeat_interleave(frames, dim=0)  # (B T, 1, 2D)
         shift, scale = mod.chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        return self.linear(add_norm(x, branch, gate, self.norm, shift, scale)[1])
 
 
 # -----------------------------------------------------------------------------
@@ -415,9 +419,10 @@ class GenTron(nn.Module):
         if self.text_proj is not None:
             text = self.text_proj(text)  # (B, L, D)
 
+        branch = gate = None  # each block leaves its MLP's residual update to the next one (GenTronBlock.forward)
         for block in self.blocks:
-            x = block(x, c, text, text_mask, frames, motion_free)
-        x = self.final_layer(x, c, frames)  # (B T, N, p*p*Cin)
+            x, branch, gate = block(x, c, text, text_mask, frames, motion_free, branch, gate)
+        x = self.final_layer(x, c, frames, branch, gate)  # (B T, N, p*p*Cin)
         p = self.cfg.patch
         x = rearrange(x, "bt (gh gw) (p q c) -> bt c (gh p) (gw q)", gh=gh, p=p, q=p)
         return rearrange(x, "(b t) c h w -> b t c h w", t=frames) if video else x

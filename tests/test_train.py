@@ -205,7 +205,8 @@ def test_activation_checkpointing_and_fsdp_units_give_same_gradients(process_gro
         model = fsdp.build_model(cfg, device, ac=run[0], init_state=state, unit=run[1])
         calls[run] = [0] * cfg.depth
         for i, block in enumerate(model.blocks):
-            block.mlp.register_forward_hook(lambda *_, i=i, run=run: calls[run].__setitem__(i, calls[run][i] + 1))
+            # a pre-hook: the recompute stops inside the MLP once it has every saved tensor (checkpoint's early stop)
+            block.mlp.register_forward_pre_hook(lambda *_, i=i, run=run: calls[run].__setitem__(i, calls[run][i] + 1))
         units[run] = [id(b._get_fsdp_state()._fsdp_param_group) if isinstance(b, FSDPModule) else None
                       for b in model.blocks]
         model(**batch).square().mean().backward()
