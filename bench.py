@@ -130,7 +130,8 @@ def kernel_families(prof):
         n = name.lower()
         if any(s in n for s in ("nvjet", "gemm", "cutlass", "xmma")):
             return "gemm"
-        if any(s in n for s in ("flash", "fmha", "sdpa", "attention", "mha")):
+        # cuDNN's attention backward also runs dot(dO, O) and dQ's fp32 -> bf16 conversion as kernels of their own
+        if any(s in n for s in ("flash", "fmha", "sdpa", "attention", "mha", "dot_do_o", "convert_dq")):
             return "attention"
         if "adam" in n or "multi_tensor" in n:
             return "optimizer"
