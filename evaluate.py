@@ -158,8 +158,10 @@ def oracle_eval(model, meta, n_per_category=50, seed=0, sampler="dpm++2m", steps
     x = generate(model, meta, prompts, seed=seed, sampler=sampler, steps=steps, cfg=cfg, mfg=mfg, frames=frames,
                  video=video, device=device, batch_size=batch_size, progress=progress)
     scores = score_videos(x, metas) if video else score_images(x, metas)
+    # everything the scores depend on: DDPM's noise also on batch_size (one generator per batch, sample.generate)
     settings = dict(kind="t2v" if video else "t2i", n_per_category=n_per_category, seed=seed, sampler=sampler,
-                    steps=steps, cfg=cfg, mfg=mfg if video else None, frames=frames, ckpt=meta.get("ckpt"))
+                    steps=steps, cfg=cfg, mfg=mfg if video else None, frames=frames, ckpt=meta.get("ckpt"),
+                    ema=meta.get("ema"), batch_size=batch_size)
     return {**scores, "settings": settings}
 
 

@@ -82,7 +82,7 @@ def load_model(path=None, ema=True, device="cpu", video=None):
     are stored in bf16 (model.cast_matmul_weights): run the model under bf16 autocast, as generate() does."""
     file = resolve_checkpoint(path) if path else bundled_path("t2v" if video else "t2i")
     state, config, meta, step = read_checkpoint(file, ema)
-    meta = {**meta, "config": config, "step": step, "ckpt": os.path.abspath(file)}
+    meta = {**meta, "config": config, "step": step, "ckpt": os.path.abspath(file), "ema": ema}
     check_mode(config.get("temporal", False), video, file)
     with torch.device("meta"):  # no init work or memory for weights that are overwritten anyway
         model = GenTron(build_config(config, file))
@@ -265,6 +265,9 @@ def run(settings, prompts, out_dir, only=None, progress=True):
     s = settings
     check_settings(s, out_dir)
     model, meta = load_model(s["ckpt"], ema=s["ema"], device=s["device"], video=s["video"])
+    if s.get("step") is not None and s["step"] != meta["step"]:  # a replay (--from-json) of another checkpoint
+        raise ValueError(f"the run sampled step {s['step']} ({s.get('ckpt_file')}), but {meta['ckpt']} is step "
+                         f"{meta['step']}: the recorded checkpoint is gone, so the samples cannot be remade")
     if meta["kind"] == "t2v" and not s["video"] and progress:
         print("note: T2V checkpoint sampled as images (one frame = the motion-free path); add --video for clips")
     s.update(ckpt_file=meta["ckpt"], step=meta["step"], kind=meta["kind"], text_encoder=meta["text_encoder"],
@@ -294,6 +297,17 @@ def run(settings, prompts, out_dir, only=None, progress=True):
 
 SETTINGS = ("ckpt", "ema", "video", "sampler", "steps", "cfg", "mfg", "seed", "frames", "n_per_prompt", "batch_size",
             "device")  # what samples.json must record to redo a run
+NUMBER, MAYBE = (int, float), type(None)
+TYPES = dict(ckpt=(str, MAYBE), ema=bool, video=bool, sampler=str, steps=int, cfg=NUMBER, mfg=NUMBER, seed=int,
+             frames=(int, MAYBE), n_per_prompt=int, batch_size=int, device=str)  # of each setting in samples.json
+GIVEN = ("prompt", "prompts", "ckpt", "video", "sampler", "steps", "cfg", "mfg", "seed", "n_per_prompt", "batch_size",
+         "frames", "no_ema")  # the flags that --from-json takes from samples.json instead
+
+
+def wrong_types(settings):
+    """The settings (of a samples.json) whose values have the wrong JSON type, e.g. steps "25" (a bool is no int)."""
+    return [f"{k}={settings[k]!r}" for k, t in TYPES.items()
+            if not isinstance(settings[k], t) or (isinstance(settings[k], bool) and t is not bool)]
 
 
 def free_dir(base):
@@ -358,9 +372,16 @@ def main(argv=None):
         size = export(args.ckpt, args.export, args.export_dtype)
         print(f"wrote {args.export} ({size / 2**20:.2f} MiB, EMA weights, {args.export_dtype})")
         return
+    if args.index and not args.from_json:
+        raise ValueError("--index picks samples of a --from-json replay; without --from-json there are none to pick")
     if args.from_json:
+        given = [name for name in GIVEN if (getattr(args, name) or None) != (p.get_default(name) or None)]
+        if given:  # they would be ignored: the replay takes every setting from samples.json
+            raise ValueError(f"--from-json replays the settings in {args.from_json}; drop "
+                             + ", ".join("the prompts" if n in ("prompt", "prompts") else "--" + n.replace("_", "-")
+                                         for n in given))
         if not os.path.isfile(args.from_json):
-            raise FileNotFoundError(f"{args.from_json} does not exist")
+            raise FileNotFoundError(f"{args.from_json} {'is a folder' if os.path.isdir(args.from_json) else 'does not exist'}")
         try:
             with open(args.from_json) as f:
                 rec = json.load(f)
@@ -368,9 +389,15 @@ def main(argv=None):
             missing = [k for k in SETTINGS if k not in settings]
             if missing:
                 raise KeyError(f"settings lack {', '.join(missing)}")
+            if wrong_types(settings):
+                raise TypeError(f"settings of the wrong type: {', '.join(wrong_types(settings))}")
             prompts = [None] * rec["num_samples"]
             for r in rec["samples"]:
+                if not 0 <= r["index"] < len(prompts):
+                    raise IndexError(f"sample index {r['index']} outside 0..{len(prompts) - 1}")
                 prompts[r["index"]] = r["prompt"]
+            if not prompts:
+                raise ValueError("no samples")
         except (KeyError, TypeError, IndexError, ValueError) as e:  # ValueError: not JSON
             raise ValueError(f"{args.from_json} is not a samples.json written by sample.py "
                              f"({type(e).__name__}: {e})") from None

@@ -159,6 +159,8 @@ def test_oracle_eval_runs_generation(tmp_path):
     s = ev.oracle_eval(model, meta, n_per_category=2, steps=3, progress=False)
     assert s["n"] == {c: 2 for c in CATEGORIES} and all(0 <= s[c] <= 1 for c in CATEGORIES)
     assert s["settings"]["kind"] == "t2i" and s["settings"]["steps"] == 3
+    # and what else the scores depend on: which weights (EMA or raw), and the batch (DDPM's noise is per batch)
+    assert s["settings"]["ema"] is True and s["settings"]["batch_size"] == 64
     vmodel, vmeta = load_model(make_checkpoint(str(tmp_path / "v" / "ckpt-0000001.pt"), temporal=True))
     out = str(tmp_path / "oracle.json")
     ev.main(["--oracle", "--video", "--ckpt", str(tmp_path / "v"), "--n", "2", "--steps", "3", "--json", out])

@@ -99,6 +99,37 @@ def test_cli_images_and_exact_reproduction_from_json(tmp_path):
     assert np.array_equal(read(os.path.join(rep, rep_rec["samples"][0]["file"])), imgs[5])
     sample.main(["--from-json", os.path.join(out, "samples.json"), "--out", rep + "2"])
     assert all(np.array_equal(read(os.path.join(rep + "2", r["file"])), x) for r, x in zip(rec["samples"], imgs))
+    # once the recorded checkpoint is gone (training keeps the newest few), the run dir would give its newest
+    # one, another model: refused, not remade silently from it
+    os.remove(os.path.join(run, "ckpt-0000010.pt"))
+    with pytest.raises(ValueError, match="sampled step 10 .* is step 20: the recorded checkpoint is gone"):
+        sample.main(["--from-json", os.path.join(out, "samples.json"), "--out", rep + "3"])
+
+
+def test_from_json_takes_no_other_settings_and_checks_the_file(ckpts, tmp_path):
+    """A replay takes every setting from samples.json: flags that it would ignore are refused, as is --index
+    without --from-json; a hand-edited samples.json with values of the wrong type, or sample indices outside
+    the run, is named in one line instead of failing deep inside sampling."""
+    out = str(tmp_path / "out")
+    sample.main(["--ckpt", ckpts["t2i"], "a red circle", "a blue square", "--steps", "2", "--out", out])
+    js = os.path.join(out, "samples.json")
+    for extra, message in ((["--steps", "3"], "drop --steps"), (["--seed", "9", "--no-ema"], "drop --seed, --no-ema"),
+                           (["a green square"], "drop the prompts")):
+        with pytest.raises(ValueError, match=message):
+            sample.main(["--from-json", js, "--out", str(tmp_path / "r"), *extra])
+    with pytest.raises(ValueError, match="--index picks samples of a --from-json replay"):
+        sample.main(["--ckpt", ckpts["t2i"], "a red circle", "--index", "0", "--out", str(tmp_path / "r")])
+    sample.main(["--from-json", js, "--out", str(tmp_path / "r"), "--device", "cpu"])  # where it runs: allowed
+    rec = json.load(open(js))
+    for edit, message in (({"steps": "2"}, "steps='2'"), ({"seed": None}, "seed=None"), ({"ema": 1}, "ema=1"),
+                          ({"batch_size": True}, "batch_size=True")):
+        (tmp_path / "bad.json").write_text(json.dumps({**rec, "settings": {**rec["settings"], **edit}}))
+        with pytest.raises(ValueError, match=f"settings of the wrong type: {message}"):
+            sample.main(["--from-json", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x")])
+    for samples, message in (([{**rec["samples"][0], "index": -1}], "index -1 outside 0..1"), ([], "no samples")):
+        (tmp_path / "bad.json").write_text(json.dumps({**rec, "samples": samples, "num_samples": 2 if samples else 0}))
+        with pytest.raises(ValueError, match=message):
+            sample.main(["--from-json", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x")])
 
 
 def test_sample_noise_does_not_depend_on_batching(ckpts):
