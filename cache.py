@@ -14,7 +14,7 @@ import time
 import torch
 
 from checkpoint import atomic_write, write_json
-from data import JointImageVideoDataset, _MediaTextDataset, collate
+from data import JointImageVideoDataset, _MediaTextDataset, collate, latent_spec
 
 
 def cache_spec(text_encoder, latent_space, resolution, num_frames=None, dataset=""):
@@ -76,6 +76,7 @@ def build_cache(dataset, out_dir, text_encoder, latent_space, shard_size=4096, b
     if os.path.exists(meta_path):  # resume only a cache of the same settings
         with open(meta_path) as f:
             old = json.load(f)
+        old["latent_space"] = latent_spec(old["latent_space"])  # caches before 2026-11-27 spelled the SD VAE out
         _check_spec(old, {**spec, "num_items": n, "shard_size": shard_size}, out_dir)
     meta = {**spec, "num_items": n, "shard_size": shard_size, "complete": False}
     write_json(meta_path, meta)
@@ -158,6 +159,7 @@ class CachedDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"no cache at {out_dir} (missing {meta_path}); run build_cache first")
         with open(meta_path) as f:
             self.meta = json.load(f)
+        self.meta["latent_space"] = latent_spec(self.meta["latent_space"])  # as build_cache reads it
         if not self.meta.get("complete"):
             raise ValueError(f"cache {out_dir} is incomplete (build_cache was interrupted); run it again to finish")
         _check_spec(self.meta, expect or {}, out_dir)

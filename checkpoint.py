@@ -146,19 +146,25 @@ def remove_partial_checkpoints(out):
             os.remove(os.path.join(out, name))
 
 
+def gather_weights(model, opt, ema):
+    """{"model": ..., "ema": ...}: the sharded model's weights and its EMA as full CPU state dicts (a collective:
+    every rank calls it; only rank 0's are needed). opt: fsdp.ShardedAdamW; ema: this rank's EMA shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {"model": get_model_state_dict(model, options=opts), "ema": opt.gather(ema)}
+
+
 def save_checkpoint(out, step, model, opt, ema, pos, cfg, meta, args, keep):
     """All ranks gather full state dicts; rank 0 writes ckpt-{step}.pt atomically (temp file + rename)
     and keeps the last `keep`. opt: fsdp.ShardedAdamW; ema: this rank's EMA shards, in its parameter order.
     Returns the checkpoint dict on rank 0 (None elsewhere)."""
     # training-only imports: sample.py reads checkpoints without loading the distributed stack
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from fsdp import master_process
 
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    ckpt = {"model": get_model_state_dict(model, options=opts), "ema": opt.gather(ema),
-            "optimizer": opt.full_state_dict(), "step": step,
+    ckpt = {**gather_weights(model, opt, ema), "optimizer": opt.full_state_dict(), "step": step,
             "rng": {"torch": torch.get_rng_state()}, "data": {"epoch": pos[0], "offset": pos[1]},
             "config": dataclasses.asdict(cfg), "meta": meta, "args": vars(args)}
     if master_process():

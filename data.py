@@ -366,13 +366,22 @@ class PixelSpace:
         return z
 
 
+SD_VAE = "stabilityai/sd-vae-ft-ema"  # what --latent-space sd-vae loads
+
+
+def latent_spec(name):
+    """The name that runs and caches record for a latent space: "sd-vae" for SD_VAE under either spelling, so
+    that a cache, the checkpoints trained on it and the flags of a later run compare equal."""
+    return "sd-vae" if name == SD_VAE else name
+
+
 class SDVAE:
     """Stable Diffusion's AutoencoderKL (diffusers, optional): 3xHxW in [-1, 1] <-> 4x(H/8)x(W/8) latents."""
 
     channels, downsample = 4, 8
 
-    def __init__(self, name="stabilityai/sd-vae-ft-ema", device="cpu", dtype=torch.float32, sample=False, vae=None):
-        self.spec, self.device, self.dtype, self.sample = name, torch.device(device), dtype, sample
+    def __init__(self, name=SD_VAE, device="cpu", dtype=torch.float32, sample=False, vae=None):
+        self.spec, self.device, self.dtype, self.sample = latent_spec(name), torch.device(device), dtype, sample
         if vae is None:
             try:
                 from diffusers import AutoencoderKL
@@ -402,4 +411,4 @@ def load_latent_space(spec="pixel", device="cpu", dtype=torch.float32):
     """'pixel' | 'sd-vae' (stabilityai/sd-vae-ft-ema) | any diffusers AutoencoderKL name or local path."""
     if spec == "pixel":
         return PixelSpace()
-    return SDVAE("stabilityai/sd-vae-ft-ema" if spec == "sd-vae" else spec, device=device, dtype=dtype)
+    return SDVAE(SD_VAE if spec == "sd-vae" else spec, device=device, dtype=dtype)

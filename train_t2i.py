@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 import cache as C
 import data as D
-from checkpoint import (check_init, checkpoints, config_dict, load_init, load_pt, remove_partial_checkpoints,
-                        save_checkpoint, stored_settings)
+from checkpoint import (check_init, checkpoints, config_dict, gather_weights, load_init, load_pt,
+                        remove_partial_checkpoints, save_checkpoint, stored_settings)
 from diffusion import Diffusion
 from flops import flops_per_sample
 from fsdp import (DistributedBatches, ShardedAdamW, build_model, load_full_state, master_process, matmul_peak_tflops,
@@ -43,6 +43,7 @@ from text_encoders import load_text_encoder
 
 LR = 1e-4  # constant learning rate with AdamW, paper Sec. 4.1 (XL/2 and G/2 at batch 2048)
 TOY_LR = 1e-3  # toy / tiny models at batch 32: learn in minutes (1e-4 leaves a CPU toy run at noise)
+TIME_CHECK_EVERY = 50  # steps: --time-limit is checked this often too (one host sync), not only when logging
 
 
 def bounded(kind, lo=None, hi=None, open_hi=False):
@@ -96,7 +97,8 @@ def get_parser(kind="t2i"):
     p.add_argument("--caption-dropout", type=bounded(float, 0, 1), default=0.1)  # null caption 10% of the time: CFG (Ho & Salimans)
     p.add_argument("--max-steps", type=bounded(int, 1), default=800)  # the toy: ~7 min on 2 CPU cores; Sec. 4.1: 500K + 300K
     p.add_argument("--time-limit", type=bounded(float, 0), default=None,
-                   help="minutes: stop cleanly (checkpoint, samples, scores) at the first log or checkpoint step past it")
+                   help="minutes from start (set-up included): stop cleanly (checkpoint, samples, scores) at the first "
+                        f"log or checkpoint step past it, or the next multiple of {TIME_CHECK_EVERY} steps")
     p.add_argument("--seed", type=int, default=0)
     # system
     p.add_argument("--ac", type=bounded(int, 0), nargs="?", const=1, default=None, metavar="N",
@@ -173,7 +175,7 @@ def online_data(dataset, spec, args, device, frames=None):
         enc.memoize()  # a few thousand distinct captions: encode each once, not every step
     latent = args.latent_space or ("pixel" if builtin else "sd-vae")
     space = D.load_latent_space(latent, device=device)
-    return Data(dataset, spec, args.text_encoder, latent, res, space.channels,
+    return Data(dataset, spec, args.text_encoder, space.spec, res, space.channels,
                 res // space.downsample, enc.text_dim, enc.pooled_dim, enc.max_length, frames, enc, space)
 
 
@@ -304,6 +306,7 @@ def train(args, make_data, kind="t2i"):
 
 
 def _train(args, make_data, kind, rank, world, device):
+    started = time.perf_counter()  # --time-limit counts the set-up too: encoders, model, a --cache build
     out, B, A = args.out, args.batch_size, args.grad_accum
     if args.lr is None:  # resolved, so checkpoints record it
         args.lr = TOY_LR if args.size in ("toy", "tiny") else LR
@@ -322,8 +325,10 @@ def _train(args, make_data, kind, rank, world, device):
     # A resumed run or a child run (--init-from) keeps its parent's text encoder, latent space, patch size, QK-norm
     # and prediction unless told otherwise
     parent = (ckpt["config"], ckpt["meta"]) if ckpt else stored_settings(args.init_from) if args.init_from else None
-    was = {"text_encoder": parent[1].get("text_encoder"), "latent_space": parent[1].get("latent_space"),
+    was = {"text_encoder": parent[1].get("text_encoder"),
+           "latent_space": D.latent_spec(parent[1].get("latent_space")),
            "prediction": parent[1].get("prediction", "eps")} if parent else {}  # older checkpoints: eps
+    args.latent_space = D.latent_spec(args.latent_space)  # "sd-vae" however spelled, as caches and checkpoints
     for key, value in was.items():  # a resumed run trains the same target from the same features
         given = getattr(args, key)
         if ckpt and given is not None and value is not None and given != value:
@@ -426,7 +431,8 @@ def _train(args, make_data, kind, rank, world, device):
     bar = tqdm(total=args.max_steps, initial=step, disable=None if master_process() else True, dynamic_ncols=True,
                desc=kind)
     t0, seen, final = time.perf_counter(), 0, ckpt if master_process() else None
-    deadline = time.perf_counter() + 60 * (args.time_limit or 0)
+    saved = step  # the step of the newest checkpoint (the loaded one, or the step this run starts at)
+    deadline = started + 60 * (args.time_limit or 0)
     for step in range(step + 1, args.max_steps + 1):
         t, noise, drop = step_draws(args.seed, step, B, sample_shape, device, args.caption_dropout)
         loss_sum = torch.zeros((), device=device)
@@ -456,7 +462,8 @@ def _train(args, make_data, kind, rank, world, device):
         bar.update()
 
         log, save = due(step, args.log_every, args.max_steps), due(step, args.ckpt_every, args.max_steps)
-        if not (log or save):
+        clock = args.time_limit is not None and step % TIME_CHECK_EVERY == 0  # also with --log/--ckpt-every 0
+        if not (log or save or clock):
             continue  # no host sync: the GPU runs ahead of Python between log and checkpoint steps
         # One sync for all pending steps; a non-finite loss stops the run before any checkpoint is written.
         done, pending = torch.stack(pending).tolist(), []
@@ -482,18 +489,22 @@ def _train(args, make_data, kind, rank, world, device):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
         if save:
-            final = save_checkpoint(out, step, model, opt, ema, pos, cfg, meta, args, args.keep)
+            writing = time.perf_counter()
+            final, saved = save_checkpoint(out, step, model, opt, ema, pos, cfg, meta, args, args.keep), step
+            t0 += time.perf_counter() - writing  # samples/s and MFU count training, not checkpoint writes
         if args.time_limit is None:
             continue
         late = torch.tensor(float(time.perf_counter() > deadline), device=device)
         dist.all_reduce(late)  # the ranks' clocks differ: all stop at the same step, or none does
         if late.item():
             if not save:
-                final = save_checkpoint(out, step, model, opt, ema, pos, cfg, meta, args, args.keep)
+                final, saved = save_checkpoint(out, step, model, opt, ema, pos, cfg, meta, args, args.keep), step
             print0(f"--time-limit {args.time_limit} min reached: stopped at step {step} of {args.max_steps}")
             break
     bar.close()
 
+    if args.num_samples and data.prompts and saved != step:  # --ckpt-every 0: the weights trained since (a collective)
+        final = {"step": step, **gather_weights(model, opt, ema)}
     if master_process() and args.num_samples and data.prompts and final is not None:
         # An EMA averages the last ~1/(1-decay) steps; a shorter run would sample weights still near the init.
         use_ema = final["step"] >= 1 / (1 - args.ema)

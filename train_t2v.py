@@ -38,7 +38,11 @@ def get_parser():
 
 def make_data_t2v(args, device):
     """--data for text-to-video: moving_shapes (+ shapes images) | bench | cache dir | video folder / .jsonl."""
-    if os.path.isfile(os.path.join(args.data, "meta.json")):  # a cache: its clip length and motion-free draws
+    cache = os.path.isfile(os.path.join(args.data, "meta.json"))
+    if args.image_data and (cache or args.data in ("bench", "moving_shapes")):
+        raise ValueError(f"--image-data is for a folder / .jsonl of real videos; --data {args.data} brings its own "
+                         "images" + (" (in the cache)" if cache else ""))
+    if cache:  # its clip length and motion-free draws
         return T.cached_data(args.data, device, args.num_frames)
     frames = args.num_frames = args.num_frames or 8
     p = args.p_motion_free = 0.5 if args.p_motion_free is None else args.p_motion_free

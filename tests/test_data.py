@@ -1,5 +1,6 @@
 """Tests for synthetic.py and data.py: determinism, ground truth, held-out split, real data, cache."""
 
+import json
 import os
 import re
 import sys
@@ -605,6 +606,29 @@ def test_cache_of_changed_files_is_refused(tmp_path):
     with pytest.raises(ValueError, match="content="):
         build()
     assert cache.content_fingerprint(S.ShapesDataset()) is None  # synthetic data: its spec says it all
+
+
+def test_the_sd_vae_has_one_name_in_caches_checkpoints_and_flags(tmp_path):
+    """--latent-space sd-vae loads stabilityai/sd-vae-ft-ema. Caches recorded the long name and checkpoints the
+    short one, so a child run or a resume on such a cache, inheriting "sd-vae", was refused by the cache. Both
+    spellings are one name now, also for caches written before."""
+    assert data.SDVAE(vae=FakeVAE()).spec == data.SDVAE(data.SD_VAE, vae=FakeVAE()).spec == "sd-vae"
+    assert data.SDVAE("my/vae", vae=FakeVAE()).spec == "my/vae"
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for name, color in (("a", (0, 0, 255)), ("b", (0, 255, 0))):
+        _png(src / f"{name}.png", color)
+        (src / f"{name}.txt").write_text(f"a {name} thing")
+    path = str(tmp_path / "c")
+    cache.build_cache(data.ImageTextFolder(str(src), size=16), path, StubEncoder(), data.SDVAE(vae=FakeVAE()),
+                      progress=False)
+    meta = json.load(open(os.path.join(path, "meta.json")))
+    assert meta["latent_space"] == "sd-vae"
+    json.dump({**meta, "latent_space": data.SD_VAE}, open(os.path.join(path, "meta.json"), "w"))  # an older cache
+    for flag in ("sd-vae", data.SD_VAE):
+        cache.check_flags(cache.CachedDataset(path).meta, path, {"--latent-space": data.latent_spec(flag)})
+    with pytest.raises(ValueError, match="made with --latent-space sd-vae, not pixel"):
+        cache.check_flags(cache.CachedDataset(path).meta, path, {"--latent-space": "pixel"})
 
 
 def test_cache_killed_run_is_refused_then_resumed(tmp_path):

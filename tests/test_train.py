@@ -130,6 +130,21 @@ def test_time_limit_stops_with_a_checkpoint_and_resumes_exactly(tmp_path):
     assert first["loss"] + second["loss"] == full["loss"]
 
 
+def test_time_limit_without_log_or_checkpoint_steps_and_final_samples_without_checkpoints(tmp_path, monkeypatch):
+    """--time-limit is checked every TIME_CHECK_EVERY steps even with --log-every 0 --ckpt-every 0 (it was never
+    checked: the run went on to --max-steps); and a run that writes no checkpoint samples its trained weights
+    (it sampled none, and after --resume the loaded checkpoint's)."""
+    monkeypatch.setattr(T, "TIME_CHECK_EVERY", 3)
+    T.main(tiny(tmp_path / "a", 7, "--log-every", "0", "--ckpt-every", "0", "--time-limit", "0"))
+    assert sorted(os.listdir(tmp_path / "a")) == ["ckpt-0000003.pt"]  # stopped at the first check, with a checkpoint
+    sampled = {}
+    monkeypatch.setattr(T, "final_samples", lambda cfg, state, *a: sampled.update(state=state))
+    T.main(tiny(tmp_path / "a", 5, "--ckpt-every", "0", "--resume", "--num-samples", "2", "--ema", "0.5"))
+    step3 = load(tmp_path / "a" / "ckpt-0000003.pt")["ema"]  # what was sampled before: the loaded EMA
+    assert sorted(os.listdir(tmp_path / "a")) == ["ckpt-0000003.pt", "log.txt"]
+    assert set(sampled["state"]) == set(step3) and any(not torch.equal(sampled["state"][k], step3[k]) for k in step3)
+
+
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     # losses reach the host only at log / checkpoint steps (3, 4, 6 here): the NaN of step 5 is caught at 6
     with pytest.raises(SystemExit) as e:
@@ -218,6 +233,24 @@ def test_activation_checkpointing_and_fsdp_units_give_same_gradients(process_gro
     for run in grads:
         for n in grads[(0, 1)]:
             torch.testing.assert_close(grads[run][n], grads[(0, 1)][n], rtol=0, atol=0)  # recompute is exact on CPU
+
+
+def test_compile_with_checkpointing_on_the_cpu_gives_the_exact_gradients(process_group):
+    """--compile --ac on the CPU: Inductor's C++ for a separately compiled block gave gradients ~0.2% off (torch
+    2.13, a code-generation bug), so fsdp.build_model leaves CPU blocks eager: the gradients are the plain model's."""
+    device = process_group
+    cfg = GenTronConfig(depth=2, width=64, mlp_width=128, heads=4, in_channels=3, input_size=8, text_dim=16, pooled_dim=8)
+    g = torch.Generator().manual_seed(0)
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in fsdp.fresh_state(cfg, 0).items()}
+    batch = dict(x=torch.randn(2, 3, 8, 8, generator=g), t=torch.tensor([10, 900]), text=torch.randn(2, 5, 16, generator=g),
+                 text_mask=torch.ones(2, 5, dtype=torch.bool), pooled=torch.randn(2, 8, generator=g))
+    grads = []
+    for compile in (False, True):
+        model = fsdp.build_model(cfg, device, ac=1, compile=compile, init_state=state)
+        model(**batch).square().mean().backward()
+        grads.append({n: p.grad.full_tensor() for n, p in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=0, atol=0)
 
 
 def test_sharded_adamw_is_torch_adamw_with_clipping(process_group):
@@ -451,6 +484,8 @@ def test_toy_cli_end_to_end(tmp_path):
      "error: --cache encodes a dataset of files; --data bench is random features"),
     ("train_t2i.py", ["--resolution", "30", "--patch", "4"],
      "error: --resolution 30 must be a multiple of 4 (pixel downsampling 1 x patch 4)"),
+    ("train_t2v.py", ["--from-scratch", "--image-data", "imgs"],  # it was ignored: built-in data has its images
+     "error: --image-data is for a folder / .jsonl of real videos; --data moving_shapes brings its own images"),
 ])
 def test_bad_input_is_a_one_line_error(tmp_path, script, argv, message):
     """Bad flags stop the scripts with one line of error, no traceback: argparse for a flag alone, the
