@@ -108,7 +108,7 @@ def get_parser(kind="t2i"):
                    help="consecutive blocks per FSDP2 unit (one all-gather and reduce-scatter each) where blocks "
                         "are sharded: over ranks, or with --ac; larger units cost less host time per block")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model (each block when sharded over ranks); the first compile of a "
+                   help="torch.compile the model (each block when sharded, on CUDA); the first compile of a "
                         "large model takes minutes")
     p.add_argument("--num-workers", type=bounded(int, 0), default=None, help="DataLoader workers (default 4 on GPU, 0 on CPU)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
