@@ -10,7 +10,7 @@ Train GenTron text-to-image (paper Sec. 3.2, 4.1). One script for one CPU, one G
 FSDP2 (fsdp.py) makes N ranks x batch b train exactly like 1 rank x batch Nb. Every random
 draw of a step (timesteps, noise, caption dropout) is a function of (seed, step) drawn for the whole
 global batch, and the data order a function of (seed, epoch) (fsdp.py): a resumed run repeats an uninterrupted
-one. train_t2v.py imports the pieces below.
+one. train_t2v.py imports the pieces below; the data sources are in train_data.py.
 """
 
 import argparse
@@ -36,7 +36,7 @@ from fsdp import (DistributedBatches, ShardedAdamW, build_model, load_full_state
                   next_position, print0, setup_distributed, step_draws)
 from model import SIZES, GenTron, GenTronConfig
 from sample import generate, grid_image
-from text_encoders import load_text_encoder
+from train_data import bench_batches, bench_data, cached_data, online_data, text_condition
 
 # -----------------------------------------------------------------------------
 # flags: defaults train the toy model on the built-in shapes; each paper setting says where it comes from
@@ -143,80 +143,7 @@ def model_config(args, data, **fields):
 
 
 # -----------------------------------------------------------------------------
-# data: datasets and the text conditioning (the batch order and per-step draws: fsdp.py)
-
-
-@dataclasses.dataclass
-class Data:
-    dataset: object  # a map-style dataset; None for "bench"
-    spec: str  # what the checkpoint's meta records as the dataset
-    text_encoder: str  # text encoder spec
-    latent_space: str  # "pixel" | "sd-vae" | a VAE name
-    resolution: int  # pixels
-    channels: int  # model input (channels, latent_size, latent_size)
-    latent_size: int
-    text_dim: int
-    pooled_dim: int
-    text_len: int
-    frames: int = None  # clip length for videos
-    encoder: object = None  # TextEncoder when captions are encoded on the fly
-    latents: object = None  # latent space when images are encoded on the fly (not for cached data)
-    null: tuple = None  # (tokens (L, C), mask (L,), pooled (P,)) of "" on the device, for precomputed features
-    prompts: list = None  # captions for the final sample grid
-    p_motion_free: float = 0.0  # videos: fraction of motion-free pseudo-videos (bench draws its flags with it)
-
-
-def online_data(dataset, spec, args, device, frames=None):
-    """Captions encoded by the frozen text encoder each step; images by the latent space (pixels: identity)."""
-    res = dataset[0]["x"].shape[-1]
-    enc = load_text_encoder(args.text_encoder, device=device)
-    builtin = spec.split(":")[0] in ("shapes", "moving_shapes")
-    if builtin:
-        enc.memoize()  # a few thousand distinct captions: encode each once, not every step
-    latent = args.latent_space or ("pixel" if builtin else "sd-vae")
-    space = D.load_latent_space(latent, device=device)
-    return Data(dataset, spec, args.text_encoder, space.spec, res, space.channels,
-                res // space.downsample, enc.text_dim, enc.pooled_dim, enc.max_length, frames, enc, space)
-
-
-def cached_data(path, device, frames=None):
-    """A build_cache directory: latents and text features are read; "" is encoded once for caption dropout."""
-    ds = C.CachedDataset(path)
-    m, item = ds.meta, ds[0]
-    shapes = (item["text"].shape, item["text_mask"].shape, item["pooled"].shape)
-    if master_process():  # only rank 0 loads the text encoder, for the one null caption
-        null = [t[0].to(device) for t in load_text_encoder(m["text_encoder"], device=device)([""])]
-        null[1] = null[1].to(torch.uint8)
-    else:
-        null = [torch.empty(s, device=device, dtype=torch.uint8 if i == 1 else torch.float32) for i, s in enumerate(shapes)]
-    for t in null:
-        dist.broadcast(t, src=0)
-    null = (null[0], null[1].bool(), null[2])
-    return Data(ds, m["dataset"], m["text_encoder"], m["latent_space"], m["resolution"], m["latent_channels"],
-                item["x"].shape[-1], m["text_dim"], m["pooled_dim"], shapes[0][0], m["num_frames"] or frames, null=null)
-
-
-def bench_data(args, device, frames=None, p_motion_free=0.0):
-    """Random SD-VAE latents and CLIP+T5-shaped text features (120 tokens): no encoders, no files."""
-    res, C = args.resolution or 256, 768 + 4096
-    null = (torch.zeros(120, C, device=device), torch.ones(120, dtype=torch.bool, device=device),
-            torch.zeros(768, device=device))
-    return Data(None, "bench", "clip+t5", "sd-vae", res, 4, res // 8, C, 768, 120, frames, null=null,
-                p_motion_free=p_motion_free)
-
-
-def bench_batches(data, micro, device, seed):
-    """The same random micro-batch every step, generated on the device (data loading is not timed)."""
-    g = torch.Generator(device).manual_seed(seed)
-    shape = (micro, *([data.frames] if data.frames else []), data.channels, data.latent_size, data.latent_size)
-    batch = {"x": torch.randn(shape, generator=g, device=device), "caption": [""] * micro,
-             "text": torch.randn(micro, data.text_len, data.text_dim, generator=g, device=device),
-             "text_mask": torch.ones(micro, data.text_len, dtype=torch.bool, device=device),
-             "pooled": torch.randn(micro, data.pooled_dim, generator=g, device=device)}
-    if data.frames:
-        batch["motion_free"] = torch.rand(micro, generator=g, device=device) < data.p_motion_free
-    while True:
-        yield batch
+# data: which source --data names (the sources and the text conditioning: train_data.py)
 
 
 def make_data_t2i(args, device):
@@ -233,19 +160,6 @@ def make_data_t2i(args, device):
         return data
     ds = D.ImageTextFolder(args.data, size=args.resolution or 256)
     return online_data(ds, args.data, args, device)
-
-
-def text_condition(batch, drop, data, device):
-    """{text, text_mask, pooled} for the model; a dropped caption becomes the null caption "" (CFG)."""
-    if "text" in batch:  # cached or bench features: swap in the features of ""
-        d = drop.to(device)
-        tokens, mask, pooled = (batch[k].to(device) for k in ("text", "text_mask", "pooled"))
-        tokens = torch.where(d[:, None, None], data.null[0], tokens.float())
-        mask = torch.where(d[:, None], data.null[1], mask.bool())
-        pooled = torch.where(d[:, None], data.null[2], pooled.float())
-    else:
-        tokens, mask, pooled = data.encoder(["" if x else c for c, x in zip(batch["caption"], drop.tolist())])
-    return {"text": tokens, "text_mask": mask, "pooled": pooled}
 
 
 # -----------------------------------------------------------------------------
@@ -503,13 +417,14 @@ def _train(args, make_data, kind, rank, world, device):
             break
     bar.close()
 
-    if args.num_samples and data.prompts and saved != step:  # --ckpt-every 0: the weights trained since (a collective)
-        final = {"step": step, **gather_weights(model, opt, ema)}
-    if master_process() and args.num_samples and data.prompts and final is not None:
-        # An EMA averages the last ~1/(1-decay) steps; a shorter run would sample weights still near the init.
-        use_ema = final["step"] >= 1 / (1 - args.ema)
-        print0(f"sampling with the {'EMA' if use_ema else 'raw (run shorter than the EMA horizon)'} weights")
-        final_samples(cfg, final["ema" if use_ema else "model"], data, meta, out, args, device)
+    if args.num_samples and data.prompts:
+        if saved != step:  # the last step has no checkpoint (--ckpt-every 0): gather its weights (a collective)
+            final = {"step": step, **gather_weights(model, opt, ema)}
+        if master_process() and final is not None:
+            # An EMA averages the last ~1/(1-decay) steps; a shorter run would sample weights still near the init.
+            use_ema = final["step"] >= 1 / (1 - args.ema)
+            print0(f"sampling with the {'EMA' if use_ema else 'raw (run shorter than the EMA horizon)'} weights")
+            final_samples(cfg, final["ema" if use_ema else "model"], data, meta, out, args, device)
     dist.barrier()
     return history
 

@@ -15,6 +15,7 @@ flags go to the model, which is what motion-free guidance (Eq. 6) needs at sampl
 import os
 
 import data as D
+import train_data as S
 import train_t2i as T
 from checkpoint import checkpoints
 
@@ -43,17 +44,17 @@ def make_data_t2v(args, device):
         raise ValueError(f"--image-data is for a folder / .jsonl of real videos; --data {args.data} brings its own "
                          "images" + (" (in the cache)" if cache else ""))
     if cache:  # its clip length and motion-free draws
-        return T.cached_data(args.data, device, args.num_frames)
+        return S.cached_data(args.data, device, args.num_frames)
     frames = args.num_frames = args.num_frames or 8
     p = args.p_motion_free = 0.5 if args.p_motion_free is None else args.p_motion_free
     if args.data == "bench":
-        return T.bench_data(args, device, frames=frames, p_motion_free=p)
+        return S.bench_data(args, device, frames=frames, p_motion_free=p)
     if args.data == "moving_shapes":
         size = args.resolution or 32
         videos = D.MovingShapesDataset("train", num_frames=frames, size=size, seed=args.seed)
         images = D.ShapesDataset("train", size=size, seed=args.seed, categories=("single",))  # one object, as clips
         ds = D.JointImageVideoDataset(videos, images, p, frames, seed=args.seed)
-        data = T.online_data(ds, f"{videos.spec}+{images.spec}:p_motion_free={p}", args, device, frames)
+        data = S.online_data(ds, f"{videos.spec}+{images.spec}:p_motion_free={p}", args, device, frames)
         data.prompts = list(dict.fromkeys(c for c, _ in D.heldout_prompts("motion", 64, size=size, num_frames=frames)))
         return data
     if p > 0 and not args.image_data:
@@ -61,7 +62,7 @@ def make_data_t2v(args, device):
     videos = D.VideoTextFolder(args.data, size=args.resolution or 256, num_frames=frames, seed=args.seed)
     images = D.ImageTextFolder(args.image_data, size=args.resolution or 256) if args.image_data else None
     ds = D.JointImageVideoDataset(videos, images, p, frames, seed=args.seed)
-    return T.online_data(ds, f"{args.data}+{args.image_data}:p_motion_free={p}", args, device, frames)
+    return S.online_data(ds, f"{args.data}+{args.image_data}:p_motion_free={p}", args, device, frames)
 
 
 def main(argv=None):

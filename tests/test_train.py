@@ -16,10 +16,12 @@ import torch.multiprocessing as mp
 import cache
 import data as D
 import fsdp
+import train_data as S
 import train_t2i as T
 import train_t2v as V
 from diffusion import Diffusion
 from model import GenTron, GenTronConfig
+from text_encoders import load_text_encoder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CKPT_KEYS = {"model", "ema", "optimizer", "step", "rng", "data", "config", "meta", "args"}
@@ -328,7 +330,7 @@ def test_t2v_starts_at_the_t2i_loss_on_pseudo_videos(tmp_path):
     batch = D.collate([ds[i] for i in next(iter(fsdp.DistributedBatches(len(ds), 2, 1, 0, 1, 0, (0, 0))))])
     assert batch["motion_free"].all()
     t, noise, _ = fsdp.step_draws(0, 1, 2, (4, 3, 32, 32), torch.device("cpu"), 0.0)
-    text, mask, pooled = T.load_text_encoder("tiny-clip+t5")(batch["caption"])
+    text, mask, pooled = load_text_encoder("tiny-clip+t5")(batch["caption"])
     rep = lambda z: z.repeat_interleave(4, dim=0)  # one clip of 4 frames -> 4 images
     with torch.no_grad():
         eps = lambda xt, tt: model(xt, tt, rep(text), rep(mask), rep(pooled))
@@ -392,7 +394,7 @@ def test_qk_norm_is_inherited_and_older_checkpoints_still_load(tmp_path):
 
 
 def test_cached_features_and_null_caption(tmp_path, process_group):
-    enc = T.load_text_encoder("tiny-clip+t5")
+    enc = load_text_encoder("tiny-clip+t5")
     cache.build_cache(D.ShapesDataset(length=8), tmp_path / "cache", enc, D.PixelSpace(), progress=False)
     hist = T.main(tiny(tmp_path / "run", 2, "--data", str(tmp_path / "cache"), "--caption-dropout", "0.5"))
     # flags that disagree with what the cache was made with are refused, not ignored; so is an image cache for T2V
@@ -408,17 +410,17 @@ def test_cached_features_and_null_caption(tmp_path, process_group):
     assert len(hist["loss"]) == 2 and all(0 < v < 2 for v in hist["loss"])
     assert load(tmp_path / "run" / "ckpt-0000002.pt")["meta"]["dataset"].startswith("shapes:train")
     # caption dropout swaps in the features of "" exactly (CFG's unconditional input)
-    data = T.cached_data(str(tmp_path / "cache"), process_group)
+    data = S.cached_data(str(tmp_path / "cache"), process_group)
     batch = D.collate([data.dataset[i] for i in range(3)])
-    cond = T.text_condition(batch, torch.tensor([True, False, True]), data, process_group)
+    cond = S.text_condition(batch, torch.tensor([True, False, True]), data, process_group)
     null = enc([""])
     for k, ref in zip(("text", "text_mask", "pooled"), null):
         assert torch.equal(cond[k][0], ref[0]) and torch.equal(cond[k][2], ref[0])
         assert torch.equal(cond[k][1], batch[k][1])
     # the online path (captions encoded each step) drops the same way: the dropped rows are the features of ""
-    online = T.online_data(D.ShapesDataset(length=4), "shapes", T.get_parser().parse_args(["--text-encoder", "tiny-clip+t5"]), process_group)
+    online = S.online_data(D.ShapesDataset(length=4), "shapes", T.get_parser().parse_args(["--text-encoder", "tiny-clip+t5"]), process_group)
     batch = D.collate([online.dataset[i] for i in range(3)])
-    cond = T.text_condition(batch, torch.tensor([True, False, True]), online, process_group)
+    cond = S.text_condition(batch, torch.tensor([True, False, True]), online, process_group)
     kept = enc([batch["caption"][1]])
     for k, ref, ref_kept in zip(("text", "text_mask", "pooled"), null, kept):
         same = lambda a, b: torch.allclose(a.float(), b.float(), atol=1e-5)  # encoded in another batch: rounding
