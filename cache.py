@@ -74,10 +74,7 @@ def build_cache(dataset, out_dir, text_encoder, latent_space, shard_size=4096, b
             os.remove(os.path.join(out_dir, name))
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):  # resume only a cache of the same settings
-        with open(meta_path) as f:
-            old = json.load(f)
-        old["latent_space"] = latent_spec(old["latent_space"])  # caches before 2026-11-27 spelled the SD VAE out
-        _check_spec(old, {**spec, "num_items": n, "shard_size": shard_size}, out_dir)
+        _check_spec(read_meta(meta_path), {**spec, "num_items": n, "shard_size": shard_size}, out_dir)
     meta = {**spec, "num_items": n, "shard_size": shard_size, "complete": False}
     write_json(meta_path, meta)
     device = getattr(latent_space, "device", "cpu")
@@ -136,6 +133,14 @@ def check_flags(meta, path, given, video=False):
                              f"drop the flag, or build a cache with it")
 
 
+def read_meta(meta_path):
+    """A cache's meta.json, with the SD VAE under one name (caches before 2026-11-27 spelled it out)."""
+    with open(meta_path) as f:
+        meta = json.load(f)
+    meta["latent_space"] = latent_spec(meta["latent_space"])
+    return meta
+
+
 def _check_spec(have, want, out_dir):
     # name the first mismatched field, so the user knows what to rebuild
     for key, v in want.items():
@@ -157,9 +162,7 @@ class CachedDataset(torch.utils.data.Dataset):
         meta_path = os.path.join(out_dir, "meta.json")
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(f"no cache at {out_dir} (missing {meta_path}); run build_cache first")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
-        self.meta["latent_space"] = latent_spec(self.meta["latent_space"])  # as build_cache reads it
+        self.meta = read_meta(meta_path)
         if not self.meta.get("complete"):
             raise ValueError(f"cache {out_dir} is incomplete (build_cache was interrupted); run it again to finish")
         _check_spec(self.meta, expect or {}, out_dir)

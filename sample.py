@@ -389,8 +389,9 @@ def main(argv=None):
             missing = [k for k in SETTINGS if k not in settings]
             if missing:
                 raise KeyError(f"settings lack {', '.join(missing)}")
-            if wrong_types(settings):
-                raise TypeError(f"settings of the wrong type: {', '.join(wrong_types(settings))}")
+            wrong = wrong_types(settings)
+            if wrong:
+                raise TypeError(f"settings of the wrong type: {', '.join(wrong)}")
             prompts = [None] * rec["num_samples"]
             for r in rec["samples"]:
                 if not 0 <= r["index"] < len(prompts):
