@@ -2,9 +2,10 @@
 Throughput and MFU of GenTron: a training step (forward, backward, fused AdamW) and a sampling forward
 pass (the CFG batch: prompts + null captions), timed with CUDA events over steps run back to back after
 warm-up. One device by
-default; with --fsdp (implied under torchrun) the model is built exactly as train_t2i.py trains it:
-FSDP2 (--fsdp-unit blocks per unit; one rank without --ac: one unit), bf16 compute, optional activation
-checkpointing (--ac: every block, --ac N: every N-th) and torch.compile, AdamW on the shards (fsdp.ShardedAdamW).
+default; with --fsdp (implied under torchrun) the model is built exactly as train_t2i.py trains it
+(fsdp.build_model): FSDP2 (--fsdp-unit blocks per unit) across ranks or with activation checkpointing (--ac: every
+block, --ac N: every N-th), unsharded on one rank without it; bf16 compute, torch.compile, AdamW with the gradient
+norm on the shards (fsdp.ShardedAdamW).
 
 MFU = model FLOP/s / the bf16 matmul peak measured in the same run (an 8192^3 product), with model
 FLOPs from flops.flops_per_sample: 3x forward for a training step (recompute not counted), 1x for
@@ -32,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from flops import flops_per_sample
 from model import SIZES, GenTron, cast_matmul_weights, make_config
 # the model, optimizer and logging as training builds them
-from fsdp import ShardedAdamW, build_model, matmul_peak_tflops, print0, setup_distributed
+from fsdp import ShardedAdamW, build_model, matmul_peak_tflops, mixed_precision, print0, setup_distributed, shards
 
 # Flash attention takes no mask, and cross-attention (and T2V temporal attention) pass a boolean one:
 # "flash" also allows the memory-efficient kernel, which then runs exactly the masked calls.
@@ -204,8 +205,6 @@ def main(args):
     g = torch.Generator().manual_seed(rank)
     peak = matmul_peak_tflops(device)
     torch.cuda.empty_cache()  # give the peak test's buffers back before measuring memory (no-op on CPU)
-    # FSDP2's MixedPrecisionPolicy already computes in bf16; the single-device model runs under autocast
-    amp = nullcontext() if args.fsdp else torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     flops = flops_per_sample(cfg, args.text_len, args.frames, args.resolution // 8)
     attention = lambda: sdpa_kernel(ATTENTION[args.attention]) if args.attention != "auto" else nullcontext()
     model = fwd = opt = None
@@ -275,6 +274,7 @@ def main(args):
     for name in [m for m in ("train", "sample") if m in args.mode]:
         if model is None:
             model, fwd = build()
+            amp = mixed_precision(model, device)  # bf16: FSDP2's policy, or autocast
         if name == "train":
             opt = ShardedAdamW(model, lr=1e-4, weight_decay=0) if args.fsdp else \
                 torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
@@ -309,7 +309,8 @@ def main(args):
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak_s = f"{peak:.0f} TFLOP/s" if peak else "n/a"
-    setup = (f" ({args.compile_mode})" if args.compile_mode else "") + (f" fsdp x{world} ac {args.ac}" if args.fsdp else "") \
+    built = (f" fsdp x{world} ac {args.ac}" if shards(world, args.ac) else " as trained: unsharded x1") if args.fsdp else ""
+    setup = (f" ({args.compile_mode})" if args.compile_mode else "") + built \
         + (f" attention {args.attention}" if args.attention != "auto" else "")
     print0(f"GenTron-{args.size}/{cfg.patch} {cfg.conditioning} batch {args.batch}{'/GPU' if args.fsdp else ''} "
            f"res {args.resolution} frames {args.frames} compile {args.compile}{setup} | {name} | torch {torch.__version__} "

@@ -6,14 +6,15 @@ batch order with per-step random draws, and AdamW on the shards.
 
 FSDP2 in torchtitan order: the model is built on the meta device, each block gets activation
 checkpointing and torch.compile (CUDA), then fully_shard per unit of consecutive blocks (4 by default) and
-at the root (bf16 compute, fp32
-gradient reduction; one rank without checkpointing: the root alone, compiled whole), then to_empty
-and the weights of a seeded single-process init, broadcast from rank 0 - so N ranks x batch b
-trains exactly like 1 rank x batch Nb (tests/test_train.py).
+at the root (bf16 compute, fp32 gradient reduction), then to_empty and the weights of a seeded
+single-process init, broadcast from rank 0 - so N ranks x batch b trains exactly like 1 rank x batch Nb
+(tests/test_train.py). One rank without checkpointing has nothing to shard: the plain model, compiled
+whole, under bf16 autocast (as torchtitan runs without data-parallel sharding).
 """
 
 import os
 import warnings
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm import tqdm
 
@@ -91,8 +92,10 @@ def fresh_state(cfg, seed):
 
 
 def build_model(cfg, device, ac=0, compile=False, init_state=None, seed=0, unit=4):
-    """FSDP2-sharded GenTron. ac: activation checkpointing of every ac-th block (1: all, 2: every other, 0: none).
-    unit: consecutive blocks per FSDP2 unit (one all-gather / reduce-scatter each) where blocks are sharded.
+    """GenTron as training runs it: FSDP2 shards across ranks, and on one rank with activation checkpointing (memory:
+    G/2); otherwise (one rank, no checkpointing) the plain model, to be run under `mixed_precision`.
+    ac: activation checkpointing of every ac-th block (1: all, 2: every other, 0: none).
+    unit: consecutive blocks per FSDP2 unit (one all-gather / reduce-scatter each).
     init_state: full state dict used on rank 0 (others ignore it); default: the seeded single-process init, so
     the weights do not depend on the number of ranks."""
     # FSDP2 (torch >= 2.12) warns when a sharded module returns a view, since an in-place op on one would skip its
@@ -101,17 +104,13 @@ def build_model(cfg, device, ac=0, compile=False, init_state=None, seed=0, unit=
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     with torch.device("meta"):
         model = GenTron(cfg)  # no memory yet: shapes only
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    # bf16 compute and all-gathers, fp32 gradient reduce-scatter; sharded fp32 master weights (CPU: fp32)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
-        else MixedPrecisionPolicy()
     # Units of `unit` blocks: only one unit's bf16 weights and gradients are unsharded at a time - needed across
-    # ranks, and on one rank with activation checkpointing (memory-bound: G/2). Otherwise one rank makes the
-    # whole model one FSDP2 unit (one bf16 cast of all weights per step, kept until backward) and one compiled
-    # graph. FSDP2's hooks cost host time per unit, which small per-GPU batches leave the GPU waiting for:
-    # units of 4 blocks trained G/2 (--ac, 32 per GPU, 4 H100s) 28% faster than units of 1 (README,
-    # "GenTron-G/2 with FSDP2"). The math is the same either way.
-    sharded_blocks = dist.get_world_size() > 1 or ac
+    # ranks, and on one rank with activation checkpointing (memory-bound: G/2). FSDP2's hooks cost host time per
+    # unit, which small per-GPU batches leave the GPU waiting for: units of 4 blocks trained G/2 (--ac, 32 per GPU,
+    # 4 H100s) 28% faster than units of 1 (README, "GenTron-G/2 with FSDP2"). The math is the same either way.
+    # One rank without checkpointing shards nothing: FSDP2 there only copies every weight in and out of its
+    # all-gather buffer and every gradient through its reduce-scatter, 7% of an XL/2 step on an H100 (README).
+    sharded = shards(dist.get_world_size(), ac)
     for i, block in enumerate(model.blocks):
         # Replacing forward on the instance (rather than wrapping the module) keeps GenTron's parameter
         # names, and puts recompute inside the compiled graph (a composable checkpoint() hook would not).
@@ -122,15 +121,19 @@ def build_model(cfg, device, ac=0, compile=False, init_state=None, seed=0, unit=
         # CPU: Inductor's vectorised C++ for a compiled block gave gradients ~0.2% off in torch 2.13 (the eager and
         # aot_eager backends are exact; a bug of that code generator, found by review 2026-11-27), so blocks run
         # eagerly there. CUDA compiles them (its norms are the Triton kernel); so does one CPU rank without --ac.
-        if compile and sharded_blocks and device.type == "cuda":
+        if compile and sharded and device.type == "cuda":
             forward = torch.compile(forward)
         block.forward = forward
-    if sharded_blocks:
+    if sharded:
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        # bf16 compute and all-gathers, fp32 gradient reduce-scatter; sharded fp32 master weights (CPU: fp32)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
+            else MixedPrecisionPolicy()
         for i in range(0, len(model.blocks), unit):  # one all-gather / reduce-scatter per unit
             fully_shard(list(model.blocks[i:i + unit]), mesh=mesh, mp_policy=mp)
-    if compile and not sharded_blocks:
-        model.forward = torch.compile(model.forward)
-    fully_shard(model, mesh=mesh, mp_policy=mp)  # the root: embedders, text projection, final layer (1 rank: all)
+        fully_shard(model, mesh=mesh, mp_policy=mp)  # the root: embedders, text projection, final layer
+    elif compile:
+        model.forward = torch.compile(model.forward)  # one graph: the whole forward and backward
     model.to_empty(device=device)  # allocate the local shards (uninitialised)
     # init: rank 0 builds the full model on CPU with init_weights() under the seed, and its weights are
     # broadcast and sharded - identical to single-process training for any number of ranks.
@@ -138,10 +141,32 @@ def build_model(cfg, device, ac=0, compile=False, init_state=None, seed=0, unit=
     return model
 
 
+def shards(world, ac):
+    """Whether build_model shards the model with FSDP2: across ranks, or for activation checkpointing on one."""
+    return world > 1 or bool(ac)
+
+
+def mixed_precision(model, device):
+    """The context of a forward pass: FSDP2 computes in bf16 by its MixedPrecisionPolicy; the plain model runs under
+    bf16 autocast on CUDA (fp32 master weights, as FSDP2's shards). The CPU computes in fp32 either way."""
+    if isinstance(model, FSDPModule):
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def load_full_state(model, state):
-    """Load a full state dict, read on rank 0 only, into the sharded model: broadcast, each rank keeps its shard."""
+    """Load a full state dict, read on rank 0 only, into the (sharded) model: broadcast, each rank keeps its shard.
+    In place, so an optimizer's references to the parameters stay valid."""
+    if not isinstance(model, FSDPModule):  # one rank, unsharded
+        model.load_state_dict(state)
+        return
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, dict(state) if master_process() else {}, options=options)  # dict(): it writes into it
+
+
+def full_tensor(t):
+    """A parameter or gradient as one whole tensor: gathered from the ranks if it is a DTensor shard (a collective)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _checkpointed(forward):
@@ -208,7 +233,8 @@ def step_draws(seed, step, batch, sample_shape, device, p_drop, num_steps=1000):
 
 
 class ShardedAdamW:
-    """AdamW and the global gradient-norm clip on this rank's local shards of the FSDP2 parameters.
+    """AdamW and the global gradient-norm clip on this rank's local shards of the FSDP2 parameters (of the plain
+    model: the parameters themselves).
 
     Why not torch.optim.AdamW(model.parameters()): in torch 2.11 the fused kernel on DTensor parameters keeps
     one DTensorSpec per parameter per step alive (pytorch/pytorch#188174; 160 a step for the toy model, measured),
@@ -221,7 +247,7 @@ class ShardedAdamW:
         self.model = model
         self.names, self.params = zip(*model.named_parameters())
         with torch.no_grad():  # views of the shards: stepping them updates the model
-            self.shards = [p.to_local() for p in self.params]
+            self.shards = [_local(p) for p in self.params]
         cuda = self.shards[0].is_cuda
         self.opt = torch.optim.AdamW(self.shards, fused=cuda, foreach=not cuda, **hparams)
 
@@ -230,7 +256,7 @@ class ShardedAdamW:
         """Clip the gradients to global norm max_norm, take an AdamW step at lr, zero the gradients.
         Returns the global gradient norm before clipping (a device scalar: no host sync)."""
         for shard, p in zip(self.shards, self.params):
-            shard.grad = None if p.grad is None else p.grad.to_local()
+            shard.grad = None if p.grad is None else _local(p.grad)
         grads = [s for s in self.shards if s.grad is not None]
         norm_sq = torch.nn.utils.get_total_norm([s.grad for s in grads]) ** 2
         dist.all_reduce(norm_sq)  # sum of the ranks' squared norms
@@ -270,13 +296,24 @@ class ShardedAdamW:
         self.opt.load_state_dict({"state": state, "param_groups": groups})
 
 
+def _local(t):
+    """This rank's shard of a DTensor; a plain tensor is whole."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _full(shard, like):
-    """This rank's shard of a tensor laid out like the DTensor `like` -> the full tensor on the CPU (a collective)."""
+    """This rank's shard of a tensor laid out like the DTensor `like` -> the full tensor on the CPU (a collective).
+    `like` a plain tensor: the shard is whole."""
+    if not isinstance(like, DTensor):
+        return shard.to("cpu", copy=True)
     dt = DTensor.from_local(shard, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
     return dt.full_tensor().to("cpu", copy=True)  # a copy even where it is already on the CPU (1 rank)
 
 
 def _shard(full, like):
-    """A full tensor (the same on every rank) -> this rank's shard, laid out like the DTensor `like`."""
+    """A full tensor (the same on every rank) -> this rank's shard, laid out like the DTensor `like` (a plain
+    tensor: the whole of it)."""
+    if not isinstance(like, DTensor):
+        return full.to(like.device, copy=True)
     shard = distribute_tensor(full.to(like.device), like.device_mesh, like.placements)  # rank 0's copy, scattered
     return shard.to_local().clone()  # its own memory: the optimizer updates it in place

@@ -7,7 +7,7 @@ Train GenTron text-to-image (paper Sec. 3.2, 4.1). One script for one CPU, one G
     torchrun --nproc_per_node 8 train_t2i.py --size XL --data /data/cache512 --batch-size 784 \
         --max-steps 300000 --init-from runs/xl256/ckpt-0500000.pt --out runs/xl512   # stage 2: 512px
 
-FSDP2 (fsdp.py) makes N ranks x batch b train exactly like 1 rank x batch Nb. Every random
+FSDP2 (fsdp.py) makes N ranks x batch b train like 1 rank x batch Nb (one rank without --ac: unsharded). Every random
 draw of a step (timesteps, noise, caption dropout) is a function of (seed, step) drawn for the whole
 global batch, and the data order a function of (seed, epoch) (fsdp.py): a resumed run repeats an uninterrupted
 one. train_t2v.py imports the pieces below; the data sources are in train_data.py.
@@ -24,6 +24,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
 import cache as C
@@ -33,7 +34,7 @@ from checkpoint import (check_init, checkpoints, config_dict, gather_weights, lo
 from diffusion import Diffusion
 from flops import flops_per_sample
 from fsdp import (DistributedBatches, ShardedAdamW, build_model, load_full_state, master_process, matmul_peak_tflops,
-                  next_position, print0, setup_distributed, step_draws)
+                  mixed_precision, next_position, print0, setup_distributed, shards, step_draws)
 from model import SIZES, GenTron, GenTronConfig
 from sample import generate, grid_image
 from train_data import bench_batches, bench_data, cached_data, online_data, text_condition
@@ -332,8 +333,9 @@ def _train(args, make_data, kind, rank, world, device):
     flops = 3 * flops_per_sample(cfg, data.text_len, data.frames or 1)  # fwd + bwd = 3x fwd; recompute not counted
     print0(f"{kind} GenTron-{args.size}: {sum(p.numel() for p in opt.params) / 1e6:.2f}M params, {world} rank(s) on "
            f"{device.type}, global batch {B} = {world} x {micro} x {A} accum, {data.spec}, "
-           f"AC {f'every {ac} block(s)' if ac else 'off'}, FSDP2 units of "
-           f"{f'{args.fsdp_unit} block(s)' if world > 1 or ac else 'the whole model'}, compile {args.compile}")
+           f"AC {f'every {ac} block(s)' if ac else 'off'}, "
+           f"{f'FSDP2 units of {args.fsdp_unit} block(s)' if shards(world, ac) else 'unsharded (one rank)'}, "
+           f"compile {args.compile}")
     if kind == "t2i" and args.data == "shapes" and args.size == "toy" and device.type == "cpu":
         print0(f"toy run on the CPU at patch {cfg.patch} (the bar shows the time left): {args.max_steps} steps; then "
                f"{out}/samples.png shows held-out prompts as blobs of mostly the right colour with rough shapes, and "
@@ -358,8 +360,10 @@ def _train(args, make_data, kind, rank, world, device):
             x0 = data.latents.encode(x0) if data.latents is not None else x0.float()
             mf = batch["motion_free"].to(device) if "motion_free" in batch else None  # Sec. 3.3.2
             eps_fn = lambda xt, tt: model(xt, tt, **cond, motion_free=mf)
-            model.set_requires_gradient_sync(j == A - 1)  # reduce-scatter once, after the last micro-step
-            loss = diffusion.loss(eps_fn, x0, t[mine], noise[mine])
+            if isinstance(model, FSDPModule):
+                model.set_requires_gradient_sync(j == A - 1)  # reduce-scatter once, after the last micro-step
+            with mixed_precision(model, device):  # bf16: FSDP2's policy, or autocast on one rank
+                loss = diffusion.loss(eps_fn, x0, t[mine], noise[mine])
             if step == args.debug_nan_at_step:
                 loss = loss * float("nan")
             (loss / A).backward()

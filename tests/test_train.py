@@ -225,12 +225,13 @@ def test_activation_checkpointing_and_fsdp_units_give_same_gradients(process_gro
             # a pre-hook: the recompute stops inside the MLP once it has every saved tensor (checkpoint's early stop)
             block.mlp.register_forward_pre_hook(lambda *_, i=i, run=run: calls[run].__setitem__(i, calls[run][i] + 1))
         units[run] = [id(b._get_fsdp_state()._fsdp_param_group) if isinstance(b, FSDPModule) else None
-                      for b in model.blocks]
+                      for b in model.blocks] + [isinstance(model, FSDPModule)]
         model(**batch).square().mean().backward()
-        grads[run] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        grads[run] = {n: fsdp.full_tensor(p.grad) for n, p in model.named_parameters()}
     assert calls == {(0, 1): [1, 1, 1], (1, 1): [2, 2, 2], (2, 1): [2, 1, 2], (1, 2): [2, 2, 2]}  # AC recomputes
-    assert units[(0, 1)] == [None] * 3  # one rank, no checkpointing: the whole model is one unit (the root)
-    assert len(set(units[(1, 1)])) == 3 and units[(1, 2)][0] == units[(1, 2)][1] != units[(1, 2)][2]
+    assert units[(0, 1)] == [None] * 3 + [False]  # one rank, no checkpointing: the plain model, nothing sharded
+    assert len(set(units[(1, 1)][:3])) == 3 and units[(1, 2)][0] == units[(1, 2)][1] != units[(1, 2)][2]
+    assert units[(1, 1)][3] and units[(1, 2)][3]  # the root: embedders, text projection, final layer
     assert grads[(0, 1)]["blocks.0.attn.qkv.weight"].abs().sum() > 0
     for run in grads:
         for n in grads[(0, 1)]:
@@ -250,7 +251,7 @@ def test_compile_with_checkpointing_on_the_cpu_gives_the_exact_gradients(process
     for compile in (False, True):
         model = fsdp.build_model(cfg, device, ac=1, compile=compile, init_state=state)
         model(**batch).square().mean().backward()
-        grads.append({n: p.grad.full_tensor() for n, p in model.named_parameters()})
+        grads.append({n: fsdp.full_tensor(p.grad) for n, p in model.named_parameters()})
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=0, atol=0)
 
@@ -281,7 +282,7 @@ def test_sharded_adamw_is_torch_adamw_with_clipping(process_group):
         norm = opt.step(1e-3, 0.05)
         assert ref_norm > 0.1  # the clip scaled these gradients down
         torch.testing.assert_close(norm, ref_norm)
-    full = {n: p.full_tensor() for n, p in model.named_parameters()}
+    full = {n: fsdp.full_tensor(p) for n, p in model.named_parameters()}
     for n, p in ref.named_parameters():
         torch.testing.assert_close(full[n], p.detach(), rtol=1e-5, atol=1e-6)
         assert p.grad is None and model.get_parameter(n).grad is None  # zeroed
@@ -295,7 +296,7 @@ def test_sharded_adamw_is_torch_adamw_with_clipping(process_group):
         m(**batches[2]).square().mean().backward()
         o.step(1e-3, 0.05)
     for (n, p), p2 in zip(model.named_parameters(), model2.parameters()):
-        torch.testing.assert_close(p2.full_tensor(), p.full_tensor(), rtol=0, atol=0)
+        torch.testing.assert_close(fsdp.full_tensor(p2), fsdp.full_tensor(p), rtol=0, atol=0)
 
 
 # -----------------------------------------------------------------------------
