@@ -24,7 +24,9 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: tests run the kernels on the CPU
-CHUNK = 16  # backward: tokens per program; its sums over them (for d gate, scale, shift) are added up after
+# backward: tokens per program; its sums over them (for d gate, scale, shift) are added up after. 64 rather than 16:
+# 133 vs 144 us (gated) and 86 vs 109 us (ungated) per call at XL/2 training shapes, partial sums included (H100)
+CHUNK = 64
 
 
 def usable(x):
