@@ -34,6 +34,9 @@ def test_bench_fsdp_one_process():
     header, rows = bench("--fsdp", "--ac", "--attention", "math", "--mode", "train")
     assert set(rows) == {"train"} and float(rows["train"][1]) > 0
     assert "batch 2/GPU" in header and "fsdp x1 ac 1" in header and "attention math" in header
+    # without checkpointing one rank has nothing to shard: the plain model, as train_t2i.py trains it
+    header, rows = bench("--fsdp", "--mode", "train")
+    assert float(rows["train"][1]) > 0 and "as trained: unsharded x1" in header and "fsdp x1" not in header
 
 
 def test_largest_batch_doubles_until_the_first_failure():

@@ -84,7 +84,8 @@ def _worker(rank, world, port, argv, out_json):
 
 
 def test_two_processes_match_one(tmp_path):
-    # Same global batch of 8: 2 ranks x 4 (gloo, FSDP2 over 2 ranks) vs 1 rank x 8 vs 1 rank x 2 micro x 4.
+    # Same global batch of 8: 2 ranks x 4 (gloo, FSDP2 over 2 ranks) vs 1 rank x 8 (the plain model: nothing to
+    # shard) vs 1 rank x 2 micro x 4.
     # Tolerance rtol 1e-5 on every loss of 5 steps: only fp32 summation order differs.
     argv = lambda out, *x: tiny(out, 5, "--batch-size", "8", "--caption-dropout", "0.5", *x)
     mp.spawn(_worker, args=(2, _free_port(), argv(tmp_path / "two"), str(tmp_path / "two.json")), nprocs=2)
