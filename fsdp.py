@@ -7,9 +7,10 @@ batch order with per-step random draws, and AdamW on the shards.
 FSDP2 in torchtitan order: the model is built on the meta device, each block gets activation
 checkpointing and torch.compile (CUDA), then fully_shard per unit of consecutive blocks (4 by default) and
 at the root (bf16 compute, fp32 gradient reduction), then to_empty and the weights of a seeded
-single-process init, broadcast from rank 0 - so N ranks x batch b trains exactly like 1 rank x batch Nb
-(tests/test_train.py). One rank without checkpointing has nothing to shard: the plain model, compiled
-whole, under bf16 autocast (as torchtitan runs without data-parallel sharding).
+single-process init, broadcast from rank 0 - so N ranks x batch b train like 1 rank x batch Nb: the same
+weights, samples, noise and timesteps (tests/test_train.py). One rank without checkpointing has nothing
+to shard: the plain model, compiled whole, under bf16 autocast (as torchtitan runs without data-parallel
+sharding); its bf16 GEMMs are FSDP2's, and the norm gains stay fp32 where FSDP2 rounds them to bf16.
 """
 
 import os
