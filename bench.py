@@ -53,7 +53,8 @@ p.add_argument("--text-len", type=int, default=120)
 p.add_argument("--compile", action="store_true", help="torch.compile the model (with --fsdp: as fsdp.build_model does)")
 p.add_argument("--compile-mode", default=None,
                help="torch.compile mode, e.g. reduce-overhead or max-autotune-no-cudagraphs (not with --fsdp)")
-p.add_argument("--fsdp", action="store_true", help="FSDP2 as training builds it (fsdp.build_model) (implied when WORLD_SIZE > 1)")
+p.add_argument("--fsdp", action="store_true", help="the model as training builds it (fsdp.build_model: FSDP2 across "
+               "ranks or with --ac, else the plain model) and its optimizer (implied when WORLD_SIZE > 1)")
 p.add_argument("--ac", type=int, nargs="?", const=1, default=0, metavar="N",
                help="activation checkpointing of every N-th block (--ac alone: every block; needs --fsdp)")
 p.add_argument("--fsdp-unit", type=int, default=4, metavar="K",
@@ -302,7 +303,7 @@ def main(args):
             del step
         opt = None
         model.zero_grad(set_to_none=True)
-        if args.fsdp and ran_out:  # FSDP2 keeps per-step state that an aborted step leaves behind: start afresh
+        if args.fsdp and ran_out:  # FSDP2 keeps per-step state that an aborted step leaves behind: build afresh
             model = fwd = None
             gc.collect()
             torch.cuda.empty_cache()

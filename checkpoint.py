@@ -147,15 +147,12 @@ def remove_partial_checkpoints(out):
 
 
 def gather_weights(model, opt, ema):
-    """{"model": ..., "ema": ...}: the (sharded) model's weights and its EMA as full CPU state dicts, copies (a
-    collective: every rank calls it; only rank 0's are needed). opt: fsdp.ShardedAdamW; ema: this rank's EMA shards."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.fsdp import FSDPModule
+    """{"model": ..., "ema": ...}: the model's weights and its EMA as full CPU state dicts in memory of their own (a
+    collective where the model is sharded: every rank calls it; only rank 0's are needed). opt: fsdp.ShardedAdamW;
+    ema: this rank's EMA shards."""
+    from fsdp import full_tensor  # FSDP2's DTensor shards gathered; a plain model's weights as they are
 
-    if isinstance(model, FSDPModule):
-        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:  # one rank, unsharded (fsdp.build_model): copied, where a CPU state dict would be the live weights
-        weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    weights = {k: full_tensor(v.detach()).to("cpu", copy=True) for k, v in model.state_dict().items()}
     return {"model": weights, "ema": opt.gather(ema)}
 
 

@@ -1,8 +1,8 @@
 """
 The distributed runtime that training and bench.py share: one process group for any number of
 processes (torchrun, or a 1-process group under plain `python`), rank-0 printing, the measured
-matmul peak that MFU is reported against, GenTron built as FSDP2 shards, each rank's slices of a global
-batch order with per-step random draws, and AdamW on the shards.
+matmul peak that MFU is reported against, GenTron built for training (FSDP2 shards, or the plain model on
+one rank), each rank's slices of a global batch order with per-step random draws, and AdamW on the shards.
 
 FSDP2 in torchtitan order: the model is built on the meta device, each block gets activation
 checkpointing and torch.compile (CUDA), then fully_shard per unit of consecutive blocks (4 by default) and
@@ -84,7 +84,7 @@ def matmul_peak_tflops(device, n=8192, iters=20):
 
 
 # -----------------------------------------------------------------------------
-# the model: meta device -> AC -> compile -> fully_shard per block -> root -> to_empty -> init
+# the model: meta device -> AC -> compile -> fully_shard per unit -> root (or: compile whole) -> to_empty -> init
 
 def fresh_state(cfg, seed):
     """The single-process initialisation (GenTron.init_weights under a fixed seed) as a full state dict."""

@@ -24,8 +24,9 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: tests run the kernels on the CPU
-# backward: tokens per program; its sums over them (for d gate, scale, shift) are added up after. 64 rather than 16:
-# 133 vs 144 us (gated) and 86 vs 109 us (ungated) per call at XL/2 training shapes, partial sums included (H100)
+# backward: tokens per program (at most); its sums over them (for d gate, scale, shift) are added up after. 64 rather
+# than 16: 133 vs 144 us (gated) and 86 vs 109 us (ungated) per call at XL/2 training shapes (64 images: 256
+# programs), partial sums included (H100). Fewer groups get smaller chunks, so that every SM still gets a program.
 CHUNK = 64
 
 
@@ -71,7 +72,7 @@ def _add_norm_fwd_kernel(x_ptr, b_ptr, g_ptr, a_ptr, c_ptr, r_ptr, h_ptr, mean_p
     tl.store(rstd_ptr + row, rstd, mask=row < rows)
 
 
-@triton.autotune(configs=configs([(2, 4), (2, 8), (4, 4), (4, 8)]), key=["D", "HAS_GATE"])
+@triton.autotune(configs=configs([(2, 4), (2, 8), (4, 4), (4, 8)]), key=["D", "HAS_GATE", "CHUNK"])
 @triton.jit
 def _add_norm_bwd_kernel(dh_ptr, dr_ptr, r_ptr, b_ptr, g_ptr, a_ptr, mean_ptr, rstd_ptr, dx_ptr, db_ptr, pa_ptr,
                          pc_ptr, pg_ptr, N, D, g_step, a_step, CHUNK: tl.constexpr, HAS_DR: tl.constexpr,
@@ -116,6 +117,16 @@ def _add_norm_bwd_kernel(dh_ptr, dr_ptr, r_ptr, b_ptr, g_ptr, a_ptr, mean_ptr, r
         tl.store(pg_ptr + part, sum_g, mask=cmask)
 
 
+def _chunk(S, N, device):
+    """Tokens per backward program: CHUNK, halved (down to 16) while the S * N / chunk programs would leave SMs idle."""
+    chunk = CHUNK
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        while chunk > 16 and S * triton.cdiv(N, chunk) < sms:
+            chunk //= 2
+    return chunk
+
+
 def _step(t):
     """Row step of a gate / scale / shift tensor: D for (S, D), 0 for a (D,) vector shared by all groups."""
     return t.stride(0) if t.dim() == 2 else 0
@@ -147,7 +158,8 @@ def _add_norm_backward(dh: torch.Tensor, dr: Optional[torch.Tensor], r: torch.Te
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> d x, d branch (gated only), per-group d scale, d shift, d gate (gated only)."""
     S, N, D = r.shape
-    splits = triton.cdiv(N, CHUNK)
+    chunk = _chunk(S, N, r.device)
+    splits = triton.cdiv(N, chunk)
     dx = torch.empty_like(r)
     db = torch.empty_like(r) if gate is not None else r.new_empty(0)
     pa, pc = (r.new_empty(S, splits, D, dtype=torch.float32) for _ in range(2))  # partial sums per chunk of tokens
@@ -155,7 +167,7 @@ def _add_norm_backward(dh: torch.Tensor, dr: Optional[torch.Tensor], r: torch.Te
     g = _or(gate, scale)
     wrap_triton(_add_norm_bwd_kernel)[(S, splits)](
         dh, _or(dr, dh), r, _or(branch, r), g, scale, mean, rstd, dx, db if gate is not None else dx,
-        pa, pc, pg if gate is not None else pa, N, D, _step(g), _step(scale), CHUNK=CHUNK,
+        pa, pc, pg if gate is not None else pa, N, D, _step(g), _step(scale), CHUNK=chunk,
         HAS_DR=dr is not None, HAS_GATE=gate is not None, BLOCK_D=triton.next_power_of_2(D))
     return dx, db, pa.sum(1), pc.sum(1), pg.sum(1) if gate is not None else pg
 

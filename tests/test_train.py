@@ -123,6 +123,18 @@ def test_resume_is_exact(tmp_path):
     assert a["data"] == b["data"] == {"epoch": 0, "offset": 24}
 
 
+def test_resume_across_builds(tmp_path):
+    # a checkpoint does not depend on how the model was built: written by FSDP2 (one rank with --ac), resumed by the
+    # plain model (one rank without), and the other way round, each continues as the uninterrupted run does
+    full = T.main(tiny(tmp_path / "full", 4, "--ac", "0"))
+    for a, b in (("1", "0"), ("0", "1")):
+        out = tmp_path / f"ac{a}to{b}"
+        first = T.main(tiny(out, 2, "--ckpt-every", "2", "--ac", a))
+        second = T.main(tiny(out, 4, "--ac", b, "--resume"))
+        torch.testing.assert_close(torch.tensor(first["loss"] + second["loss"]), torch.tensor(full["loss"]),
+                                   rtol=1e-6, atol=0)
+
+
 def test_time_limit_stops_with_a_checkpoint_and_resumes_exactly(tmp_path):
     full = T.main(tiny(tmp_path / "full", 4, "--log-every", "2"))
     # a limit of 0 minutes is past at the first log step (2): a checkpoint is written there, although
@@ -257,7 +269,8 @@ def test_compile_with_checkpointing_on_the_cpu_gives_the_exact_gradients(process
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=0, atol=0)
 
 
-def test_sharded_adamw_is_torch_adamw_with_clipping(process_group):
+@pytest.mark.parametrize("ac", [0, 1])  # one rank: the plain model (ac 0), FSDP2 DTensor shards (ac 1)
+def test_sharded_adamw_is_torch_adamw_with_clipping(process_group, ac):
     """fsdp.ShardedAdamW (AdamW on the local shards, one all-reduce for the norm) takes the steps that
     torch.optim.AdamW + clip_grad_norm_ take on the unsharded model, clipping active; its full state dict
     loads into a fresh one that then continues identically."""
@@ -272,7 +285,8 @@ def test_sharded_adamw_is_torch_adamw_with_clipping(process_group):
     ref = GenTron(cfg)
     ref.load_state_dict(state)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, **hp)
-    model = fsdp.build_model(cfg, device, init_state=state)
+    model = fsdp.build_model(cfg, device, ac=ac, init_state=state)
+    assert isinstance(model, FSDPModule) == bool(ac)
     opt = fsdp.ShardedAdamW(model, lr=1e-3, **hp)
     for k, batch in enumerate(batches[:2]):
         ref(**batch).square().mean().backward()
@@ -290,7 +304,7 @@ def test_sharded_adamw_is_torch_adamw_with_clipping(process_group):
     # resume: a new model + optimizer from the full state dicts takes the same third step
     saved = opt.full_state_dict()
     assert set(saved["state"]) == set(full) and saved["state"]["final_layer.linear.weight"]["exp_avg"].shape == (12, 64)
-    model2 = fsdp.build_model(cfg, device, init_state=full)
+    model2 = fsdp.build_model(cfg, device, ac=ac, init_state=full)
     opt2 = fsdp.ShardedAdamW(model2, lr=1e-3, **hp)
     opt2.load_full_state_dict(saved)
     for m, o in ((model, opt), (model2, opt2)):
