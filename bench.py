@@ -208,7 +208,7 @@ def main(args):
     torch.cuda.empty_cache()  # give the peak test's buffers back before measuring memory (no-op on CPU)
     flops = flops_per_sample(cfg, args.text_len, args.frames, args.resolution // 8)
     attention = lambda: sdpa_kernel(ATTENTION[args.attention]) if args.attention != "auto" else nullcontext()
-    model = fwd = opt = None
+    model = fwd = opt = amp = None  # amp: the forward's bf16 context (fsdp.mixed_precision), set with the model
     rows, ran_out = [], False
 
     def make_step(name, batch):
@@ -275,7 +275,7 @@ def main(args):
     for name in [m for m in ("train", "sample") if m in args.mode]:
         if model is None:
             model, fwd = build()
-            amp = mixed_precision(model, device)  # bf16: FSDP2's policy, or autocast
+            amp = mixed_precision(model, device)  # FSDP2's policy, or autocast
         if name == "train":
             opt = ShardedAdamW(model, lr=1e-4, weight_decay=0) if args.fsdp else \
                 torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
