@@ -28,12 +28,13 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flops import flops_per_sample
 from model import SIZES, GenTron, cast_matmul_weights, make_config
 # the model, optimizer and logging as training builds them
-from fsdp import ShardedAdamW, build_model, matmul_peak_tflops, mixed_precision, print0, setup_distributed, shards
+from fsdp import ShardedAdamW, build_model, matmul_peak_tflops, mixed_precision, print0, setup_distributed
 
 # Flash attention takes no mask, and cross-attention (and T2V temporal attention) pass a boolean one:
 # "flash" also allows the memory-efficient kernel, which then runs exactly the masked calls.
@@ -209,6 +210,7 @@ def main(args):
     flops = flops_per_sample(cfg, args.text_len, args.frames, args.resolution // 8)
     attention = lambda: sdpa_kernel(ATTENTION[args.attention]) if args.attention != "auto" else nullcontext()
     model = fwd = opt = amp = None  # amp: the forward's bf16 context (fsdp.mixed_precision), set with the model
+    sharded = False  # whether fsdp.build_model sharded it
     rows, ran_out = [], False
 
     def make_step(name, batch):
@@ -276,6 +278,7 @@ def main(args):
         if model is None:
             model, fwd = build()
             amp = mixed_precision(model, device)  # FSDP2's policy, or autocast
+            sharded = isinstance(model, FSDPModule)
         if name == "train":
             opt = ShardedAdamW(model, lr=1e-4, weight_decay=0) if args.fsdp else \
                 torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
@@ -310,7 +313,7 @@ def main(args):
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak_s = f"{peak:.0f} TFLOP/s" if peak else "n/a"
-    built = (f" fsdp x{world} ac {args.ac}" if shards(world, args.ac) else " as trained: unsharded x1") if args.fsdp else ""
+    built = (f" fsdp x{world} ac {args.ac}" if sharded else " as trained: unsharded x1") if args.fsdp else ""
     setup = (f" ({args.compile_mode})" if args.compile_mode else "") + built \
         + (f" attention {args.attention}" if args.attention != "auto" else "")
     print0(f"GenTron-{args.size}/{cfg.patch} {cfg.conditioning} batch {args.batch}{'/GPU' if args.fsdp else ''} "

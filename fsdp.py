@@ -112,7 +112,7 @@ def build_model(cfg, device, ac=0, compile=False, init_state=None, seed=0, unit=
     # One rank without checkpointing shards nothing: FSDP2 there only copies every weight in and out of its
     # all-gather buffer and every gradient through its reduce-scatter. The plain model trained XL/2 4.7% faster
     # on an H100 and 19% on an H200 (README, "How we got here").
-    sharded = shards(dist.get_world_size(), ac)
+    sharded = dist.get_world_size() > 1 or ac
     for i, block in enumerate(model.blocks):
         # Replacing forward on the instance (rather than wrapping the module) keeps GenTron's parameter
         # names, and puts recompute inside the compiled graph (a composable checkpoint() hook would not).
@@ -141,11 +141,6 @@ def build_model(cfg, device, ac=0, compile=False, init_state=None, seed=0, unit=
     # broadcast and sharded - identical to single-process training for any number of ranks.
     load_full_state(model, (init_state if init_state is not None else fresh_state(cfg, seed)) if master_process() else {})
     return model
-
-
-def shards(world, ac):
-    """Whether build_model shards the model with FSDP2: across ranks, or for activation checkpointing on one."""
-    return world > 1 or bool(ac)
 
 
 def mixed_precision(model, device):
@@ -306,10 +301,9 @@ def _local(t):
 def _full(shard, like):
     """This rank's shard of a tensor laid out like the DTensor `like` -> the full tensor on the CPU (a collective).
     `like` a plain tensor: the shard is whole."""
-    if not isinstance(like, DTensor):
-        return shard.to("cpu", copy=True)
-    dt = DTensor.from_local(shard, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
-    return dt.full_tensor().to("cpu", copy=True)  # a copy even where it is already on the CPU (1 rank)
+    if isinstance(like, DTensor):
+        shard = DTensor.from_local(shard, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
+    return full_tensor(shard).to("cpu", copy=True)  # a copy even where it is already on the CPU (1 rank)
 
 
 def _shard(full, like):

@@ -34,7 +34,7 @@ from checkpoint import (check_init, checkpoints, config_dict, gather_weights, lo
 from diffusion import Diffusion
 from flops import flops_per_sample
 from fsdp import (DistributedBatches, ShardedAdamW, build_model, load_full_state, master_process, matmul_peak_tflops,
-                  mixed_precision, next_position, print0, setup_distributed, shards, step_draws)
+                  mixed_precision, next_position, print0, setup_distributed, step_draws)
 from model import SIZES, GenTron, GenTronConfig
 from sample import generate, grid_image
 from train_data import bench_batches, bench_data, cached_data, online_data, text_condition
@@ -334,13 +334,14 @@ def _train(args, make_data, kind, rank, world, device):
     print0(f"{kind} GenTron-{args.size}: {sum(p.numel() for p in opt.params) / 1e6:.2f}M params, {world} rank(s) on "
            f"{device.type}, global batch {B} = {world} x {micro} x {A} accum, {data.spec}, "
            f"AC {f'every {ac} block(s)' if ac else 'off'}, "
-           f"{f'FSDP2 units of {args.fsdp_unit} block(s)' if shards(world, ac) else 'unsharded (one rank)'}, "
+           f"{f'FSDP2 units of {args.fsdp_unit} block(s)' if isinstance(model, FSDPModule) else 'unsharded (one rank)'}, "
            f"compile {args.compile}")
     if kind == "t2i" and args.data == "shapes" and args.size == "toy" and device.type == "cpu":
         print0(f"toy run on the CPU at patch {cfg.patch} (the bar shows the time left): {args.max_steps} steps; then "
                f"{out}/samples.png shows held-out prompts as blobs of mostly the right colour with rough shapes, and "
                "the oracle scores follow (single objects in the tens of %, colour pairs near 0 this early)")
 
+    amp = mixed_precision(model, device)  # bf16: FSDP2's policy, or autocast on one rank
     history = {"loss": [], "grad_norm": []}
     pending = []  # (loss, grad norm) device scalars of the steps since the last host sync
     # the bar only on rank 0 and only on a terminal (disable=None): a log file gets the step lines alone
@@ -362,7 +363,7 @@ def _train(args, make_data, kind, rank, world, device):
             eps_fn = lambda xt, tt: model(xt, tt, **cond, motion_free=mf)
             if isinstance(model, FSDPModule):
                 model.set_requires_gradient_sync(j == A - 1)  # reduce-scatter once, after the last micro-step
-            with mixed_precision(model, device):  # bf16: FSDP2's policy, or autocast on one rank
+            with amp:
                 loss = diffusion.loss(eps_fn, x0, t[mine], noise[mine])
             if step == args.debug_nan_at_step:
                 loss = loss * float("nan")
