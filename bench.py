@@ -1,7 +1,8 @@
 """
-Throughput and MFU of GenTron: a training step (forward, backward, fused AdamW) and a sampling forward
-pass (the CFG batch: prompts + null captions), timed with CUDA events over steps run back to back after
-warm-up. One device by
+Throughput and MFU of GenTron: a training step (forward, backward, fused AdamW) and a sampling step: a
+forward pass over the CFG batch (prompts + null captions) with the captions' share encoded once before
+the steps, as sample.py runs it (GenTron.encode_text; an FSDP2-sharded model runs the whole forward). Both
+are timed with CUDA events over steps run back to back after warm-up. One device by
 default; with --fsdp (implied under torchrun) the model is built exactly as train_t2i.py trains it
 (fsdp.build_model): FSDP2 (--fsdp-unit blocks per unit) across ranks or with activation checkpointing (--ac: every
 block, --ac N: every N-th), unsharded on one rank without it; bf16 compute, torch.compile, AdamW with the gradient
@@ -9,7 +10,7 @@ norm on the shards (fsdp.ShardedAdamW).
 
 MFU = model FLOP/s / the bf16 matmul peak measured in the same run (an 8192^3 product), with model
 FLOPs from flops.flops_per_sample: 3x forward for a training step (recompute not counted), 1x for
-sampling. With --fsdp, --batch is per GPU, samples/s is global (summed over ranks), TFLOP/s and MFU
+sampling, less the captions' share where it is encoded once. With --fsdp, --batch is per GPU, samples/s is global (summed over ranks), TFLOP/s and MFU
 are per GPU and memory is the largest over ranks. Inputs are random latents and text features of the
 real shapes (SD-VAE latents, CLIP+T5 with `--text-len` tokens), so no weights or data are needed.
 
@@ -208,6 +209,7 @@ def main(args):
     peak = matmul_peak_tflops(device)
     torch.cuda.empty_cache()  # give the peak test's buffers back before measuring memory (no-op on CPU)
     flops = flops_per_sample(cfg, args.text_len, args.frames, args.resolution // 8)
+    step_flops = flops_per_sample(cfg, args.text_len, args.frames, args.resolution // 8, caption=False)
     attention = lambda: sdpa_kernel(ATTENTION[args.attention]) if args.attention != "auto" else nullcontext()
     model = fwd = opt = amp = None  # amp: the forward's bf16 context (fsdp.mixed_precision), set with the model
     sharded = False  # whether fsdp.build_model sharded it
@@ -221,11 +223,18 @@ def main(args):
         inp = random_inputs(cfg, n, args.resolution, args.frames, args.text_len, device, g)
         if args.frames > 1:
             inp["motion_free"] = torch.zeros(n, dtype=torch.bool, device=device)
-        if name == "sample":
+        if name == "sample":  # a denoising step as sample.py runs it: the captions encoded once, before the steps
+            caption = {k: inp.pop(k) for k in ("text", "text_mask", "pooled")}
+            if not sharded:  # GenTron.encode_text; FSDP2 gathers a block's weights only inside its forward
+                with torch.no_grad(), amp:
+                    inp["context"] = model.encode_text(**caption)
+            else:
+                inp.update(caption)
+
             def sample_step():
                 with torch.no_grad(), amp:
                     fwd(**inp)
-            return sample_step, n, flops
+            return sample_step, n, flops if sharded else step_flops
         noise = torch.randn_like(inp["x"])
 
         def train_step():

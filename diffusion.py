@@ -182,23 +182,30 @@ def mfg_combine(eps_null_free, eps_null_motion, eps_text_motion, lambda_t, lambd
     )
 
 
-def guided_eps_fn(model, cond, null, cfg_scale=7.5, mfg_scale=None):
+def guided_eps_fn(model, cond, null, cfg_scale=7.5, mfg_scale=None, encode=None):
     """eps_fn(x, t) for the samplers. cond/null: dicts with text, text_mask, pooled for the prompts and
     for the empty caption (same batch size). Every prediction a rule needs comes from ONE batched
     forward pass: 2 for CFG (text / null), 3 for MFG (Eq. 6); the text-only path skips the null half
-    when cfg_scale == 1. mfg_scale=None means image model or plain CFG."""
+    when cfg_scale == 1. mfg_scale=None means image model or plain CFG. The batched captions are the same
+    at every step, so they are put together once, and `encode` (GenTron.encode_text), if given, turns them
+    once into the model's `context`: the captions' share of the forward pass then runs once, not every step."""
     cat = lambda *ds: {k: torch.cat([d[k] for d in ds]) for k in ds[0]}
+    if mfg_scale is not None:
+        caption = cat(null, null, cond)  # Eq. 6: (null text, motion off), (null text, motion on), (text, motion on)
+    else:
+        caption = cond if cfg_scale == 1.0 else cat(cond, null)
+    if encode is not None:
+        caption = dict(context=encode(**caption))
 
     def eps_fn(x, t):
         b = x.shape[0]
         if mfg_scale is None:
             if cfg_scale == 1.0:
-                return model(x, t, **cond)
-            e_c, e_u = model(torch.cat([x, x]), torch.cat([t, t]), **cat(cond, null)).chunk(2)
+                return model(x, t, **caption)
+            e_c, e_u = model(torch.cat([x, x]), torch.cat([t, t]), **caption).chunk(2)
             return cfg_combine(e_c, e_u, cfg_scale)
-        # Eq. 6: (null text, motion off), (null text, motion on), (text, motion on)
         free = torch.arange(3 * b, device=x.device) < b  # motion-free flag: identity temporal mask
-        e = model(torch.cat([x, x, x]), torch.cat([t, t, t]), **cat(null, null, cond), motion_free=free)
+        e = model(torch.cat([x, x, x]), torch.cat([t, t, t]), **caption, motion_free=free)
         return mfg_combine(*e.chunk(3), cfg_scale, mfg_scale)
 
     return eps_fn

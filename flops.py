@@ -31,9 +31,11 @@ def param_formula(cfg):
     return total
 
 
-def flops_per_sample(cfg, text_len=120, frames=1, resolution=None):
+def flops_per_sample(cfg, text_len=120, frames=1, resolution=None, caption=True):
     """Forward FLOPs (2 x multiply-adds) of one sample: an image, or a clip of `frames` frames.
-    Token-wise layers count per token; adaLN, embedders and text projections once per sample."""
+    Token-wise layers count per token; adaLN, embedders and text projections once per sample.
+    caption=False leaves out the caption's share (GenTron.encode_text: pooled-text MLP, text projection,
+    cross-attention keys and values), which a sampling step reuses instead of computing."""
     d, m, p = cfg.width, cfg.mlp_width, cfg.patch
     side = (resolution or cfg.input_size) // p
     n, L = side * side, text_len
@@ -42,14 +44,14 @@ def flops_per_sample(cfg, text_len=120, frames=1, resolution=None):
     per_clip = 6 * d * d  # adaLN
     if cfg.conditioning == "cross_attn":
         per_frame += 2 * n * d * d + 2 * n * L * d  # q + proj, QK^T + AV
-        per_clip += 2 * L * d * d  # kv projection, once per clip
+        per_clip += 2 * L * d * d * caption  # kv projection, once per clip
     if cfg.temporal:
         per_frame += 4 * n * d * d + 2 * n * frames * d  # qkv + proj, attention over T frames
     macs = frames * cfg.depth * per_frame + cfg.depth * per_clip
     macs += 2 * frames * n * d * p * p * cfg.in_channels + 2 * d * d  # patch embed, final linear, adaLN
     macs += 256 * d + d * d  # timestep MLP
-    if cfg.pooled_text:
+    if cfg.pooled_text and caption:
         macs += cfg.pooled_dim * d + d * d
-    if cfg.conditioning == "cross_attn":
+    if cfg.conditioning == "cross_attn" and caption:
         macs += L * cfg.text_dim * d  # text projection
     return 2 * macs

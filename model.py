@@ -20,6 +20,7 @@ attention regroups them to (B N, T, D) (Eq. 3-5).
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -162,22 +163,27 @@ class CrossAttention(nn.Module):
         self.q_norm, self.k_norm = qk_norms(dim, heads, qk_norm)
         self.proj = nn.Linear(dim, dim)
 
-    def heads_qkv(self, x, text, text_mask):
-        """x (B T, N, D), text (B, L, D), text_mask (B, L) -> q (B T, h, N, Dh), k, v (B T, h, L, Dh) and the
-        key mask (B T, 1, 1, L) or None. Keys and values are projected once per clip (one caption) and
-        repeated for its T frames, not recomputed per frame."""
-        frames = x.shape[0] // text.shape[0]
-        q = self.q_norm(rearrange(self.q(x), "b n (h dh) -> b h n dh", h=self.heads))
+    def keys_values(self, text):
+        """text (B, L, D) -> k, v (B, h, L, Dh), k normalised when QK-norm is on. They depend on the caption alone,
+        so a sampler computes them once for all its steps (GenTron.encode_text)."""
         k, v = rearrange(self.kv(text), "b l (two h dh) -> two b h l dh", two=2, h=self.heads)
-        k = self.k_norm(k)
+        return self.k_norm(k), v
+
+    def heads_qkv(self, x, text, text_mask, kv=None):
+        """x (B T, N, D), text (B, L, D) or its kv = keys_values(text), text_mask (B, L) -> q (B T, h, N, Dh),
+        k, v (B T, h, L, Dh) and the key mask (B T, 1, 1, L) or None. Keys and values are projected once per
+        clip (one caption) and repeated for its T frames, not recomputed per frame."""
+        q = self.q_norm(rearrange(self.q(x), "b n (h dh) -> b h n dh", h=self.heads))
+        k, v = kv if kv is not None else self.keys_values(text)
+        frames = x.shape[0] // k.shape[0]
         mask = None if text_mask is None else text_mask[:, None, None, :]  # (B, 1, 1, L)
         if frames > 1:  # (B, ...) -> (B T, ...)
             k, v = k.repeat_interleave(frames, dim=0), v.repeat_interleave(frames, dim=0)
             mask = None if mask is None else mask.repeat_interleave(frames, dim=0)
         return q, k, v, mask
 
-    def forward(self, x, text, text_mask):
-        x = F.scaled_dot_product_attention(*self.heads_qkv(x, text, text_mask))  # (B T, h, N, Dh)
+    def forward(self, x, text, text_mask, kv=None):
+        x = F.scaled_dot_product_attention(*self.heads_qkv(x, text, text_mask, kv))  # (B T, h, N, Dh)
         return self.proj(rearrange(x, "b h n dh -> b n (h dh)"))
 
 
@@ -292,11 +298,12 @@ class GenTronBlock(nn.Module):
         # adaLN-zero: shift, scale and gate of self-attention and MLP from the condition c (Fig. 2)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
 
-    def forward(self, x, c, text=None, text_mask=None, frames=1, motion_free=None, branch=None, gate=None):
+    def forward(self, x, c, text=None, text_mask=None, frames=1, motion_free=None, branch=None, gate=None, kv=None):
         """x (B T, N, D); c (B, D) per clip: modulation is computed once per clip, then shared by frames.
         Returns (x, branch, gate): the MLP's residual update x + gate * branch is left to the next block (or the
         final layer), whose first add_norm applies it in the same pass as its norm; `branch, gate` in are the
-        previous block's (None: nothing pending)."""
+        previous block's (None: nothing pending). kv: this block's cross-attention keys and values, if the
+        caller has them already (GenTron.encode_text); else they are projected from `text`."""
         mod = self.adaLN_modulation(c)[:, None]  # (B, 1, 6D)
         if frames > 1:
             mod = mod.repeat_interleave(frames, dim=0)  # (B T, 1, 6D)
@@ -308,7 +315,7 @@ class GenTronBlock(nn.Module):
         branch, gate = self.attn(h), gate1
         if self.cross:
             x, h = add_norm(x, branch, gate, self.norm2)
-            branch, gate = self.cross_attn(h, text, text_mask), None
+            branch, gate = self.cross_attn(h, text, text_mask, kv), None
         if self.temporal is not None:  # it norms its own regrouped (B N, T) rows: the residual update comes first
             x = self.temporal(residual(x, branch, gate), frames, motion_free)  # residual inside, Eq. 3-5
             branch, gate = None, None
@@ -336,6 +343,14 @@ class FinalLayer(nn.Module):
 
 # -----------------------------------------------------------------------------
 # GenTron
+
+
+class TextContext(NamedTuple):
+    """The caption's share of a forward pass, which depends on neither x_t nor t (GenTron.encode_text)."""
+    pooled: torch.Tensor | None  # (B, D): the pooled-text embedding, added to the time embedding (Sec. 3.2.1)
+    text: torch.Tensor | None  # (B, L, D): the text tokens at the model's width (cross-attention only)
+    kv: list | None  # per block, its cross-attention's keys and values (B, h, L, Dh) (Fig. 2b), or None
+    text_mask: torch.Tensor | None  # (B, L), True = real token
 
 
 class GenTron(nn.Module):
@@ -400,9 +415,24 @@ class GenTron(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def forward(self, x, t, text=None, text_mask=None, pooled=None, motion_free=None):
+    def encode_text(self, text=None, text_mask=None, pooled=None, keys_values=True):
+        """The work of a forward pass that depends on the caption alone: the pooled-text embedding, the text
+        projection and every block's cross-attention keys and values (6% of an XL/2 image's FLOPs). A sampler
+        runs it once per batch of prompts and passes it to all its steps as `context` (diffusion.guided_eps_fn).
+        Training leaves the keys and values to each block (keys_values=False), where FSDP2 has gathered its weights."""
+        p = self.pooled_embedder(pooled) if self.pooled_embedder is not None else None
+        text = self.text_proj(text) if self.text_proj is not None else None  # (B, L, D)
+        kv = [block.cross_attn.keys_values(text) for block in self.blocks] if text is not None and keys_values else None
+        return TextContext(p, text, kv, text_mask)
+
+    def forward(self, x, t, text=None, text_mask=None, pooled=None, motion_free=None, context=None):
         """Predict the noise eps in x_t. x (B, Cin, H, W) or (B, T, Cin, H, W); t (B,); text (B, L, C);
-        text_mask (B, L) bool, True = real token; pooled (B, P); motion_free (B,) bool or None (videos)."""
+        text_mask (B, L) bool, True = real token; pooled (B, P); motion_free (B,) bool or None (videos).
+        Or, in place of text, text_mask and pooled, context = encode_text(text, text_mask, pooled)."""
+        if context is None:
+            context = self.encode_text(text, text_mask, pooled, keys_values=False)
+        elif not (text is None and text_mask is None and pooled is None):
+            raise ValueError("pass the caption as text, text_mask and pooled or as context (encode_text), not both")
         video = x.ndim == 5
         frames = x.shape[1] if video else 1
         if frames > 1 and not self.cfg.temporal:
@@ -414,14 +444,12 @@ class GenTron(nn.Module):
         x = x + sincos_2d(gh, gw, x.shape[-1], x.device).to(x.dtype)
 
         c = self.t_embedder(t)  # (B, D): one condition per clip
-        if self.pooled_embedder is not None:
-            c = c + self.pooled_embedder(pooled)  # Sec. 3.2.1: time + pooled text
-        if self.text_proj is not None:
-            text = self.text_proj(text)  # (B, L, D)
+        if context.pooled is not None:
+            c = c + context.pooled  # Sec. 3.2.1: time + pooled text
 
         branch = gate = None  # each block leaves its MLP's residual update to the next one (GenTronBlock.forward)
-        for block in self.blocks:
-            x, branch, gate = block(x, c, text, text_mask, frames, motion_free, branch, gate)
+        for block, kv in zip(self.blocks, context.kv or [None] * len(self.blocks)):
+            x, branch, gate = block(x, c, context.text, context.text_mask, frames, motion_free, branch, gate, kv)
         x = self.final_layer(x, c, frames, branch, gate)  # (B T, N, p*p*Cin)
         p = self.cfg.patch
         x = rearrange(x, "bt (gh gw) (p q c) -> bt c (gh p) (gw q)", gh=gh, p=p, q=p)

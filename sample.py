@@ -141,10 +141,16 @@ def generate(model, meta, prompts, *, seed=0, sampler="dpm++2m", steps=25, cfg=7
     diffusion = Diffusion(prediction=meta.get("prediction", "eps"))  # checkpoints before v-prediction: eps
     null = [t.to(device) for t in enc([""])]  # the empty caption: the unconditional branch of CFG / MFG
 
+    # bf16 autocast on CUDA; guidance arithmetic and the sampler stay in fp32
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
     def forward(x, t, **kw):
-        # bf16 autocast on CUDA; guidance arithmetic and the sampler stay in fp32
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast():
             return model(x, t, **kw).float()
+
+    def encode(**caption):  # the captions' share of every step, computed once per batch (GenTron.encode_text)
+        with autocast():
+            return model.encode_text(**caption)
 
     net = diffusion.eps_fn(forward)  # v-prediction -> eps; guidance (CFG / MFG) combines eps
 
@@ -160,7 +166,7 @@ def generate(model, meta, prompts, *, seed=0, sampler="dpm++2m", steps=25, cfg=7
         cond = dict(text=tokens, text_mask=mask, pooled=pooled)
         uncond = dict(text=null[0].expand(n, -1, -1), text_mask=null[1].expand(n, -1), pooled=null[2].expand(n, -1))
         # Eq. 6 with lambda_T = cfg, lambda_M = mfg; mfg = 1 reduces Eq. 6 to plain CFG (one pass cheaper)
-        eps_fn = guided_eps_fn(net, cond, uncond, cfg, mfg if video and mfg != 1.0 else None)
+        eps_fn = guided_eps_fn(net, cond, uncond, cfg, mfg if video and mfg != 1.0 else None, encode)
         gen = torch.Generator(device).manual_seed(sample_seed(seed, first_index + b0) + 1)  # DDPM / DDIM(eta>0) noise
         # pixel-space data live in [-1, 1]: clip each step's x_0 estimate (diffusion.clip_denoised)
         z = sample(eps_fn, diffusion, x, sampler, steps, generator=gen, progress=progress, clip=latent.spec == "pixel")

@@ -180,6 +180,30 @@ def test_guided_eps_fn_is_eq6_from_one_batched_forward():
     assert (e_nn - e_nm).abs().max() > 1e-3  # the motion-free flag really changes the prediction
 
 
+@pytest.mark.parametrize("mfg_scale", [None, 1.2])
+def test_guided_eps_fn_encodes_the_captions_once(mfg_scale):
+    # GenTron.encode_text: the captions' share of the forward pass (text projection, every block's keys and values,
+    # pooled-text MLP) runs once per batch instead of once per step, and the predictions stay exactly the same
+    model = _random_video_model()
+    b, L = 2, 5
+    g = torch.Generator().manual_seed(6)
+    caption = lambda: dict(text=torch.randn(b, L, 12, generator=g), text_mask=torch.rand(b, L, generator=g) < 0.7,
+                           pooled=torch.randn(b, 8, generator=g))
+    cond, null = caption(), caption()
+    x, t = torch.randn(b, 4, 3, 8, 8, generator=g), torch.tensor([10, 900])
+    projected = []
+    model.text_proj.register_forward_hook(lambda m, i, o: projected.append(o.shape[0]))
+    with torch.no_grad():
+        steps = lambda eps_fn: [eps_fn(x, t), eps_fn(0.5 * x, t - 5)]  # two sampling steps
+        every_step = steps(guided_eps_fn(model, cond, null, 7.5, mfg_scale))
+        assert len(projected) == 2
+        once = steps(guided_eps_fn(model, cond, null, 7.5, mfg_scale, encode=model.encode_text))
+        assert len(projected) == 3  # once for both steps
+    for a, e in zip(once, every_step):
+        assert torch.equal(a, e)
+    assert not torch.equal(once[0], once[1])
+
+
 def test_clip_denoised_keeps_in_range_x0_and_clips_the_rest():
     from diffusion import clip_denoised
 

@@ -176,6 +176,14 @@ def test_flop_formula_matches_flop_counter(conditioning, frames):
         model(**batch, **kw)
     expected = 2 * flops_per_sample(model.cfg, text_len=L, frames=frames or 1, resolution=16)
     assert counter.get_total_flops() == expected
+    # A sampling step with the caption encoded once (GenTron.encode_text) does the rest, and no less
+    caption = {k: batch.pop(k) for k in ("text", "text_mask", "pooled")}
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        context = model.encode_text(**caption)
+        with FlopCounterMode(display=False) as step:
+            model(**batch, **kw, context=context)
+    rest = 2 * flops_per_sample(model.cfg, text_len=L, frames=frames or 1, resolution=16, caption=False)
+    assert step.get_total_flops() == rest < expected == counter.get_total_flops()
 
 
 def test_resolution_change_needs_no_rebuild():
