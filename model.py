@@ -352,6 +352,17 @@ class TextContext(NamedTuple):
     kv: list | None  # per block, its cross-attention's keys and values (B, h, L, Dh) (Fig. 2b), or None
     text_mask: torch.Tensor | None  # (B, L), True = real token
 
+    def tensors(self):
+        """Every tensor in it, in a fixed order."""
+        kv = [a for pair in self.kv or () for a in pair]
+        return [v for v in (self.pooled, self.text, *kv, self.text_mask) if v is not None]
+
+    def map(self, fn):
+        """The same context with fn applied to every tensor (e.g. torch.clone)."""
+        f = lambda v: None if v is None else fn(v)
+        kv = None if self.kv is None else [(fn(k), fn(v)) for k, v in self.kv]
+        return TextContext(f(self.pooled), f(self.text), kv, f(self.text_mask))
+
 
 class GenTron(nn.Module):
     def __init__(self, cfg: GenTronConfig):

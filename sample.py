@@ -119,15 +119,59 @@ def to_uint8(x):
     return rearrange(x, "... c h w -> ... h w c")
 
 
+class CUDAGraphStep:
+    """step(x, t, context, motion_free) = fn(...), recorded once as a CUDA graph and then replayed: the same kernels
+    as calling fn, launched by the GPU as one graph instead of one by one from Python, so the outputs are
+    bit-identical (a CUDA test). Eager, an XL/2 sampling step at sample.py's default batch (16 prompts, CFG 32) is
+    bound by that launching on an H100: the GPU waits on Python (README, "Throughput and MFU"). One graph per
+    input shape, all in one memory pool. x, t and motion_free are copied into the graph's inputs at every step,
+    the captions' context only when a new batch brings a new one; the output is returned as a copy."""
+
+    def __init__(self, fn):
+        self.fn, self.graphs, self.pool = fn, {}, None
+
+    def __call__(self, x, t, context, motion_free=None):
+        key = (x.shape, motion_free is None, *(v.shape for v in context.tensors()))
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(x, t, context, motion_free)
+        graph, static, out = self.graphs[key]
+        for dst, src in zip(static["step"], (x, t, motion_free)):
+            if src is not None:
+                dst.copy_(src)
+        if context is not static["last"]:  # a new batch of captions
+            for dst, src in zip(static["context"].tensors(), context.tensors()):
+                dst.copy_(src)
+            static["last"] = context
+        graph.replay()
+        return out.clone()
+
+    def capture(self, x, t, context, motion_free):
+        step = [None if v is None else v.clone() for v in (x, t, motion_free)]
+        static = dict(step=step, context=context.map(torch.clone), last=context)
+        call = lambda: self.fn(*step[:2], context=static["context"], motion_free=step[2])
+        side = torch.cuda.Stream()  # warm up on a side stream (Triton autotuning, cuBLAS and cuDNN plans), then record
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                call()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        self.pool = self.pool or torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = call()
+        return graph, static, out
+
+
 @torch.no_grad()
 def generate(model, meta, prompts, *, seed=0, sampler="dpm++2m", steps=25, cfg=7.5, mfg=1.2, frames=None,
-             video=None, device=None, batch_size=16, first_index=0, progress=True):
+             video=None, device=None, batch_size=16, first_index=0, progress=True, cuda_graph=True):
     """Prompts -> uint8 CPU tensor (B, H, W, 3), or (B, T, H, W, 3) for video.
 
     video=None follows the model (temporal layers -> clips of `frames` or meta["num_frames"] frames). Sample i
     starts from noise drawn with sample_seed(seed, first_index + i). DDPM's per-step noise comes from one
     generator per batch, so DDPM samples repeat exactly only with the same batch_size (samples.json records
-    it). meta needs the loaded "encoder" and "latent" (as load_model returns them) or their specs
+    it). On CUDA each step's forward pass replays a CUDA graph (CUDAGraphStep; cuda_graph=False: eager), with
+    the same outputs. meta needs the loaded "encoder" and "latent" (as load_model returns them) or their specs
     "text_encoder" and "latent_space" (as a checkpoint's meta holds them)."""
     video = model.cfg.temporal if video is None else video
     check_mode(model.cfg.temporal, video, meta.get("ckpt", "this model"))
@@ -141,12 +185,18 @@ def generate(model, meta, prompts, *, seed=0, sampler="dpm++2m", steps=25, cfg=7
     diffusion = Diffusion(prediction=meta.get("prediction", "eps"))  # checkpoints before v-prediction: eps
     null = [t.to(device) for t in enc([""])]  # the empty caption: the unconditional branch of CFG / MFG
 
-    # bf16 autocast on CUDA; guidance arithmetic and the sampler stay in fp32
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    # bf16 autocast on CUDA (without its cache of cast weights, which a CUDA graph must not hold: the weights
+    # are bf16 already); guidance arithmetic and the sampler stay in fp32
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False)
 
-    def forward(x, t, **kw):
+    def model_step(x, t, context, motion_free=None):
         with autocast():
-            return model(x, t, **kw).float()
+            return model(x, t, context=context, motion_free=motion_free)
+
+    step = CUDAGraphStep(model_step) if device.type == "cuda" and cuda_graph else model_step
+
+    def forward(x, t, context, motion_free=None):  # the captions come as context (encode)
+        return step(x, t, context, motion_free).float()
 
     def encode(**caption):  # the captions' share of every step, computed once per batch (GenTron.encode_text)
         with autocast():
