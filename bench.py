@@ -64,6 +64,8 @@ p.add_argument("--fsdp-unit", type=int, default=4, metavar="K",
 p.add_argument("--attention", default="auto", choices=["auto", *ATTENTION],
                help="SDPA backend for the timed steps (auto: PyTorch picks). flash also allows efficient, "
                     "because flash takes no mask: the masked cross-attention calls then run the efficient kernel")
+p.add_argument("--cuda-graph", action="store_true",
+               help="sampling: replay each step as a CUDA graph, as sample.py does on CUDA (sample.CUDAGraphStep)")
 p.add_argument("--max-batch", action="store_true",
                help="CUDA: double --batch until out of memory; report the largest that fit (per GPU)")
 p.add_argument("--steps", type=int, default=20, help="timed iterations (after warm-up)")
@@ -177,6 +179,8 @@ def main(args):
         p.error("--ac needs --fsdp (activation checkpointing is applied by fsdp.build_model)")
     if args.compile_mode and (args.fsdp or not args.compile):
         p.error("--compile-mode applies to --compile without --fsdp (fsdp.build_model compiles in the default mode)")
+    if args.cuda_graph and (args.compile or args.fsdp or "sample" not in args.mode):
+        p.error("--cuda-graph records the eager sampling step: drop --compile, --fsdp and --mode train")
     if args.fsdp_unit < 1:
         p.error(f"--fsdp-unit must be at least 1, got {args.fsdp_unit}")
     if args.fsdp:  # a 1-process group under plain python, so one code path for any number of GPUs
@@ -192,6 +196,8 @@ def main(args):
             p.error(f"--device {args.device!r} is not a device: cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device} asks for a GPU, but PyTorch sees no CUDA device here")
+    if args.cuda_graph and device.type != "cuda":
+        p.error("--cuda-graph needs a GPU")
     if args.profile and device.type != "cuda":
         p.error("--profile reads CUDA kernel times: it needs a GPU")
     if args.max_batch and (device.type != "cuda" or args.profile):
@@ -231,9 +237,21 @@ def main(args):
             else:
                 inp.update(caption)
 
-            def sample_step():
-                with torch.no_grad(), amp:
-                    fwd(**inp)
+            if args.cuda_graph:
+                from sample import CUDAGraphStep  # imported here: it brings the text encoders' imports
+
+                def call(x, t, context, motion_free=None):
+                    with torch.autocast("cuda", torch.bfloat16, cache_enabled=False):  # as sample.generate
+                        return fwd(x, t, context=context, motion_free=motion_free)
+                graphed = CUDAGraphStep(call)
+
+                def sample_step():
+                    with torch.no_grad():
+                        graphed(**inp)
+            else:
+                def sample_step():
+                    with torch.no_grad(), amp:
+                        fwd(**inp)
             return sample_step, n, flops if sharded else step_flops
         noise = torch.randn_like(inp["x"])
 
@@ -323,7 +341,7 @@ def main(args):
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak_s = f"{peak:.0f} TFLOP/s" if peak else "n/a"
     built = (f" fsdp x{world} ac {args.ac}" if sharded else " as trained: unsharded x1") if args.fsdp else ""
-    setup = (f" ({args.compile_mode})" if args.compile_mode else "") + built \
+    setup = (f" ({args.compile_mode})" if args.compile_mode else "") + built + (" cuda-graph" if args.cuda_graph else "") \
         + (f" attention {args.attention}" if args.attention != "auto" else "")
     print0(f"GenTron-{args.size}/{cfg.patch} {cfg.conditioning} batch {args.batch}{'/GPU' if args.fsdp else ''} "
            f"res {args.resolution} frames {args.frames} compile {args.compile}{setup} | {name} | torch {torch.__version__} "
