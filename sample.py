@@ -157,8 +157,12 @@ class CUDAGraphStep:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         self.pool = self.pool or torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = call()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = call()
+        except RuntimeError as e:  # e.g. a .item() or .cpu() in the forward pass: a host sync cannot be recorded
+            raise RuntimeError(f"the sampling step could not be recorded as a CUDA graph ({str(e).splitlines()[0]}): "
+                               "sample eagerly with sample.py --eager or generate(..., cuda_graph=False)") from None
         return graph, static, out
 
 
@@ -315,9 +319,10 @@ def check_settings(s, out_dir):
         raise ValueError(f"--out {out_dir} is a file, not a folder")
 
 
-def run(settings, prompts, out_dir, only=None, progress=True):
+def run(settings, prompts, out_dir, only=None, progress=True, cuda_graph=True):
     """Generate samples for a flat prompt list (index i = position) with `settings`, write them and
-    samples.json. only = a list of indices to write (the batches that hold them are regenerated)."""
+    samples.json. only = a list of indices to write (the batches that hold them are regenerated).
+    cuda_graph: as generate's (the samples are the same either way, so samples.json does not record it)."""
     s = settings
     check_settings(s, out_dir)
     model, meta = load_model(s["ckpt"], ema=s["ema"], device=s["device"], video=s["video"])
@@ -337,7 +342,7 @@ def run(settings, prompts, out_dir, only=None, progress=True):
     for b0 in sorted({i // bs * bs for i in wanted}):  # replay whole batches: bit-identical on the same device
         x = generate(model, meta, prompts[b0 : b0 + bs], seed=s["seed"], sampler=s["sampler"], steps=s["steps"],
                      cfg=s["cfg"], mfg=s["mfg"], frames=s["frames"], video=s["video"], batch_size=bs,
-                     first_index=b0, progress=progress)
+                     first_index=b0, progress=progress, cuda_graph=cuda_graph)
         for j in range(x.shape[0]):
             if b0 + j in wanted:
                 samples.append(x[j])
@@ -404,6 +409,8 @@ def main(argv=None):
     p.add_argument("--no-ema", action="store_true", help="raw weights instead of the EMA weights")
     p.add_argument("--out", default=None, help="output folder (default: out, or out-2, out-3, ... where out holds "
                    "an earlier run); a folder that holds an earlier run's samples.json is refused")
+    p.add_argument("--eager", action="store_true", help="CUDA: launch each step's kernels from Python instead of "
+                   "replaying a CUDA graph (the same samples, slower; for a model changed to sync with the host)")
     p.add_argument("--device", help="default: cuda if available, else cpu (--from-json: the recorded device)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: PyTorch's); 1 is fastest for the "
                    "toy models on a busy machine")
@@ -466,7 +473,7 @@ def main(argv=None):
         if args.device:
             settings["device"] = args.device  # numerics differ across devices: exact only on the recorded one
         out = args.out or free_dir(os.path.join(os.path.dirname(args.from_json) or ".", "from_json"))
-        _, records = run(settings, prompts, out, only=args.index)
+        _, records = run(settings, prompts, out, only=args.index, cuda_graph=not args.eager)
     else:
         settings = dict(ckpt=args.ckpt, ema=not args.no_ema, video=args.video, sampler=args.sampler,
                         steps=args.steps, cfg=args.cfg, mfg=args.mfg, seed=args.seed, frames=args.frames,
@@ -474,7 +481,7 @@ def main(argv=None):
                         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         prompts = [q for q in read_prompts(args) for _ in range(args.n_per_prompt)]
         out = args.out or free_dir("out")
-        _, records = run(settings, prompts, out)
+        _, records = run(settings, prompts, out, cuda_graph=not args.eager)
     print(f"wrote {len(records)} sample(s), grid.png and samples.json to {out}")
 
 

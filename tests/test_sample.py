@@ -282,3 +282,15 @@ def test_cuda_graph_sampling_is_bit_identical_to_eager(ckpts, kind):
     graphed = run(True)
     assert len(calls) == 3 * 4 + 2 * 3
     assert torch.equal(graphed, eager) and eager.float().std() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_step_that_syncs_fails_with_a_clear_error():
+    from model import TextContext
+
+    def syncs(x, t, context, motion_free=None):  # .item() waits for the GPU: a CUDA graph cannot record that
+        return x * context.pooled.sum().item()
+    step = sample.CUDAGraphStep(syncs)
+    context = TextContext(torch.ones(2, 3, device="cuda"), None, None, None)
+    with pytest.raises(RuntimeError, match="sample.py --eager"):
+        step(torch.ones(2, 4, device="cuda"), torch.zeros(2, device="cuda"), context)
