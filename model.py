@@ -428,7 +428,7 @@ class GenTron(nn.Module):
 
     def encode_text(self, text=None, text_mask=None, pooled=None, keys_values=True):
         """The work of a forward pass that depends on the caption alone: the pooled-text embedding, the text
-        projection and every block's cross-attention keys and values (6% of an XL/2 image's FLOPs). A sampler
+        projection and every block's cross-attention keys and values (6.4% of an XL/2 image's FLOPs). A sampler
         runs it once per batch of prompts and passes it to all its steps as `context` (diffusion.guided_eps_fn).
         Training leaves the keys and values to each block (keys_values=False), where FSDP2 has gathered its weights."""
         p = self.pooled_embedder(pooled) if self.pooled_embedder is not None else None
