@@ -196,6 +196,8 @@ def main(args):
             p.error(f"--device {args.device!r} is not a device: cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device} asks for a GPU, but PyTorch sees no CUDA device here")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # Triton kernels and CUDA graphs run on the current device
     if args.cuda_graph and device.type != "cuda":
         p.error("--cuda-graph needs a GPU")
     if args.profile and device.type != "cuda":
@@ -321,6 +323,8 @@ def main(args):
             rows.append(f"{name:<8} out of memory at batch {args.batch}")
         if args.profile and batch:
             step = make_step(name, batch)[0]
+            if args.cuda_graph:
+                step()  # warm-up and recording first: profile one replay
             with attention(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 step()
                 torch.cuda.synchronize()
@@ -341,7 +345,8 @@ def main(args):
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak_s = f"{peak:.0f} TFLOP/s" if peak else "n/a"
     built = (f" fsdp x{world} ac {args.ac}" if sharded else " as trained: unsharded x1") if args.fsdp else ""
-    setup = (f" ({args.compile_mode})" if args.compile_mode else "") + built + (" cuda-graph" if args.cuda_graph else "") \
+    setup = (f" ({args.compile_mode})" if args.compile_mode else "") + built \
+        + (" cuda-graph" if args.cuda_graph else "") \
         + (f" attention {args.attention}" if args.attention != "auto" else "")
     print0(f"GenTron-{args.size}/{cfg.patch} {cfg.conditioning} batch {args.batch}{'/GPU' if args.fsdp else ''} "
            f"res {args.resolution} frames {args.frames} compile {args.compile}{setup} | {name} | torch {torch.__version__} "

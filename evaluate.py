@@ -142,7 +142,7 @@ def score_videos(videos, metas):
 
 
 def oracle_eval(model, meta, n_per_category=50, seed=0, sampler="dpm++2m", steps=25, cfg=7.5, mfg=1.2,
-                device=None, batch_size=64, video=None, frames=None, progress=True):
+                device=None, batch_size=64, video=None, frames=None, progress=True, cuda_graph=True):
     """Generate held-out compositions (synthetic.heldout_prompts: colour-shape pairs never seen in training)
     with sample.generate and score them. T2I: n prompts per category; T2V: n moving-object prompts."""
     from sample import generate
@@ -156,7 +156,7 @@ def oracle_eval(model, meta, n_per_category=50, seed=0, sampler="dpm++2m", steps
         items = [it for c in CATEGORIES for it in heldout_prompts(c, n_per_category, seed=seed, size=size)]
     prompts, metas = [p for p, _ in items], [m for _, m in items]
     x = generate(model, meta, prompts, seed=seed, sampler=sampler, steps=steps, cfg=cfg, mfg=mfg, frames=frames,
-                 video=video, device=device, batch_size=batch_size, progress=progress)
+                 video=video, device=device, batch_size=batch_size, progress=progress, cuda_graph=cuda_graph)
     scores = score_videos(x, metas) if video else score_images(x, metas)
     # everything the scores depend on: DDPM's noise also on batch_size (one generator per batch, sample.generate)
     settings = dict(kind="t2v" if video else "t2i", n_per_category=n_per_category, seed=seed, sampler=sampler,
@@ -277,6 +277,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--eager", action="store_true", help="CUDA: sample without CUDA graphs (sample.py --eager)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="where to write the scores (default: out/<mode>.json or inside the scored folder)")
     args = p.parse_args(argv)
@@ -300,7 +301,7 @@ def main(argv=None):
         model, meta = load_model(args.ckpt, ema=not args.no_ema, device=args.device, video=args.video or None)
     if args.oracle:
         scores = oracle_eval(model, meta, args.n, args.seed, args.sampler, args.steps, args.cfg, args.mfg,
-                             args.device, args.batch_size, video=args.video)
+                             args.device, args.batch_size, video=args.video, cuda_graph=not args.eager)
         table, default = oracle_table(scores), os.path.join("out", f"oracle_{scores['settings']['kind']}.json")
     elif args.attention_logits:
         scores = attention_logits(model, meta, args.n, args.seed, args.device)
@@ -318,7 +319,7 @@ def main(argv=None):
             model, meta = load_model(args.ckpt, ema=not args.no_ema, device=args.device)
             compbench_generate(model, meta, args.compbench, args.images, cats, args.n_per_prompt, args.max_prompts,
                                seed=args.seed, sampler=args.sampler, steps=args.steps, cfg=args.cfg,
-                               batch_size=args.batch_size)
+                               batch_size=args.batch_size, cuda_graph=not args.eager)
             del model
         scores = compbench(args.compbench, args.images, cats, args.device, args.blip, args.clip or CLIP_B32,
                            args.detector)

@@ -44,7 +44,8 @@ def flops_per_sample(cfg, text_len=120, frames=1, resolution=None, caption=True)
     per_clip = 6 * d * d  # adaLN
     if cfg.conditioning == "cross_attn":
         per_frame += 2 * n * d * d + 2 * n * L * d  # q + proj, QK^T + AV
-        per_clip += 2 * L * d * d * caption  # kv projection, once per clip
+        if caption:
+            per_clip += 2 * L * d * d  # kv projection, once per clip
     if cfg.temporal:
         per_frame += 4 * n * d * d + 2 * n * frames * d  # qkv + proj, attention over T frames
     macs = frames * cfg.depth * per_frame + cfg.depth * per_clip

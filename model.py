@@ -459,7 +459,7 @@ class GenTron(nn.Module):
             c = c + context.pooled  # Sec. 3.2.1: time + pooled text
 
         branch = gate = None  # each block leaves its MLP's residual update to the next one (GenTronBlock.forward)
-        for block, kv in zip(self.blocks, context.kv or [None] * len(self.blocks)):
+        for block, kv in zip(self.blocks, context.kv or [None] * len(self.blocks), strict=True):
             x, branch, gate = block(x, c, context.text, context.text_mask, frames, motion_free, branch, gate, kv)
         x = self.final_layer(x, c, frames, branch, gate)  # (B T, N, p*p*Cin)
         p = self.cfg.patch

@@ -21,6 +21,8 @@ import math
 import os
 import re
 import sys
+import weakref
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -128,26 +130,30 @@ class CUDAGraphStep:
     the captions' context only when a new batch brings a new one; the output is returned as a copy."""
 
     def __init__(self, fn):
-        self.fn, self.graphs, self.pool = fn, {}, None
+        self.fn, self.graphs, self.pool, self.failed = fn, {}, None, None
 
     def __call__(self, x, t, context, motion_free=None):
+        if self.failed:  # a failed recording leaves the pool unusable: say why again
+            raise RuntimeError(self.failed)
         key = (x.shape, motion_free is None, *(v.shape for v in context.tensors()))
-        if key not in self.graphs:
-            self.graphs[key] = self.capture(x, t, context, motion_free)
-        graph, static, out = self.graphs[key]
-        for dst, src in zip(static["step"], (x, t, motion_free)):
-            if src is not None:
-                dst.copy_(src)
-        if context is not static["last"]:  # a new batch of captions
-            for dst, src in zip(static["context"].tensors(), context.tensors()):
-                dst.copy_(src)
-            static["last"] = context
-        graph.replay()
-        return out.clone()
+        with torch.cuda.device(x.device):  # streams and graphs belong to the current device
+            if key not in self.graphs:
+                self.graphs[key] = self.capture(x, t, context, motion_free)
+            graph, static, out = self.graphs[key]
+            for dst, src in zip(static["step"], (x, t, motion_free)):
+                if src is not None:
+                    dst.copy_(src)
+            tensors = context.tensors()
+            if not all(seen() is v for seen, v in zip(static["seen"], tensors)):  # a new batch of captions
+                for dst, src in zip(static["context"].tensors(), tensors):
+                    dst.copy_(src)
+                static["seen"] = [weakref.ref(v) for v in tensors]  # weak: the old batch's captions can go
+            graph.replay()
+            return out.clone()
 
     def capture(self, x, t, context, motion_free):
         step = [None if v is None else v.clone() for v in (x, t, motion_free)]
-        static = dict(step=step, context=context.map(torch.clone), last=context)
+        static = dict(step=step, context=context.map(torch.clone), seen=[weakref.ref(v) for v in context.tensors()])
         call = lambda: self.fn(*step[:2], context=static["context"], motion_free=step[2])
         side = torch.cuda.Stream()  # warm up on a side stream (Triton autotuning, cuBLAS and cuDNN plans), then record
         side.wait_stream(torch.cuda.current_stream())
@@ -160,9 +166,16 @@ class CUDAGraphStep:
         try:
             with torch.cuda.graph(graph, pool=self.pool):
                 out = call()
-        except RuntimeError as e:  # e.g. a .item() or .cpu() in the forward pass: a host sync cannot be recorded
-            raise RuntimeError(f"the sampling step could not be recorded as a CUDA graph ({str(e).splitlines()[0]}): "
-                               "sample eagerly with sample.py --eager or generate(..., cuda_graph=False)") from None
+        except RuntimeError as e:
+            self.pool = None  # a failed recording leaves its memory pool unusable
+            oom = e if isinstance(e, torch.cuda.OutOfMemoryError) else e.__context__  # (raised inside the recording)
+            if isinstance(oom, torch.cuda.OutOfMemoryError):
+                raise oom  # a real out-of-memory, for the caller to handle (bench.py --max-batch)
+            # e.g. a .item() or .cpu() in the forward pass: a host sync cannot be recorded
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            self.failed = (f"the sampling step could not be recorded as a CUDA graph ({why}): sample eagerly "
+                           "with sample.py --eager, evaluate.py --eager or generate(..., cuda_graph=False)")
+            raise RuntimeError(self.failed) from None
         return graph, static, out
 
 
@@ -194,7 +207,7 @@ def generate(model, meta, prompts, *, seed=0, sampler="dpm++2m", steps=25, cfg=7
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False)
 
     def model_step(x, t, context, motion_free=None):
-        with autocast():
+        with autocast(), torch.cuda.device(device) if device.type == "cuda" else nullcontext():  # Triton: this GPU
             return model(x, t, context=context, motion_free=motion_free)
 
     step = CUDAGraphStep(model_step) if device.type == "cuda" and cuda_graph else model_step

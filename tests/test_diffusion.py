@@ -147,9 +147,9 @@ def test_mfg_reductions():
     torch.testing.assert_close(cfg_combine(e_tm, e_nm, 1.0), e_tm)
 
 
-def _random_video_model():
+def _random_video_model(conditioning="cross_attn"):
     torch.manual_seed(0)
-    cfg = make_config("tiny", in_channels=3, text_dim=12, pooled_dim=8, temporal=True)
+    cfg = make_config("tiny", in_channels=3, text_dim=12, pooled_dim=8, temporal=True, conditioning=conditioning)
     model = GenTron(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -180,25 +180,29 @@ def test_guided_eps_fn_is_eq6_from_one_batched_forward():
     assert (e_nn - e_nm).abs().max() > 1e-3  # the motion-free flag really changes the prediction
 
 
-@pytest.mark.parametrize("mfg_scale", [None, 1.2])
-def test_guided_eps_fn_encodes_the_captions_once(mfg_scale):
-    # GenTron.encode_text: the captions' share of the forward pass (text projection, every block's keys and values,
-    # pooled-text MLP) runs once per batch instead of once per step, and the predictions stay exactly the same
-    model = _random_video_model()
+@pytest.mark.parametrize("conditioning, cfg_scale, mfg_scale, prediction", [
+    ("cross_attn", 7.5, None, "eps"), ("cross_attn", 7.5, 1.2, "eps"), ("cross_attn", 1.0, None, "eps"),
+    ("adaln", 7.5, 1.2, "eps"), ("cross_attn", 7.5, None, "v")])
+def test_guided_eps_fn_encodes_the_captions_once(conditioning, cfg_scale, mfg_scale, prediction):
+    # GenTron.encode_text: the captions' share of the forward pass (pooled-text MLP; with cross-attention the text
+    # projection and every block's keys and values) runs once per batch instead of once per step, and the
+    # predictions stay exactly the same: CFG, MFG (Eq. 6), text only, adaLN-zero (Fig. 2a), v-prediction
+    model = _random_video_model(conditioning)
+    net = Diffusion(prediction=prediction).eps_fn(model)
     b, L = 2, 5
     g = torch.Generator().manual_seed(6)
     caption = lambda: dict(text=torch.randn(b, L, 12, generator=g), text_mask=torch.rand(b, L, generator=g) < 0.7,
                            pooled=torch.randn(b, 8, generator=g))
     cond, null = caption(), caption()
     x, t = torch.randn(b, 4, 3, 8, 8, generator=g), torch.tensor([10, 900])
-    projected = []
-    model.text_proj.register_forward_hook(lambda m, i, o: projected.append(o.shape[0]))
+    encoded = []
+    model.pooled_embedder.register_forward_hook(lambda m, i, o: encoded.append(o.shape[0]))
     with torch.no_grad():
         steps = lambda eps_fn: [eps_fn(x, t), eps_fn(0.5 * x, t - 5)]  # two sampling steps
-        every_step = steps(guided_eps_fn(model, cond, null, 7.5, mfg_scale))
-        assert len(projected) == 2
-        once = steps(guided_eps_fn(model, cond, null, 7.5, mfg_scale, encode=model.encode_text))
-        assert len(projected) == 3  # once for both steps
+        every_step = steps(guided_eps_fn(net, cond, null, cfg_scale, mfg_scale))
+        assert len(encoded) == 2
+        once = steps(guided_eps_fn(net, cond, null, cfg_scale, mfg_scale, encode=model.encode_text))
+        assert len(encoded) == 3  # once for both steps
     for a, e in zip(once, every_step):
         assert torch.equal(a, e)
     assert not torch.equal(once[0], once[1])

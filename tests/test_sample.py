@@ -292,5 +292,18 @@ def test_cuda_graph_step_that_syncs_fails_with_a_clear_error():
         return x * context.pooled.sum().item()
     step = sample.CUDAGraphStep(syncs)
     context = TextContext(torch.ones(2, 3, device="cuda"), None, None, None)
-    with pytest.raises(RuntimeError, match="sample.py --eager"):
-        step(torch.ones(2, 4, device="cuda"), torch.zeros(2, device="cuda"), context)
+    for _ in range(2):  # and again on the next call, not the allocator's complaint about the failed recording
+        with pytest.raises(RuntimeError, match="sample.py --eager"):
+            step(torch.ones(2, 4, device="cuda"), torch.zeros(2, device="cuda"), context)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_step_passes_out_of_memory_through():
+    # running out of memory while recording stays torch.cuda.OutOfMemoryError (bench.py --max-batch relies on it)
+    from model import TextContext
+
+    def grows(x, t, context, motion_free=None):  # fits eagerly; asks for 4 PiB while recording
+        return x + torch.zeros(1 << 50 if torch.cuda.is_current_stream_capturing() else 1, device="cuda").sum()
+    context = TextContext(torch.ones(2, 3, device="cuda"), None, None, None)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        sample.CUDAGraphStep(grows)(torch.ones(2, 4, device="cuda"), torch.zeros(2, device="cuda"), context)
