@@ -196,7 +196,7 @@ def main(args):
             p.error(f"--device {args.device!r} is not a device: cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device} asks for a GPU, but PyTorch sees no CUDA device here")
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # Triton kernels and CUDA graphs run on the current device
     if args.cuda_graph and device.type != "cuda":
         p.error("--cuda-graph needs a GPU")
