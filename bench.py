@@ -16,6 +16,7 @@ real shapes (SD-VAE latents, CLIP+T5 with `--text-len` tokens), so no weights or
 
     python bench.py --size XL --batch 64 --compile                # GenTron-XL/2, 256px
     python bench.py --size XL --batch 8 --frames 8 --compile      # T2V, 8-frame clips
+    python bench.py --size XL --batch 16 --mode sample --cuda-graph  # sampling as sample.py runs it on a GPU
     python bench.py --size XL --batch 64 --max-batch --mode train # the largest batch that fits
     torchrun --nproc_per_node 2 bench.py --size G --fsdp --ac 2 --compile --batch 96 --mode train
     python bench.py --size tiny --batch 2 --steps 2 --device cpu  # smoke test
