@@ -34,7 +34,8 @@ from torch.distributed.fsdp import FSDPModule
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flops import flops_per_sample
-from model import SIZES, GenTron, cast_matmul_weights, make_config
+from inference import cast_matmul_weights, sampling_step
+from model import SIZES, GenTron, make_config
 # the model, optimizer and logging as training builds them
 from fsdp import ShardedAdamW, build_model, matmul_peak_tflops, mixed_precision, print0, setup_distributed
 
@@ -66,7 +67,7 @@ p.add_argument("--attention", default="auto", choices=["auto", *ATTENTION],
                help="SDPA backend for the timed steps (auto: PyTorch picks). flash also allows efficient, "
                     "because flash takes no mask: the masked cross-attention calls then run the efficient kernel")
 p.add_argument("--cuda-graph", action="store_true",
-               help="sampling: replay each step as a CUDA graph, as sample.py does on CUDA (sample.CUDAGraphStep)")
+               help="sampling: replay each step as a CUDA graph, as sample.py does on CUDA (inference.CUDAGraphStep)")
 p.add_argument("--max-batch", action="store_true",
                help="CUDA: double --batch until out of memory; report the largest that fit (per GPU)")
 p.add_argument("--steps", type=int, default=20, help="timed iterations (after warm-up)")
@@ -241,12 +242,7 @@ def main(args):
                 inp.update(caption)
 
             if args.cuda_graph:
-                from sample import CUDAGraphStep  # imported here: it brings the text encoders' imports
-
-                def call(x, t, context, motion_free=None):
-                    with torch.autocast("cuda", torch.bfloat16, cache_enabled=False):  # as sample.generate
-                        return fwd(x, t, context=context, motion_free=motion_free)
-                graphed = CUDAGraphStep(call)
+                graphed = sampling_step(fwd, device)  # as sample.generate
 
                 def sample_step():
                     with torch.no_grad():

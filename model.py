@@ -253,17 +253,6 @@ def linear_gelu(x, linear):
     return h.view(*x.shape[:-1], h.shape[-1])
 
 
-def cast_matmul_weights(model, dtype=torch.bfloat16):
-    """Store every Linear's and Conv2d's weight and bias in `dtype`, for inference under autocast to `dtype`.
-    Autocast computes these layers in `dtype` anyway, so the outputs are the same; it just no longer casts
-    every fp32 weight on every forward pass (2.6% of an XL/2 sampling pass on an H100: README, "Throughput
-    and MFU"). Norm gains stay fp32, as autocast runs norms in fp32. In place; returns the model."""
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            m.to(dtype)
-    return model
-
-
 class TimestepEmbedder(nn.Module):
     """Diffusion step t -> 256 sinusoids -> 2-layer MLP (DiT)."""
 
@@ -302,8 +291,7 @@ class GenTronBlock(nn.Module):
         """x (B T, N, D); c (B, D) per clip: modulation is computed once per clip, then shared by frames.
         Returns (x, branch, gate): the MLP's residual update x + gate * branch is left to the next block (or the
         final layer), whose first add_norm applies it in the same pass as its norm; `branch, gate` in are the
-        previous block's (None: nothing pending). kv: this block's cross-attention keys and values, if the
-        caller has them already (GenTron.encode_text); else they are projected from `text`."""
+        previous block's (None: nothing pending). kv: its cross-attention's keys and values (encode_text) or None."""
         mod = self.adaLN_modulation(c)[:, None]  # (B, 1, 6D)
         if frames > 1:
             mod = mod.repeat_interleave(frames, dim=0)  # (B T, 1, 6D)
@@ -351,17 +339,6 @@ class TextContext(NamedTuple):
     text: torch.Tensor | None  # (B, L, D): the text tokens at the model's width (cross-attention only)
     kv: list | None  # per block, its cross-attention's keys and values (B, h, L, Dh) (Fig. 2b), or None
     text_mask: torch.Tensor | None  # (B, L), True = real token
-
-    def tensors(self):
-        """Every tensor in it, in a fixed order."""
-        kv = [a for pair in self.kv or () for a in pair]
-        return [v for v in (self.pooled, self.text, *kv, self.text_mask) if v is not None]
-
-    def map(self, fn):
-        """The same context with fn applied to every tensor (e.g. torch.clone)."""
-        f = lambda v: None if v is None else fn(v)
-        kv = None if self.kv is None else [(fn(k), fn(v)) for k, v in self.kv]
-        return TextContext(f(self.pooled), f(self.text), kv, f(self.text_mask))
 
 
 class GenTron(nn.Module):
@@ -427,10 +404,9 @@ class GenTron(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def encode_text(self, text=None, text_mask=None, pooled=None, keys_values=True):
-        """The work of a forward pass that depends on the caption alone: the pooled-text embedding, the text
-        projection and every block's cross-attention keys and values (6.4% of an XL/2 image's FLOPs). A sampler
-        runs it once per batch of prompts and passes it to all its steps as `context` (diffusion.guided_eps_fn).
-        Training leaves the keys and values to each block (keys_values=False), where FSDP2 has gathered its weights."""
+        """What a forward pass computes from the caption alone (6.4% of an XL/2 image's FLOPs), which a sampler runs
+        once for all its steps (`context`, diffusion.guided_eps_fn). Training leaves the keys and values to each
+        block (keys_values=False), where FSDP2 has gathered its weights."""
         p = self.pooled_embedder(pooled) if self.pooled_embedder is not None else None
         text = self.text_proj(text) if self.text_proj is not None else None  # (B, L, D)
         kv = [block.cross_attn.keys_values(text) for block in self.blocks] if text is not None and keys_values else None

@@ -21,8 +21,6 @@ import math
 import os
 import re
 import sys
-import weakref
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -33,7 +31,8 @@ from tqdm.auto import tqdm
 from checkpoint import DTYPES, build_config, export, read_checkpoint, resolve_checkpoint
 from data import load_latent_space
 from diffusion import SAMPLERS, Diffusion, guided_eps_fn, sample
-from model import GenTron, cast_matmul_weights
+from inference import autocast, cast_matmul_weights, sampling_step
+from model import GenTron
 from text_encoders import load_text_encoder
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -81,7 +80,7 @@ def load_model(path=None, ema=True, device="cpu", video=None):
     checkpoint's meta (kind, text_encoder, latent_space, resolution, num_frames, dataset) plus "config",
     "step", "ckpt" (the file read) and the loaded frozen parts that generate() uses: "encoder" (a
     text_encoders.TextEncoder) and "latent" (a data.py latent space). On CUDA the Linear and Conv weights
-    are stored in bf16 (model.cast_matmul_weights): run the model under bf16 autocast, as generate() does."""
+    are stored in bf16 (inference.cast_matmul_weights): run the model under bf16 autocast, as generate() does."""
     file = resolve_checkpoint(path) if path else bundled_path("t2v" if video else "t2i")
     state, config, meta, step = read_checkpoint(file, ema)
     meta = {**meta, "config": config, "step": step, "ckpt": os.path.abspath(file), "ema": ema}
@@ -121,64 +120,6 @@ def to_uint8(x):
     return rearrange(x, "... c h w -> ... h w c")
 
 
-class CUDAGraphStep:
-    """step(x, t, context, motion_free) = fn(...), recorded once as a CUDA graph and then replayed: the same kernels
-    as calling fn, launched by the GPU as one graph instead of one by one from Python, so the outputs are
-    bit-identical (a CUDA test). Eager, an XL/2 sampling step at sample.py's default batch (16 prompts, CFG 32) is
-    bound by that launching on an H100: the GPU waits on Python (README, "Throughput and MFU"). One graph per
-    input shape, all in one memory pool. x, t and motion_free are copied into the graph's inputs at every step,
-    the captions' context only when a new batch brings a new one; the output is returned as a copy."""
-
-    def __init__(self, fn):
-        self.fn, self.graphs, self.pool, self.failed = fn, {}, None, None
-
-    def __call__(self, x, t, context, motion_free=None):
-        if self.failed:  # a failed recording leaves the pool unusable: say why again
-            raise RuntimeError(self.failed)
-        key = (x.shape, motion_free is None, *(v.shape for v in context.tensors()))
-        with torch.cuda.device(x.device):  # streams and graphs belong to the current device
-            if key not in self.graphs:
-                self.graphs[key] = self.capture(x, t, context, motion_free)
-            graph, static, out = self.graphs[key]
-            for dst, src in zip(static["step"], (x, t, motion_free)):
-                if src is not None:
-                    dst.copy_(src)
-            tensors = context.tensors()
-            if not all(seen() is v for seen, v in zip(static["seen"], tensors)):  # a new batch of captions
-                for dst, src in zip(static["context"].tensors(), tensors):
-                    dst.copy_(src)
-                static["seen"] = [weakref.ref(v) for v in tensors]  # weak: the old batch's captions can go
-            graph.replay()
-            return out.clone()
-
-    def capture(self, x, t, context, motion_free):
-        step = [None if v is None else v.clone() for v in (x, t, motion_free)]
-        static = dict(step=step, context=context.map(torch.clone), seen=[weakref.ref(v) for v in context.tensors()])
-        call = lambda: self.fn(*step[:2], context=static["context"], motion_free=step[2])
-        side = torch.cuda.Stream()  # warm up on a side stream (Triton autotuning, cuBLAS and cuDNN plans), then record
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                call()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        self.pool = self.pool or torch.cuda.graph_pool_handle()
-        try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = call()
-        except RuntimeError as e:
-            self.pool = None  # a failed recording leaves its memory pool unusable
-            oom = e if isinstance(e, torch.cuda.OutOfMemoryError) else e.__context__  # (raised inside the recording)
-            if isinstance(oom, torch.cuda.OutOfMemoryError):
-                raise oom  # a real out-of-memory, for the caller to handle (bench.py --max-batch)
-            # e.g. a .item() or .cpu() in the forward pass: a host sync cannot be recorded
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            self.failed = (f"the sampling step could not be recorded as a CUDA graph ({why}): sample eagerly "
-                           "with sample.py --eager, evaluate.py --eager or generate(..., cuda_graph=False)")
-            raise RuntimeError(self.failed) from None
-        return graph, static, out
-
-
 @torch.no_grad()
 def generate(model, meta, prompts, *, seed=0, sampler="dpm++2m", steps=25, cfg=7.5, mfg=1.2, frames=None,
              video=None, device=None, batch_size=16, first_index=0, progress=True, cuda_graph=True):
@@ -187,7 +128,7 @@ def generate(model, meta, prompts, *, seed=0, sampler="dpm++2m", steps=25, cfg=7
     video=None follows the model (temporal layers -> clips of `frames` or meta["num_frames"] frames). Sample i
     starts from noise drawn with sample_seed(seed, first_index + i). DDPM's per-step noise comes from one
     generator per batch, so DDPM samples repeat exactly only with the same batch_size (samples.json records
-    it). On CUDA each step's forward pass replays a CUDA graph (CUDAGraphStep; cuda_graph=False: eager), with
+    it). On CUDA each step's forward pass replays a CUDA graph (inference.CUDAGraphStep; cuda_graph=False: eager), with
     the same outputs. meta needs the loaded "encoder" and "latent" (as load_model returns them) or their specs
     "text_encoder" and "latent_space" (as a checkpoint's meta holds them)."""
     video = model.cfg.temporal if video is None else video
@@ -202,21 +143,14 @@ def generate(model, meta, prompts, *, seed=0, sampler="dpm++2m", steps=25, cfg=7
     diffusion = Diffusion(prediction=meta.get("prediction", "eps"))  # checkpoints before v-prediction: eps
     null = [t.to(device) for t in enc([""])]  # the empty caption: the unconditional branch of CFG / MFG
 
-    # bf16 autocast on CUDA (without its cache of cast weights, which a CUDA graph must not hold: the weights
-    # are bf16 already); guidance arithmetic and the sampler stay in fp32
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False)
-
-    def model_step(x, t, context, motion_free=None):
-        with autocast(), torch.cuda.device(device) if device.type == "cuda" else nullcontext():  # Triton: this GPU
-            return model(x, t, context=context, motion_free=motion_free)
-
-    step = CUDAGraphStep(model_step) if device.type == "cuda" and cuda_graph else model_step
+    # bf16 autocast on CUDA; guidance arithmetic and the sampler stay in fp32
+    step = sampling_step(model, device, cuda_graph)
 
     def forward(x, t, context, motion_free=None):  # the captions come as context (encode)
         return step(x, t, context, motion_free).float()
 
     def encode(**caption):  # the captions' share of every step, computed once per batch (GenTron.encode_text)
-        with autocast():
+        with autocast(device):
             return model.encode_text(**caption)
 
     net = diffusion.eps_fn(forward)  # v-prediction -> eps; guidance (CFG / MFG) combines eps

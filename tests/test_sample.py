@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import checkpoint
+import inference
 import sample
 from diffusion import guided_eps_fn
 from model import GenTron, make_config
@@ -269,7 +270,7 @@ def test_earlier_runs_are_never_overwritten(ckpts, tmp_path, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("kind", ["t2i", "t2v"])
 def test_cuda_graph_sampling_is_bit_identical_to_eager(ckpts, kind):
-    # sample.CUDAGraphStep replays the eager step's kernels: the same samples, from 2 + 1 Python calls of the model
+    # inference.CUDAGraphStep replays the eager step's kernels: the same samples, from 2 + 1 Python calls of the model
     # per batch shape (warm-up, capture) instead of one per step; batches 2, 2, 1: the 2nd batch of 2 reuses the
     # first one's graph with its own captions copied in
     model, meta = sample.load_model(ckpts[kind], device="cuda")
@@ -290,7 +291,7 @@ def test_cuda_graph_step_that_syncs_fails_with_a_clear_error():
 
     def syncs(x, t, context, motion_free=None):  # .item() waits for the GPU: a CUDA graph cannot record that
         return x * context.pooled.sum().item()
-    step = sample.CUDAGraphStep(syncs)
+    step = inference.CUDAGraphStep(syncs)
     context = TextContext(torch.ones(2, 3, device="cuda"), None, None, None)
     for _ in range(2):  # and again on the next call, not the allocator's complaint about the failed recording
         with pytest.raises(RuntimeError, match="sample.py --eager"):
@@ -306,4 +307,4 @@ def test_cuda_graph_step_passes_out_of_memory_through():
         return x + torch.zeros(1 << 50 if torch.cuda.is_current_stream_capturing() else 1, device="cuda").sum()
     context = TextContext(torch.ones(2, 3, device="cuda"), None, None, None)
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        sample.CUDAGraphStep(grows)(torch.ones(2, 4, device="cuda"), torch.zeros(2, device="cuda"), context)
+        inference.CUDAGraphStep(grows)(torch.ones(2, 4, device="cuda"), torch.zeros(2, device="cuda"), context)
