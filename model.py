@@ -105,16 +105,20 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
-def add_norm(x, branch, gate, norm, shift=None, scale=None):
+def add_norm(x, branch, gate, norm, shift=None, scale=None, offset=None):
     """One sub-layer's residual update and the next sub-layer's input, (r, h):
         r = x + gate * branch   (gate None: x + branch; branch None: r = x)
-        h = modulate(norm(r), shift, scale), or norm(r) for an affine LayerNorm (shift None)
-    On CUDA one fused Triton kernel does both, forward and backward (kernels.py); this is its math."""
+        h = modulate(norm(r), shift, scale), or norm(r) [+ offset] for an affine LayerNorm (shift None)
+    shift, scale, offset: (S, 1, D), one row per group of tokens (image or frame). On CUDA one fused Triton kernel
+    does both, forward and backward (kernels.py); this is its math."""
     if kernels is not None and kernels.usable(x):
         a, c = (1 + scale, shift) if shift is not None else (norm.weight, norm.bias)
+        c = c if offset is None else c + offset
         return kernels.add_norm(x, branch, gate, a, c, norm.eps)
     r = residual(x, branch, gate)
-    return r, norm(r) if shift is None else modulate(norm(r), shift, scale)
+    if shift is not None:
+        return r, modulate(norm(r), shift, scale)
+    return r, norm(r) if offset is None else norm(r) + offset
 
 
 def residual(x, branch, gate):
@@ -197,24 +201,29 @@ class TemporalAttention(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads, qk_norm)  # attn.proj is zero-initialised: identity at the start of T2V
 
-    def forward(self, x, frames, motion_free=None):
-        n = x.shape[1]
-        x = rearrange(x, "(b t) n d -> (b n) t d", t=frames)  # Eq. 3
-        h = self.norm(x)
-        if frames > 1:
-            # Not in Eq. 4: a sin-cos frame position, so that the attention knows the frames' order. A motion-free
-            # clip gets none (Sec. 3.3.2): its frames see only themselves, and with a position each would still get
-            # its own frame-dependent offset, so temporal modelling would not be off. One frame: nothing to order.
-            pos = sincos_1d(torch.arange(frames, device=x.device), x.shape[-1]).to(x.dtype)  # (T, D)
-            if motion_free is not None:
-                pos = pos * (~motion_free).repeat_interleave(n)[:, None, None].to(x.dtype)  # (B N, T, D)
-            h = h + pos
+    def positions(self, frames, motion_free, x):
+        """The offset added to the normed frames (add_norm): (B T, 1, D), or None for one frame. Not in Eq. 4: a
+        sin-cos frame position, so that the attention knows the frames' order. A motion-free clip gets none
+        (Sec. 3.3.2): its frames see only themselves, and with a position each would still get its own
+        frame-dependent offset, so temporal modelling would not be off. One frame: nothing to order."""
+        if frames == 1:
+            return None
+        pos = sincos_1d(torch.arange(frames, device=x.device), x.shape[-1]).to(x.dtype).repeat(x.shape[0] // frames, 1)
+        if motion_free is not None:
+            pos = pos * (~motion_free).repeat_interleave(frames)[:, None].to(x.dtype)
+        return pos[:, None]
+
+    def forward(self, h, frames, motion_free=None):
+        """h (B T, N, D): the frames' tokens normed, with their positions (the block's add_norm, Eq. 4's LN) ->
+        the attention's output in the same layout; the block adds it to the residual stream (Eq. 4)."""
+        n, d = h.shape[1:]
+        h = rearrange(h, "(b t) n d -> (b n) t d", t=frames)  # Eq. 3
         # The (B N) sequences are only T = 8 frames long; a fused kernel would spend a whole tile of `tile`
         # rows on each. So `pack` consecutive sequences run as one of pack * T tokens, with a block-diagonal
         # mask keeping each frame inside its own sequence: the same attention, ~6x faster when sampling T2V XL/2
         # (README, "Throughput and MFU"). Packing is a reshape: the sequences are contiguous in (B N, T, D).
-        pack = self.pack_size(x.shape[0], frames)
-        i = torch.arange(pack * frames, device=x.device)
+        pack = self.pack_size(h.shape[0], frames)
+        i = torch.arange(pack * frames, device=h.device)
         mask = (i[:, None] // frames) == (i[None, :] // frames)  # (pack T, pack T): same sequence
         if motion_free is not None:
             # Sec. 3.3.2, Fig. 3: a motion-free clip attends with the identity, so every frame sees only itself
@@ -223,8 +232,8 @@ class TemporalAttention(nn.Module):
             mask = (mask & ((i[:, None] == i[None, :]) | ~free))[:, None]
         elif pack == 1:
             mask = None  # nothing to mask: the flash kernel
-        x = x + self.attn(h.reshape(-1, pack * frames, h.shape[-1]), mask).view_as(x)  # Eq. 4
-        return rearrange(x, "(b n) t d -> (b t) n d", n=n)  # Eq. 5
+        out = self.attn(h.reshape(-1, pack * frames, d), mask).view(-1, frames, d)  # Eq. 4's TempSelfAttn
+        return rearrange(out, "(b n) t d -> (b t) n d", n=n)  # Eq. 5
 
     def pack_size(self, sequences, frames):
         """The most sequences (at most tile // frames) that divide `sequences` evenly, 1 for long clips."""
@@ -297,16 +306,16 @@ class GenTronBlock(nn.Module):
             mod = mod.repeat_interleave(frames, dim=0)  # (B T, 1, 6D)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
         # x = x + gate1 * attn(modulate(norm1(x), shift1, scale1)); x = x + cross_attn(norm2(x), text);
-        # x = temporal(x); x = x + gate2 * mlp(modulate(norm3(x), shift2, scale2)) - written so that each
+        # x = x + temporal(LN(x) + pos); x = x + gate2 * mlp(modulate(norm3(x), shift2, scale2)) - written so that each
         # residual update is one pass with the next sub-layer's norm (add_norm): `branch` waits for it.
         x, h = add_norm(x, branch, gate, self.norm1, shift1, scale1)
         branch, gate = self.attn(h), gate1
         if self.cross:
             x, h = add_norm(x, branch, gate, self.norm2)
             branch, gate = self.cross_attn(h, text, text_mask, kv), None
-        if self.temporal is not None:  # it norms its own regrouped (B N, T) rows: the residual update comes first
-            x = self.temporal(residual(x, branch, gate), frames, motion_free)  # residual inside, Eq. 3-5
-            branch, gate = None, None
+        if self.temporal is not None:  # Eq. 4: x = x + TempSelfAttn(LN(x) + frame position), per patch position
+            x, h = add_norm(x, branch, gate, self.temporal.norm, offset=self.temporal.positions(frames, motion_free, x))
+            branch, gate = self.temporal(h, frames, motion_free), None
         x, h = add_norm(x, branch, gate, self.norm3, shift2, scale2)
         return x, self.mlp(h), gate2
 

@@ -133,6 +133,36 @@ def test_motion_free_clip_is_the_image_model_frame_by_frame():
     assert (moving[1] - moving[1, :1]).abs().max() > 1e-3  # with motion the frames differ (position, attention)
 
 
+def test_temporal_sublayer_is_eq_3_to_5_written_out():
+    """Eq. 3-5 by hand, one clip and one patch position at a time: the frames' tokens at that position, LayerNorm'd,
+    plus the sin-cos frame position (none for a motion-free clip), attend over the T frames (softmax over all of
+    them, or over itself alone when motion-free, Sec. 3.3.2) and the output projection is added to the stream.
+    The block computes it as add_norm (LN + position, with the residual update) then TemporalAttention."""
+    from model import add_norm, sincos_1d
+    model = build(temporal=True)  # random weights, including the zero-init output projection
+    layer, T, n = model.blocks[0].temporal, 4, 5
+    d, heads = layer.norm.normalized_shape[0], layer.attn.heads
+    x = torch.randn(2 * T, n, d, generator=torch.Generator().manual_seed(3))  # (B T, N, D), 2 clips
+    free = torch.tensor([False, True])
+    with torch.no_grad():
+        _, h = add_norm(x, None, None, layer.norm, offset=layer.positions(T, free, x))
+        got = x + layer(h, T, free)
+        want = torch.empty_like(x)
+        pos = sincos_1d(torch.arange(T), d)
+        for b in range(2):
+            for j in range(n):
+                seq = x[b * T:(b + 1) * T, j]  # (T, D): Eq. 3
+                hh = F.layer_norm(seq, (d,), layer.norm.weight, layer.norm.bias, layer.norm.eps) + (0 if free[b] else pos)
+                q, k, v = layer.attn.qkv(hh).view(T, 3, heads, d // heads).unbind(1)  # (T, h, Dh) each
+                logits = torch.einsum("thc,shc->hts", q, k) / (d // heads) ** 0.5
+                if free[b]:
+                    logits = logits.masked_fill(~torch.eye(T, dtype=torch.bool), float("-inf"))
+                o = torch.einsum("hts,shc->thc", logits.softmax(-1), v).reshape(T, d)
+                want[b * T:(b + 1) * T, j] = seq + layer.attn.proj(o)  # Eq. 4, then back in place: Eq. 5
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - x).abs().max() > 1e-2  # the branch is not zero
+
+
 def test_padded_text_tokens_are_ignored():
     model = build()
     a = inputs()
@@ -321,11 +351,11 @@ def test_packed_temporal_attention_on_cuda_kernels():
     for flags in (None, torch.tensor([True, False, False, True], device="cuda")):
         with torch.no_grad():
             layer.tile = 8  # one clip per sequence: the unpacked layer
-            ref = layer(x, 8, flags) - x  # fp32 (the branch alone)
+            ref = layer(x, 8, flags)  # fp32 (the layer's output: the branch)
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                alone = layer(x, 8, flags) - x
+                alone = layer(x, 8, flags)
                 del layer.tile  # 128 // 8 = 16 sequences per pack
-                packed = layer(x, 8, flags) - x
+                packed = layer(x, 8, flags)
         err_packed, err_alone = ((packed - ref).abs().max() / ref.abs().max()).item(), ((alone - ref).abs().max() / ref.abs().max()).item()
         assert err_packed < max(2 * err_alone, 1e-3) and err_packed < 2e-2, (err_packed, err_alone)
 
