@@ -147,17 +147,17 @@ def remove_partial_checkpoints(out):
 
 
 def gather_weights(model, opt, ema):
-    """{"model": ..., "ema": ...}: the model's weights and its EMA as full CPU state dicts in memory of their own (a
-    collective where the model is sharded: every rank calls it; only rank 0's are needed). opt: fsdp.ShardedAdamW;
-    ema: this rank's EMA shards."""
-    from fsdp import full_tensor  # FSDP2's DTensor shards gathered; a plain model's weights as they are
+    """{"model": ..., "ema": ...}: the model's weights and its EMA as full CPU state dicts in memory of their own on
+    rank 0, with None for every tensor elsewhere (a collective where the model is sharded: every rank calls it).
+    opt: fsdp.ShardedAdamW; ema: this rank's EMA shards."""
+    from fsdp import full_cpu_on_master  # FSDP2's DTensor shards gathered; a plain model's weights as they are
 
-    weights = {k: full_tensor(v.detach()).to("cpu", copy=True) for k, v in model.state_dict().items()}
+    weights = {k: full_cpu_on_master(v.detach()) for k, v in model.state_dict().items()}
     return {"model": weights, "ema": opt.gather(ema)}
 
 
 def save_checkpoint(out, step, model, opt, ema, pos, cfg, meta, args, keep):
-    """All ranks gather full state dicts; rank 0 writes ckpt-{step}.pt atomically (temp file + rename)
+    """All ranks gather the full state dicts onto rank 0, which writes ckpt-{step}.pt atomically (temp file + rename)
     and keeps the last `keep`. opt: fsdp.ShardedAdamW; ema: this rank's EMA shards, in its parameter order.
     Returns the checkpoint dict on rank 0 (None elsewhere)."""
     # training-only imports: sample.py reads checkpoints without loading the distributed stack

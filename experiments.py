@@ -43,6 +43,9 @@ PAPER_ARMS = {  # name -> extra train_t2i.py flags (the first arm is the baselin
 T2I_ARMS = {**PAPER_ARMS, "cross-attn, QK-norm": ["--qk-norm"]}  # README, "Bundled models"
 SCALE_ARMS = {"size toy": ["--size", "toy"], "size S": ["--size", "S"]}  # cross-attn, at the scale budget
 T2V_ARMS = {"MFG (p_mf=0.5)": ["--p-motion-free", "0.5"], "no motion-free (p_mf=0)": ["--p-motion-free", "0"]}
+# Eq. 6 at lambda_M = 1 is plain CFG; above 1 it needs e(0, 0) with the identity temporal mask, which a p_mf = 0
+# model never trained on: that arm is scored at lambda_M = 1 alone (the paper's comparison, Sec. 3.3.2, Fig. 8)
+CFG_ONLY_ARMS = {"no motion-free (p_mf=0)"}
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--out", default="runs/exp")
@@ -169,7 +172,7 @@ def phase_t2v(args, results, t0, parent):
     results["t2v"] = []
     for name, out in runs.items():
         model, meta = load_model(out, ema=True, device=args.device)
-        for mfg in args.mfg:
+        for mfg in [1.0] if name in CFG_ONLY_ARMS else args.mfg:
             s = oracle_eval(model, meta, n_per_category=args.n_eval, seed=1000, cfg=args.t2v_cfg, mfg=mfg,
                             device=args.device, progress=False)
             results["t2v"].append({"arm": name, "mfg": mfg, **s})

@@ -166,6 +166,13 @@ def full_tensor(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def full_cpu_on_master(t):
+    """full_tensor(t) (a collective: every rank calls it) copied to the CPU on rank 0, None on the other ranks: only
+    rank 0 writes checkpoints, and a CPU copy of a G/2 model, its EMA and AdamW state is ~47 GB on every rank."""
+    full = full_tensor(t)
+    return full.to("cpu", copy=True) if master_process() else None  # a copy even where t is on the CPU (1 rank)
+
+
 def _checkpointed(forward):
     def checkpointed_forward(*args):
         # a block draws no random numbers: no RNG state to save and restore around the recompute
@@ -269,12 +276,13 @@ class ShardedAdamW:
 
     def gather(self, shards):
         """This rank's shards of tensors shaped like the parameters (the EMA), in their order -> {name: full CPU
-        tensor}. A collective: every rank calls it."""
+        tensor} on rank 0 (None elsewhere). A collective: every rank calls it."""
         return {n: _full(s, p) for n, s, p in zip(self.names, shards, self.params)}
 
     def full_state_dict(self):
         """{"state": {name: {step, exp_avg, exp_avg_sq}}, "param_groups": [...]}, names for indices and full CPU
-        tensors for shards (torch.distributed.checkpoint's full optimizer state dict format). A collective."""
+        tensors for shards (torch.distributed.checkpoint's full optimizer state dict format) on rank 0, None for them
+        elsewhere. A collective."""
         sd = self.opt.state_dict()
         state = {self.names[i]: {k: _full(v, self.params[i]) if v.ndim else v.to("cpu", copy=True)
                                  for k, v in st.items()} for i, st in sd["state"].items()}
@@ -299,11 +307,11 @@ def _local(t):
 
 
 def _full(shard, like):
-    """This rank's shard of a tensor laid out like the DTensor `like` -> the full tensor on the CPU (a collective).
-    `like` a plain tensor: the shard is whole."""
+    """This rank's shard of a tensor laid out like the DTensor `like` -> the full tensor on the CPU on rank 0, None
+    elsewhere (a collective). `like` a plain tensor: the shard is whole."""
     if isinstance(like, DTensor):
         shard = DTensor.from_local(shard, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
-    return full_tensor(shard).to("cpu", copy=True)  # a copy even where it is already on the CPU (1 rank)
+    return full_cpu_on_master(shard)
 
 
 def _shard(full, like):

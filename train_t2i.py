@@ -100,7 +100,7 @@ def get_parser(kind="t2i"):
     p.add_argument("--time-limit", type=bounded(float, 0), default=None,
                    help="minutes from start (set-up included): stop cleanly (checkpoint, samples, scores) at the first "
                         f"log or checkpoint step past it, or the next multiple of {TIME_CHECK_EVERY} steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=bounded(int, 0), default=0, help="seeds the data order, noise and init")
     # system
     p.add_argument("--ac", type=bounded(int, 0), nargs="?", const=1, default=None, metavar="N",
                    help="activation checkpointing of every N-th block: --ac every block, --ac 2 every other, "
@@ -382,7 +382,7 @@ def _train(args, make_data, kind, rank, world, device):
 
         log, save = due(step, args.log_every, args.max_steps), due(step, args.ckpt_every, args.max_steps)
         clock = args.time_limit is not None and step % TIME_CHECK_EVERY == 0  # also with --log/--ckpt-every 0
-        if not (log or save or clock):
+        if not (log or save or clock or step == args.max_steps):  # the last step: check every loss, even untimed
             continue  # no host sync: the GPU runs ahead of Python between log and checkpoint steps
         # One sync for all pending steps; a non-finite loss stops the run before any checkpoint is written.
         done, pending = torch.stack(pending).tolist(), []

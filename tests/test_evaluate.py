@@ -3,6 +3,7 @@ CompBench / CLIP code paths run with tiny random BLIP, CLIP and OWL-ViT models s
 import json
 import os
 import sys
+import time
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub are imported
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,7 +18,7 @@ from PIL import Image
 import evaluate as ev
 import metrics
 from synthetic import CATEGORIES, COLORS, DIRECTIONS, SHAPES, geometry, heldout_prompts, render
-from test_sample import make_checkpoint
+from test_sample import FRAMES, make_checkpoint
 
 N = 100  # prompts per category: 1 error in 100 is still >= 99%
 
@@ -280,15 +281,26 @@ def test_blip_vqa_is_product_over_noun_phrases(hf_models):
     assert s == pytest.approx([float(p[0] * p[1]), float(p[2])], rel=1e-4)
 
 
-def test_clip_scores_and_frame_consistency(hf_models):
+def clip_reference(model, proc, images, texts):
+    """(cosine of image i with text i, normalised image embeddings) from CLIPModel's own forward pass, whose logits
+    are logit_scale * cosine: a path independent of metrics.clip_embed."""
+    with torch.no_grad():
+        out = model(**proc(text=texts, images=images, return_tensors="pt", padding=True, truncation=True))
+    return out.logits_per_image.diagonal() / model.logit_scale.exp(), out.image_embeds
+
+
+def test_clip_scores_and_frame_consistency(hf_models, monkeypatch):
     model, proc = metrics.load_hf("CLIPModel", hf_models["clip"])
-    imgs = pil_images(4)
-    s = metrics.clip_score(imgs, ["a red car", "a dog", "a bird", "a bench"], model, proc)
-    cos = metrics.clip_cosine(imgs, ["a red car", "a dog", "a bird", "a bench"], model, proc)
-    assert all(0 <= v <= 100 for v in s) and s == pytest.approx((100 * cos.clamp(min=0)).tolist(), abs=1e-4)
+    imgs, texts = pil_images(4), ["a red car", "a dog", "a bird", "a bench"]
+    s = metrics.clip_score(imgs, texts, model, proc)
+    cos, emb = clip_reference(model, proc, imgs, texts)
+    assert s == pytest.approx((100 * cos.clamp(min=0)).tolist(), abs=1e-3) and len(set(s)) == 4
     static, changing = [imgs[0]] * 4, imgs
     c = metrics.frame_consistency([static, changing], model, proc)
-    assert c[0] == pytest.approx(100, abs=1e-3) and c[1] < c[0]
+    assert c[0] == pytest.approx(100, abs=1e-3)
+    assert c[1] == pytest.approx(100 * float((emb[1:] * emb[:-1]).sum(-1).mean()), abs=1e-3) and c[1] < 99
+    monkeypatch.setattr(metrics, "clip_cosine", lambda *args: torch.tensor([-0.25, 0.5]))  # Hessel et al.: max(cos, 0)
+    assert metrics.clip_score(None, None, model, proc) == [0.0, 50.0]
 
 
 def test_compbench_end_to_end(hf_models, tmp_path):
@@ -384,6 +396,23 @@ def test_experiments_keep_every_calls_settings(tmp_path, monkeypatch):
     assert r["settings"]["t2i"]["seeds"] == [0] and [c["seeds"] for c in r["calls"]] == [[0], [1]]
 
 
+def test_experiments_score_the_no_motion_free_arm_with_plain_cfg(tmp_path, monkeypatch):
+    """Eq. 6 above lambda_M = 1 needs the motion-free prediction e(0, 0), which a p_mf = 0 model never trained on: that
+    arm is scored at lambda_M = 1 (plain CFG) alone, the p_mf = 0.5 arm at every --mfg (finished runs: no training)."""
+    import experiments
+    scored = []
+    monkeypatch.setattr(experiments, "finished", lambda out, steps: True)
+    monkeypatch.setattr(experiments, "load_model", lambda out, **kw: (out, {}))
+    monkeypatch.setattr(experiments, "oracle_eval", lambda model, meta, mfg, **kw: scored.append((model, mfg)) or {})
+    monkeypatch.setattr(experiments, "write", lambda *a: None)
+    args = experiments.p.parse_args(["--out", str(tmp_path), "--phase", "t2v", "--mfg", "1.0", "1.2"])
+    results = {}
+    experiments.phase_t2v(args, results, time.time(), "parent.safetensors")
+    arms = [(r["arm"], r["mfg"]) for r in results["t2v"]]
+    assert arms == [("MFG (p_mf=0.5)", 1.0), ("MFG (p_mf=0.5)", 1.2), ("no motion-free (p_mf=0)", 1.0)]
+    assert [m for _, m in scored] == [1.0, 1.2, 1.0] and scored[2][0].endswith("t2v-no-motion-free-p-mf-0")
+
+
 def test_clip_score_of_sample_folders(hf_models, tmp_path):
     import sample
 
@@ -391,9 +420,22 @@ def test_clip_score_of_sample_folders(hf_models, tmp_path):
     sample.main(["--ckpt", runs["t2i"], "a red circle", "a blue square", "--steps", "2", "--out", str(tmp_path / "i")])
     sample.main(["--ckpt", runs["t2v"], "--video", "a red circle moving up", "--steps", "2",
                  "--out", str(tmp_path / "v")])
+    model, proc = metrics.load_hf("CLIPModel", hf_models["clip"])
+
+    def listed(folder):  # the samples.json records: (prompt, the PNG as an array)
+        recs = json.load(open(folder / "samples.json"))["samples"]
+        return [(r["prompt"], np.asarray(Image.open(folder / r["file"]).convert("RGB"))) for r in recs]
+
     ev.main(["--clip-score", str(tmp_path / "i"), "--clip", hf_models["clip"]])
     s = json.load(open(tmp_path / "i" / "clip_score.json"))
-    assert s["n"] == 2 and 0 <= s["clip_score"] <= 100
+    (p0, a0), (p1, a1) = listed(tmp_path / "i")
+    cos, _ = clip_reference(model, proc, [Image.fromarray(a0), Image.fromarray(a1)], [p0, p1])
+    assert s["n"] == 2 and s["clip_score"] == pytest.approx(float((100 * cos.clamp(min=0)).mean()), abs=1e-3)
     ev.main(["--clip-score", str(tmp_path / "v"), "--clip", hf_models["clip"]])
     v = json.load(open(tmp_path / "v" / "clip_score.json"))
-    assert v["n"] == 1 and 0 <= v["clip_score_per_frame"] <= 100 and -100 <= v["frame_consistency"] <= 100
+    [(prompt, strip)] = listed(tmp_path / "v")  # the clip's frames side by side
+    frames = [Image.fromarray(f) for f in np.split(strip, strip.shape[1] // strip.shape[0], axis=1)]
+    cos, emb = clip_reference(model, proc, frames, [prompt] * len(frames))
+    assert v["n"] == 1 and len(frames) == FRAMES > 1
+    assert v["clip_score_per_frame"] == pytest.approx(float((100 * cos.clamp(min=0)).mean()), abs=1e-3)
+    assert v["frame_consistency"] == pytest.approx(100 * float((emb[1:] * emb[:-1]).sum(-1).mean()), abs=1e-3)

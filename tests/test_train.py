@@ -170,6 +170,10 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ckpt-0000002.pt", "ckpt-0000004.pt", "log.txt"]  # no temp files
     ckpt = load(tmp_path / "ckpt-0000004.pt")
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    # with neither logs nor checkpoints (--log-every 0 --ckpt-every 0) the last step still checks every loss
+    with pytest.raises(SystemExit, match="^step 2: non-finite loss nan .* stopped at step 3 without saving"):
+        T.main(tiny(tmp_path / "quiet", 3, "--ckpt-every", "0", "--log-every", "0", "--debug-nan-at-step", "2"))
+    assert len(T.main(tiny(tmp_path / "quiet2", 3, "--ckpt-every", "0", "--log-every", "0"))["loss"]) == 3
 
 
 def test_resume_follows_the_flags_and_bad_parents_are_one_line_errors(tmp_path):
@@ -498,6 +502,7 @@ def test_toy_cli_end_to_end(tmp_path):
     ("train_t2v.py", ["--p-motion-free", "1.5"], "train_t2v.py: error: argument --p-motion-free: must be in [0, 1], got 1.5"),
     ("train_t2i.py", ["--ema", "1"], "train_t2i.py: error: argument --ema: must be in [0, 1), got 1"),  # never moves
     ("train_t2i.py", ["--ema", "nan"], "train_t2i.py: error: argument --ema: must be a finite number, got nan"),
+    ("train_t2i.py", ["--seed", "-1"], "train_t2i.py: error: argument --seed: must be >= 0, got -1"),
     ("train_t2i.py", ["--data", "bench", "--cache", "unused"],
      "error: --cache encodes a dataset of files; --data bench is random features"),
     ("train_t2i.py", ["--resolution", "30", "--patch", "4"],
