@@ -174,21 +174,17 @@ class CrossAttention(nn.Module):
         return self.k_norm(k), v
 
     def heads_qkv(self, x, text, text_mask, kv=None):
-        """x (B T, N, D), text (B, L, D) or its kv = keys_values(text), text_mask (B, L) -> q (B T, h, N, Dh),
-        k, v (B T, h, L, Dh) and the key mask (B T, 1, 1, L) or None. Keys and values are projected once per
-        clip (one caption) and repeated for its T frames, not recomputed per frame."""
-        q = self.q_norm(rearrange(self.q(x), "b n (h dh) -> b h n dh", h=self.heads))
+        """x (B T, N, D), text (B, L, D) or its kv = keys_values(text), text_mask (B, L) -> q (B, h, T N, Dh),
+        k, v (B, h, L, Dh) and the key mask (B, 1, 1, L) or None. The T frames of a clip share its caption: their
+        tokens form one query sequence of T N against the caption's keys and values, which are neither projected
+        nor copied per frame. Each query attends on its own, so this is the attention of every frame alone."""
         k, v = kv if kv is not None else self.keys_values(text)
-        frames = x.shape[0] // k.shape[0]
-        mask = None if text_mask is None else text_mask[:, None, None, :]  # (B, 1, 1, L)
-        if frames > 1:  # (B, ...) -> (B T, ...)
-            k, v = k.repeat_interleave(frames, dim=0), v.repeat_interleave(frames, dim=0)
-            mask = None if mask is None else mask.repeat_interleave(frames, dim=0)
-        return q, k, v, mask
+        q = self.q_norm(rearrange(self.q(x), "(b t) n (h dh) -> b h (t n) dh", b=k.shape[0], h=self.heads))
+        return q, k, v, None if text_mask is None else text_mask[:, None, None, :]
 
     def forward(self, x, text, text_mask, kv=None):
-        x = F.scaled_dot_product_attention(*self.heads_qkv(x, text, text_mask, kv))  # (B T, h, N, Dh)
-        return self.proj(rearrange(x, "b h n dh -> b n (h dh)"))
+        out = F.scaled_dot_product_attention(*self.heads_qkv(x, text, text_mask, kv))  # (B, h, T N, Dh)
+        return self.proj(rearrange(out, "b h (t n) dh -> (b t) n (h dh)", n=x.shape[1]))
 
 
 class TemporalAttention(nn.Module):
