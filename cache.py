@@ -16,6 +16,11 @@ import torch
 from checkpoint import atomic_write, write_json
 from data import JointImageVideoDataset, _MediaTextDataset, collate, latent_spec
 
+# the fields of meta.json that the readers use (cache_spec's and build_cache's); a meta.json without them is not ours
+META_KEYS = ("text_encoder", "text_dim", "pooled_dim", "latent_space", "latent_channels", "resolution", "num_frames",
+             "dataset", "num_items", "shard_size")
+TEMP = re.compile(r"(shard_\d+\.pt|meta\.json)\.tmp\d+")  # checkpoint.atomic_write's temp names
+
 
 def cache_spec(text_encoder, latent_space, resolution, num_frames=None, dataset=""):
     """The settings a cache is built with; CachedDataset refuses a cache whose settings differ."""
@@ -69,10 +74,12 @@ def build_cache(dataset, out_dir, text_encoder, latent_space, shard_size=4096, b
     spec["content"] = content_fingerprint(dataset)  # files or captions changed since: refused below
     n, num_shards = len(dataset), math.ceil(len(dataset) / shard_size)
     os.makedirs(out_dir, exist_ok=True)
-    for name in os.listdir(out_dir):  # a temp file is what a killed write leaves behind
-        if ".tmp" in name:
-            os.remove(os.path.join(out_dir, name))
     meta_path = os.path.join(out_dir, "meta.json")
+    for name in os.listdir(out_dir):
+        if TEMP.fullmatch(name):  # what a killed write of ours leaves behind (checkpoint.atomic_write)
+            os.remove(os.path.join(out_dir, name))
+        elif not os.path.exists(meta_path):  # meta.json is written before any shard: not a cache of ours
+            raise ValueError(f"{out_dir} holds other files ({name}) and no cache: give --cache a new or empty folder")
     if os.path.exists(meta_path):  # resume only a cache of the same settings
         _check_spec(read_meta(meta_path), {**spec, "num_items": n, "shard_size": shard_size}, out_dir)
     meta = {**spec, "num_items": n, "shard_size": shard_size, "complete": False}
@@ -120,9 +127,11 @@ def wait_until_complete(out_dir, poll=5.0):
 
 def check_flags(meta, path, given, video=False):
     """A cache fixes what it was made with: flags given on the command line ({flag: value or None}) must agree
-    with its meta.json; a video run needs a cache of videos."""
+    with its meta.json; a video run needs a cache of videos, an image run one of images."""
     if video and not meta["num_frames"]:
         raise ValueError(f"{path} is a cache of images; train_t2v.py needs one of videos")
+    if not video and meta["num_frames"]:
+        raise ValueError(f"{path} is a cache of videos; train_t2i.py needs one of images (train_t2v.py trains on it)")
     p = re.search(r"p_motion_free=([0-9.]+)", meta["dataset"])
     made = {"--text-encoder": meta["text_encoder"], "--latent-space": meta["latent_space"],
             "--resolution": meta["resolution"], "--num-frames": meta["num_frames"],
@@ -133,10 +142,32 @@ def check_flags(meta, path, given, video=False):
                              f"drop the flag, or build a cache with it")
 
 
+def is_cache(path):
+    """Whether the folder `path` is a build_cache directory: a meta.json of ours (an image folder may hold a
+    meta.json of its own), or shard files beside a meta.json (a damaged cache: read_meta then says what is wrong)."""
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.isfile(meta_path):
+        return False
+    if any(re.fullmatch(r"shard_\d+\.pt", name) for name in os.listdir(path)):
+        return True
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and all(k in meta for k in META_KEYS)
+
+
 def read_meta(meta_path):
     """A cache's meta.json, with the SD VAE under one name (caches before 2026-11-27 spelled it out)."""
-    with open(meta_path) as f:
-        meta = json.load(f)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{meta_path} is damaged ({e}): build the cache again") from None
+    missing = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise ValueError(f"{meta_path} has no {missing[0]!r}: not the meta.json of a cache (build_cache)")
     meta["latent_space"] = latent_spec(meta["latent_space"])
     return meta
 

@@ -151,7 +151,7 @@ def make_data_t2i(args, device):
     """--data for text-to-image: shapes | bench | cache dir | image folder / .jsonl."""
     if args.data == "bench":
         return bench_data(args, device)
-    if os.path.isfile(os.path.join(args.data, "meta.json")):
+    if C.is_cache(args.data):
         return cached_data(args.data, device)
     if args.data == "shapes":
         ds = D.ShapesDataset("train", size=args.resolution or 32, seed=args.seed)
@@ -202,6 +202,13 @@ def lr_at(args, step):
     if args.lr_schedule == "constant":
         return args.lr
     return args.lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / args.max_steps))
+
+
+def same_dataset(a, b):
+    """Whether two dataset specs (checkpoint meta) name the same data: folder parts compared as resolved paths, so
+    that d/ok, d/ok/ and its absolute path agree."""
+    norm = lambda spec: [os.path.realpath(p) if os.path.exists(p) else p for p in str(spec).split("+")]
+    return a is None or norm(a) == norm(b)
 
 
 def due(step, every, last):
@@ -275,6 +282,9 @@ def _train(args, make_data, kind, rank, world, device):
     meta = {"kind": kind, "text_encoder": data.text_encoder, "latent_space": data.latent_space,
             "resolution": data.resolution, "num_frames": data.frames, "dataset": data.spec,
             "prediction": args.prediction}
+    if ckpt and not same_dataset(ckpt["meta"].get("dataset"), data.spec):  # its data position means nothing here
+        raise ValueError(f"{found[-1]} was trained on {ckpt['meta'].get('dataset')}, not {data.spec}: resume with "
+                         f"its --data (and --seed, --p-motion-free), or train into another --out")
     ac = args.ac if args.ac is not None else int(args.size == "G")
 
     # model, optimizer, EMA - from the newest checkpoint (--resume), another run (--init-from) or a fresh init
@@ -312,9 +322,11 @@ def _train(args, make_data, kind, rank, world, device):
         torch.set_rng_state(ckpt["rng"]["torch"])
         print0(f"resumed {found[-1]} at step {step}")
         was = ckpt.get("args", {})
-        for k in ("lr", "lr_schedule", "betas", "weight_decay", "clip", "ema"):
+        for k in ("lr", "lr_schedule", "betas", "weight_decay", "clip", "ema", "seed", "batch_size", "grad_accum"):
             if k in was and was[k] != getattr(args, k):
-                print0(f"--resume: --{k.replace('_', '-')} {getattr(args, k)} (the checkpoint's run used {was[k]})")
+                print0(f"--resume: --{k.replace('_', '-')} {getattr(args, k)} (the checkpoint's run used {was[k]}"
+                       + ("; the noise and data order from here are not the uninterrupted run's)"
+                          if k in ("seed", "batch_size") else ")"))
     elif args.resume:
         print0(f"--resume: no checkpoint in {out}; starting from scratch")
 

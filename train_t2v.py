@@ -12,8 +12,7 @@ identity temporal mask - and otherwise a real clip ("joint image-video training"
 flags go to the model, which is what motion-free guidance (Eq. 6) needs at sampling time.
 """
 
-import os
-
+import cache as C
 import data as D
 import train_data as S
 import train_t2i as T
@@ -39,7 +38,7 @@ def get_parser():
 
 def make_data_t2v(args, device):
     """--data for text-to-video: moving_shapes (+ shapes images) | bench | cache dir | video folder / .jsonl."""
-    cache = os.path.isfile(os.path.join(args.data, "meta.json"))
+    cache = C.is_cache(args.data)
     if args.image_data and (cache or args.data in ("bench", "moving_shapes")):
         raise ValueError(f"--image-data is for a folder / .jsonl of real videos; --data {args.data} brings its own "
                          "images" + (" (in the cache)" if cache else ""))

@@ -651,6 +651,36 @@ def test_cache_killed_run_is_refused_then_resumed(tmp_path):
     assert cd[5]["motion_free"].dtype == torch.bool and not cd[5]["motion_free"]
 
 
+def test_cache_never_touches_files_it_did_not_write(tmp_path):
+    """--cache may name any folder: only the temp files of our own killed writes are removed, a folder of other
+    files is refused before anything is written, and an image folder with a meta.json of its own is not a cache;
+    a damaged or foreign meta.json beside shards is a one-line error naming the file."""
+    ds = S.ShapesDataset(seed=1, length=4)
+    mine = tmp_path / "work"
+    mine.mkdir()
+    for name in ("notes.tmp.txt", "email.tmpl"):
+        (mine / name).write_text("keep me")
+    with pytest.raises(ValueError, match=r"work holds other files \((notes.tmp.txt|email.tmpl)\) and no cache"):
+        cache.build_cache(ds, str(mine), StubEncoder(), data.PixelSpace(), progress=False)
+    assert sorted(os.listdir(mine)) == ["email.tmpl", "notes.tmp.txt"]
+    c = tmp_path / "c"
+    cache.build_cache(ds, str(c), StubEncoder(), data.PixelSpace(), shard_size=2, progress=False)
+    (c / "notes.tmp.txt").write_text("keep me")
+    (c / "meta.json.tmp99").write_text("{")  # a killed write of ours
+    cache.build_cache(ds, str(c), StubEncoder(), data.PixelSpace(), shard_size=2, progress=False)
+    assert sorted(os.listdir(c)) == ["meta.json", "notes.tmp.txt", "shard_00000.pt", "shard_00001.pt"]
+    assert cache.is_cache(str(c)) and not cache.is_cache(str(mine))
+    (mine / "meta.json").write_text('{"source": "flickr"}')  # an image folder's own metadata
+    assert not cache.is_cache(str(mine))
+    (c / "meta.json").write_text('{"num_items": 4')  # truncated
+    assert cache.is_cache(str(c))  # shards beside it: a damaged cache, and said so
+    with pytest.raises(ValueError, match=r"c/meta.json is damaged \(.*\): build the cache again$"):
+        cache.CachedDataset(str(c))
+    (c / "meta.json").write_text('{"num_items": 4}')
+    with pytest.raises(ValueError, match=r"c/meta.json has no 'text_encoder': not the meta.json of a cache"):
+        cache.CachedDataset(str(c))
+
+
 def test_cache_with_real_text_encoder(tmp_path):
     # the other helper's TextEncoder plugs into build_cache (tiny offline encoder; skipped if unavailable)
     te = pytest.importorskip("text_encoders")

@@ -186,6 +186,9 @@ def test_resume_follows_the_flags_and_bad_parents_are_one_line_errors(tmp_path):
     assert group["weight_decay"] == 0.1 and tuple(group["betas"]) == (0.8, 0.9)
     with pytest.raises(ValueError, match="trained with --prediction v; a resumed run keeps it"):
         T.main(tiny(tmp_path / "a", 6, "--resume", "--prediction", "eps"))  # would train another target
+    with pytest.raises(ValueError, match=r"was trained on shapes:train:size=32:seed=0:.*, not shapes:train:size=32:"
+                                          r"seed=7:.*: resume with its --data"):  # its data position is another's
+        T.main(tiny(tmp_path / "a", 6, "--resume", "--seed", "7"))
     with open(tmp_path / "a" / "ckpt-0000004.pt", "r+b") as f:
         f.truncate(1000)  # e.g. a disk that filled up under another program
     with pytest.raises(ValueError, match="ckpt-0000004.pt is not a readable GenTron checkpoint"):
@@ -198,6 +201,16 @@ def test_resume_follows_the_flags_and_bad_parents_are_one_line_errors(tmp_path):
         T.main(tiny(tmp_path / "i", 1, "--init-from", str(tmp_path / "v")))
     with pytest.raises(SystemExit, match="--resume found no checkpoint"):
         V.main(tiny(tmp_path / "typo", 1, "--resume"))
+
+
+def test_resume_knows_the_same_data_folder_however_spelled(tmp_path, monkeypatch):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert T.same_dataset("imgs", str(tmp_path / "imgs") + "/") and T.same_dataset("imgs+other:p_motion_free=0.5",
+                                                                                 "./imgs+other:p_motion_free=0.5")
+    assert not T.same_dataset("imgs", "other") and not T.same_dataset("imgs+other:p_motion_free=0.5",
+                                                                      "imgs+other:p_motion_free=0.9")
 
 
 def test_checkpoint_format(tmp_path):
@@ -422,6 +435,10 @@ def test_cached_features_and_null_caption(tmp_path, process_group):
         T.main(tiny(tmp_path / "r64", 1, "--data", str(tmp_path / "cache"), "--resolution", "64"))
     with pytest.raises(ValueError, match="is a cache of images; train_t2v.py needs one of videos"):
         V.main(tiny(tmp_path / "v", 1, "--data", str(tmp_path / "cache"), "--from-scratch"))
+    cache.build_cache(D.MovingShapesDataset(num_frames=2, length=4), tmp_path / "vcache", enc, D.PixelSpace(),
+                      progress=False)
+    with pytest.raises(ValueError, match="is a cache of videos; train_t2i.py needs one of images"):
+        T.main(tiny(tmp_path / "i", 1, "--data", str(tmp_path / "vcache")))
     with pytest.raises(ValueError, match="must be a multiple of 4"):  # found before hours of encoding, not after
         T.main(tiny(tmp_path / "r30", 1, "--cache", str(tmp_path / "c30"), "--resolution", "30", "--patch", "4"))
     assert not (tmp_path / "c30").exists()
