@@ -28,7 +28,7 @@ from einops import rearrange
 from PIL import Image
 from tqdm.auto import tqdm
 
-from checkpoint import DTYPES, build_config, export, read_checkpoint, resolve_checkpoint
+from checkpoint import DTYPES, build_config, export, read_checkpoint, resolve_checkpoint, write_json
 from data import load_latent_space
 from diffusion import SAMPLERS, Diffusion, guided_eps_fn, sample
 from inference import autocast, cast_matmul_weights, sampling_step
@@ -262,8 +262,13 @@ def check_settings(s, out_dir):
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"--device {s['device']}: this machine has {torch.cuda.device_count()} CUDA GPUs "
                          "(a run recorded on a GPU can be redone with --device cpu, though not bit for bit)")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"--out {out_dir} is a file, not a folder")
+    folder = out_dir  # it or the nearest folder above it that exists must be a folder we can write into
+    while folder and not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if folder and not os.path.isdir(folder):
+        raise ValueError(f"--out {out_dir}: {folder} is a file, not a folder")
+    if not os.access(folder or ".", os.W_OK):
+        raise ValueError(f"--out {out_dir}: {folder or '.'} is not writable")
 
 
 def run(settings, prompts, out_dir, only=None, progress=True, cuda_graph=True):
@@ -298,8 +303,7 @@ def run(settings, prompts, out_dir, only=None, progress=True, cuda_graph=True):
     samples = torch.stack(samples)
     cols = s["n_per_prompt"] if s["n_per_prompt"] > 1 else min(8, len(records))
     save_samples(samples, records, out_dir, cols)
-    with open(os.path.join(out_dir, "samples.json"), "w") as f:
-        json.dump({"settings": s, "num_samples": len(prompts), "samples": records}, f, indent=1)
+    write_json(os.path.join(out_dir, "samples.json"), {"settings": s, "num_samples": len(prompts), "samples": records})
     return samples, records
 
 
@@ -435,5 +439,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError, ImportError) as e:
+    except (OSError, ValueError, ImportError) as e:  # OSError: a missing file, a full disk, --export onto a folder
         sys.exit(f"error: {e}")

@@ -232,7 +232,8 @@ def test_clear_errors(ckpts, tmp_path, monkeypatch):
     no_gpu = "cuda:99"  # more GPUs than any machine has
     for argv, message in ((["--seed", "-1"], "--seed must be >= 0"), (["--cfg", "nan"], "--cfg must be a finite"),
                           (["--device", "bogus"], "'bogus' is not a device"), (["--device", no_gpu], "CUDA GPUs"),
-                          (["--out", str(tmp_path / "afile")], "is a file, not a folder")):
+                          (["--out", str(tmp_path / "afile")], "afile is a file, not a folder"),
+                          (["--out", str(tmp_path / "afile" / "sub")], "sub: .*afile is a file, not a folder")):
         with pytest.raises(ValueError, match=message):
             sample.main(["--ckpt", ckpts["t2i"], "a red circle", "--out", str(tmp_path / "x"), *argv])
     (tmp_path / "bad.json").write_text("{}")
