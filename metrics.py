@@ -204,21 +204,45 @@ def read_prompt_file(path):
 
 
 def compbench_generate(model, meta, prompt_dir, image_dir, categories, n_per_prompt=10, max_prompts=None, **kw):
-    """Write image_dir/{category}/samples/{prompt}_{k:06d}.png - the layout CompBench's own scripts read."""
+    """Write image_dir/{category}/samples/{prompt}_{k:06d}.png - the layout CompBench's own scripts read. Every
+    prompt file is read first; each batch is written as it is made, so a killed run, run again with the same
+    settings (image_dir/generation.json), makes only the images still missing: the same images (sample i's noise
+    seed depends on i alone). Other settings, or images of another run in a folder, are refused before any work."""
+    from checkpoint import atomic_write, write_json
     from sample import generate
 
-    for cat in categories:  # every folder checked before any image is generated
+    prompts = {cat: read_prompt_file(os.path.join(prompt_dir, COMPBENCH[cat]))[:max_prompts] for cat in categories}
+    flat = {cat: [p for p in prompts[cat] for _ in range(n_per_prompt)] for cat in categories}
+    names = {cat: [f"{p.replace('/', ' ')}_{k:06d}.png" for k, p in enumerate(flat[cat])] for cat in categories}
+    settings = {"ckpt": meta.get("ckpt"), "step": meta.get("step"), "n_per_prompt": n_per_prompt,
+                "max_prompts": max_prompts, **{k: v for k, v in kw.items() if k not in ("progress", "cuda_graph")}}
+    record = os.path.join(image_dir, "generation.json")
+    if os.path.exists(record):
+        with open(record) as f:
+            had = json.load(f)
+        diff = [f"{k} {had.get(k)} (now {v})" for k, v in settings.items() if had.get(k) != v]
+        if diff:
+            raise ValueError(f"{image_dir} holds a generation with other settings: {', '.join(diff)}; finish it "
+                             "with its settings, or generate into an empty --images folder")
+    for cat in categories:  # images that this generation would not write: another run's, scored together otherwise
         d = os.path.join(image_dir, cat, "samples")
-        if images_in(d):
-            raise FileExistsError(f"{d} already holds images; generate into an empty --images folder")
+        other = sorted(set(images_in(d)) - set(names[cat] if os.path.exists(record) else []))
+        if other:
+            raise FileExistsError(f"{d} already holds images of another run ({other[0]}); generate into an empty "
+                                  "--images folder")
+    os.makedirs(image_dir, exist_ok=True)
+    write_json(record, settings)
+    bs = kw.get("batch_size", 16)
     for cat in categories:
-        prompts = read_prompt_file(os.path.join(prompt_dir, COMPBENCH[cat]))[:max_prompts]
-        flat = [p for p in prompts for _ in range(n_per_prompt)]
-        x = generate(model, meta, flat, video=False, **kw).numpy()
         d = os.path.join(image_dir, cat, "samples")
         os.makedirs(d, exist_ok=True)
-        for k, (p, img) in enumerate(zip(flat, x)):
-            Image.fromarray(img).save(os.path.join(d, f"{p.replace('/', ' ')}_{k:06d}.png"))
+        for b0 in range(0, len(flat[cat]), bs):
+            batch = names[cat][b0 : b0 + bs]
+            if all(os.path.exists(os.path.join(d, n)) for n in batch):  # made by the run that was killed
+                continue
+            x = generate(model, meta, flat[cat][b0 : b0 + bs], video=False, first_index=b0, **kw).numpy()
+            for name, img in zip(batch, x):  # atomic: a kill never leaves a truncated image to be scored
+                atomic_write(os.path.join(d, name), lambda tmp: Image.fromarray(img).save(tmp, format="PNG"))
 
 
 def images_in(d):

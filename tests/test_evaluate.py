@@ -303,7 +303,7 @@ def test_clip_scores_and_frame_consistency(hf_models, monkeypatch):
     assert metrics.clip_score(None, None, model, proc) == [0.0, 50.0]
 
 
-def test_compbench_end_to_end(hf_models, tmp_path):
+def test_compbench_end_to_end(hf_models, tmp_path, monkeypatch):
     from sample import load_model
 
     prompts = tmp_path / "prompts"
@@ -331,10 +331,31 @@ def test_compbench_end_to_end(hf_models, tmp_path):
              "--blip", hf_models["blip"], "--detector", hf_models["owl"]])
     cli = json.load(open(os.path.join(images, "compbench.json")))
     assert cli["color"] == pytest.approx(s["color"]) and cli["spatial"] == pytest.approx(s["spatial"])
-    # generating into folders that hold images is refused before any work (they would be scored together)
-    with pytest.raises(FileExistsError, match="already holds images"):
-        metrics.compbench_generate(model, meta, str(prompts), images, ["texture", "color"], steps=2, progress=False)
-    assert not os.path.exists(os.path.join(images, "texture"))
+    # a missing prompt file is found before any image is made
+    with pytest.raises(FileNotFoundError, match="texture_val.txt does not exist"):
+        metrics.compbench_generate(model, meta, str(prompts), str(tmp_path / "new"), ["color", "texture"], steps=2)
+    assert not os.path.exists(tmp_path / "new")
+    # a killed run, run again with its settings, makes only what is missing, and the same images
+    spatial = os.path.join(images, "spatial", "samples")
+    before = {n: np.asarray(Image.open(os.path.join(spatial, n))) for n in names}
+    os.remove(os.path.join(spatial, names[-1]))
+    import sample
+    made, generate = [], sample.generate
+    monkeypatch.setattr(sample, "generate", lambda model, meta, prompts, **kw: made.append(prompts) or
+                        generate(model, meta, prompts, **kw))
+    metrics.compbench_generate(model, meta, str(prompts), images, list(files), n_per_prompt=2, steps=2,
+                               progress=False)
+    assert made == [[p for p in files["spatial"] for _ in range(2)]]  # the one batch with the missing image
+    assert sorted(os.listdir(spatial)) == names
+    for n in names:
+        assert np.array_equal(np.asarray(Image.open(os.path.join(spatial, n))), before[n])
+    # other settings, or images of another run, are refused before any work (they would be scored together)
+    with pytest.raises(ValueError, match=r"other settings: steps 2 \(now 3\)"):
+        metrics.compbench_generate(model, meta, str(prompts), images, list(files), n_per_prompt=2, steps=3)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(os.path.join(spatial, "a dog_000009.png"))
+    with pytest.raises(FileExistsError, match=r"already holds images of another run \(a dog_000009.png\)"):
+        metrics.compbench_generate(model, meta, str(prompts), images, list(files), n_per_prompt=2, steps=2)
+    os.remove(os.path.join(spatial, "a dog_000009.png"))
     # a missing or empty category folder is found before the first model loads, not after the others are scored
     os.makedirs(os.path.join(images, "texture", "samples"))
     for cats, error, message in ((["color", "shape2"], FileNotFoundError, "no images folder"),
