@@ -61,8 +61,8 @@ def resize_center_crop(img, size):
     """PIL image -> float (3, size, size) in [-1, 1]: upright as its EXIF orientation says (phone photos), resize
     the shorter side to size, crop the centre."""
     img = ImageOps.exif_transpose(img)
-    if img.mode.startswith("I;16"):  # 16-bit grey: scale to 8 bits (convert("RGB") would clip it at 255)
-        img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
+    if img.mode.startswith("I;16") or img.mode == "I":  # 16-bit grey (Pillow opens some PNGs as "I"): scale to
+        img = Image.fromarray((np.asarray(img).clip(0, 65535).astype(np.uint16) >> 8).astype(np.uint8))  # 8 bits
     if "A" in img.getbands() or "transparency" in img.info:  # transparent pixels are white, not their hidden RGB
         img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
     img = img.convert("RGB")

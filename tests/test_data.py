@@ -743,6 +743,8 @@ def test_image_modes_thin_images_linked_folders_and_bom_captions(tmp_path):
         assert img.mode == "I;16"
         x = data.resize_center_crop(img, 8)
     assert abs(float(x.mean() + 1) / 2 - 0.49) < 0.05
+    as_int32 = data.resize_center_crop(Image.fromarray(ramp.astype(np.int32)), 8)  # mode "I": the same grey
+    assert Image.fromarray(ramp.astype(np.int32)).mode == "I" and torch.equal(as_int32, x)
     rgba = np.zeros((8, 8, 4), np.uint8)
     rgba[..., 1] = 255  # green, fully transparent
     assert torch.allclose(data.resize_center_crop(Image.fromarray(rgba, "RGBA"), 4), torch.ones(3, 4, 4))
