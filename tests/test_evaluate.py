@@ -460,3 +460,5 @@ def test_clip_score_of_sample_folders(hf_models, tmp_path):
     assert v["n"] == 1 and len(frames) == FRAMES > 1
     assert v["clip_score_per_frame"] == pytest.approx(float((100 * cos.clamp(min=0)).mean()), abs=1e-3)
     assert v["frame_consistency"] == pytest.approx(100 * float((emb[1:] * emb[:-1]).sum(-1).mean()), abs=1e-3)
+    ev.main(["--clip-score", str(tmp_path / "v"), "--clip", hf_models["clip"]])  # again: the first file stays
+    assert json.load(open(tmp_path / "v" / "clip_score-2.json")) == v == json.load(open(tmp_path / "v" / "clip_score.json"))
