@@ -204,10 +204,11 @@ class TemporalAttention(nn.Module):
         frame-dependent offset, so temporal modelling would not be off. One frame: nothing to order."""
         if frames == 1:
             return None
-        pos = sincos_1d(torch.arange(frames, device=x.device), x.shape[-1]).to(x.dtype).repeat(x.shape[0] // frames, 1)
+        pos = sincos_1d(torch.arange(frames, device=x.device), x.shape[-1]).to(x.dtype)  # (T, D)
+        pos = pos.repeat(x.shape[0] // frames, 1)  # (B T, D): frame t of every clip
         if motion_free is not None:
-            pos = pos * (~motion_free).repeat_interleave(frames)[:, None].to(x.dtype)
-        return pos[:, None]
+            pos = pos * (~motion_free).repeat_interleave(frames)[:, None].to(x.dtype)  # zero for motion-free clips
+        return pos[:, None]  # (B T, 1, D)
 
     def forward(self, h, frames, motion_free=None):
         """h (B T, N, D): the frames' tokens normed, with their positions (the block's add_norm, Eq. 4's LN) ->
