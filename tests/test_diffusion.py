@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffusion import Diffusion, cfg_combine, ddim_sample, guided_eps_fn, mfg_combine, sample
+from diffusion import Diffusion, cfg_combine, ddim_sample, ddpm_sample, guided_eps_fn, mfg_combine, sample
 from model import GenTron, make_config
 
 
@@ -63,6 +63,27 @@ def test_ddpm_samples_gaussian_data_with_its_moments():
     xT = torch.randn(4, 10000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     out = sample(eps_fn, d, xT, "ddpm", 1000, generator=torch.Generator().manual_seed(1))
     assert abs(out.mean().item() - mu) < 0.01 and abs(out.std().item() - s) < 0.015
+    # respaced to 50 steps the fixed variance beta~ makes the samples narrower than s (0.44 here); DDIM with eta = 1
+    # draws the same posterior noise (Song et al. 2021, Eq. 16), so it gives the same spread as DDPM
+    ddpm = sample(eps_fn, d, xT, "ddpm", 50, generator=torch.Generator().manual_seed(1))
+    ddim = ddim_sample(eps_fn, d, xT, steps=50, eta=1.0, generator=torch.Generator().manual_seed(1))
+    assert abs(ddpm.std().item() - ddim.std().item()) < 0.01 and abs(ddpm.mean().item() - ddim.mean().item()) < 0.01
+    assert 0.4 < ddpm.std().item() < 0.48
+
+
+def test_respaced_ancestral_step_has_the_posterior_variance():
+    """One noise step of a respaced chain, by hand (DDPM's Eq. 7 on the grid [999, 0]): from x_T = 0 with eps = 0
+    the sample is sigma z / sqrt(abar_0), sigma^2 = beta~ = (1 - abar_0) / (1 - abar_999) (1 - abar_999 / abar_0).
+    DDPM draws sigma (Eq. 2), DDIM eta * sigma."""
+    d = Diffusion()
+    ab0, abT = d.alpha_bar[0].item(), d.alpha_bar[999].item()
+    want = ((1 - ab0) / (1 - abT) * (1 - abT / ab0)) ** 0.5 / ab0**0.5  # 0.0100
+    zero, x = (lambda x, t: torch.zeros_like(x)), torch.zeros(200_000, dtype=torch.float64)
+    g = lambda: torch.Generator().manual_seed(0)
+    assert ddpm_sample(zero, d, x, steps=2, generator=g()).std().item() == pytest.approx(want, rel=0.01)
+    for eta in (0.5, 1.0):
+        got = ddim_sample(zero, d, x, steps=2, eta=eta, generator=g()).std().item()
+        assert got == pytest.approx(eta * want, rel=0.01)
 
 
 def oracle(d, x0):

@@ -163,6 +163,21 @@ def test_temporal_sublayer_is_eq_3_to_5_written_out():
     assert (got - x).abs().max() > 1e-2  # the branch is not zero
 
 
+def test_unpatchify_is_dits_patch_layout():
+    """The final linear layer gives each token p * p * C values, which DiT's unpatchify places as (p, q, C): output
+    channel c of pixel (i, j) inside a patch is feature (i p + j) C + c. With the layer's weight zeroed and its bias
+    set to 0, 1, 2, ... every patch shows that layout."""
+    model = build()
+    p, c = model.cfg.patch, model.cfg.in_channels
+    with torch.no_grad():
+        model.final_layer.linear.weight.zero_()
+        model.final_layer.linear.bias.copy_(torch.arange(p * p * c, dtype=torch.float32))
+        out = model(**inputs())  # (B, C, H, W)
+    i, j, ch = torch.meshgrid(torch.arange(out.shape[2]) % p, torch.arange(out.shape[3]) % p, torch.arange(c),
+                              indexing="ij")
+    assert torch.equal(out[0], ((i * p + j) * c + ch).permute(2, 0, 1).float())
+
+
 def test_padded_text_tokens_are_ignored():
     model = build()
     a = inputs()

@@ -203,6 +203,14 @@ def test_resume_follows_the_flags_and_bad_parents_are_one_line_errors(tmp_path):
         V.main(tiny(tmp_path / "typo", 1, "--resume"))
 
 
+def test_captions_are_dropped_one_time_in_ten_by_default():
+    """CFG (lambda_T, Sec. 3.2.1 / Eq. 6) needs the unconditional prediction trained: by default 10% of the
+    captions become the null caption (Ho & Salimans), drawn per sample and step."""
+    p = T.get_parser("t2i").parse_args([]).caption_dropout
+    drops = torch.cat([fsdp.step_draws(0, step, 256, (1,), torch.device("cpu"), p)[2] for step in range(40)])
+    assert p == 0.1 and abs(drops.float().mean().item() - 0.1) < 3 * (0.1 * 0.9 / len(drops)) ** 0.5
+
+
 def test_resume_knows_the_same_data_folder_however_spelled(tmp_path, monkeypatch):
     (tmp_path / "imgs").mkdir()
     (tmp_path / "other").mkdir()
@@ -214,11 +222,11 @@ def test_resume_knows_the_same_data_folder_however_spelled(tmp_path, monkeypatch
 
 
 def test_checkpoint_format(tmp_path):
-    T.main(tiny(tmp_path, 4, "--ckpt-every", "1", "--keep", "2", "--ema", "0.5"))
+    T.main(tiny(tmp_path, 4, "--ckpt-every", "1", "--keep", "2", "--ema", "0.9"))
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt")) == ["ckpt-0000003.pt", "ckpt-0000004.pt"]
     ckpt, prev = load(tmp_path / "ckpt-0000004.pt"), load(tmp_path / "ckpt-0000003.pt")
     for k, v in ckpt["ema"].items():  # each step: ema <- decay * ema + (1 - decay) * the step's new weights
-        torch.testing.assert_close(v, 0.5 * prev["ema"][k] + 0.5 * ckpt["model"][k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(v, 0.9 * prev["ema"][k] + 0.1 * ckpt["model"][k], rtol=0, atol=1e-6)
     assert set(ckpt) == CKPT_KEYS and ckpt["step"] == 4
     assert ckpt["meta"] == {"kind": "t2i", "text_encoder": "tiny-clip+t5", "latent_space": "pixel", "resolution": 32,
                             "num_frames": None, "dataset": "shapes:train:size=32:seed=0:single+color+shape+spatial",
