@@ -13,13 +13,13 @@ import time
 
 import torch
 
-from checkpoint import atomic_write, write_json
+from checkpoint import atomic_write, killed_write, write_json
 from data import JointImageVideoDataset, _MediaTextDataset, collate, latent_spec
 
 # the fields of meta.json that the readers use (cache_spec's and build_cache's); a meta.json without them is not ours
 META_KEYS = ("text_encoder", "text_dim", "pooled_dim", "latent_space", "latent_channels", "resolution", "num_frames",
              "dataset", "num_items", "shard_size")
-TEMP = re.compile(r"(shard_\d+\.pt|meta\.json)\.tmp\d+")  # checkpoint.atomic_write's temp names
+SHARD = re.compile(r"shard_\d+\.pt")  # the shard files' names (shard_00000.pt, ...)
 
 
 def cache_spec(text_encoder, latent_space, resolution, num_frames=None, dataset=""):
@@ -76,7 +76,8 @@ def build_cache(dataset, out_dir, text_encoder, latent_space, shard_size=4096, b
     os.makedirs(out_dir, exist_ok=True)
     meta_path = os.path.join(out_dir, "meta.json")
     for name in os.listdir(out_dir):
-        if TEMP.fullmatch(name):  # what a killed write of ours leaves behind (checkpoint.atomic_write)
+        target = killed_write(name) or ""
+        if target == "meta.json" or SHARD.fullmatch(target):  # a write of ours, cut off midway
             os.remove(os.path.join(out_dir, name))
         elif not os.path.exists(meta_path):  # meta.json is written before any shard: not a cache of ours
             raise ValueError(f"{out_dir} holds other files ({name}) and no cache: give --cache a new or empty folder")
@@ -148,14 +149,13 @@ def is_cache(path):
     meta_path = os.path.join(path, "meta.json")
     if not os.path.isfile(meta_path):
         return False
-    if any(re.fullmatch(r"shard_\d+\.pt", name) for name in os.listdir(path)):
+    if any(SHARD.fullmatch(name) for name in os.listdir(path)):
         return True
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
+        read_meta(meta_path)
     except (OSError, ValueError):
         return False
-    return isinstance(meta, dict) and all(k in meta for k in META_KEYS)
+    return True
 
 
 def read_meta(meta_path):

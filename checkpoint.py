@@ -36,6 +36,23 @@ def atomic_write(path, write):
     os.replace(tmp, path)
 
 
+def killed_write(name):
+    """NAME for the temp file NAME.tmpPID that an atomic_write killed midway leaves behind, else None."""
+    m = re.fullmatch(r"(.+)\.tmp\d*", name)  # (\d*: also the pid-less names of earlier versions)
+    return m and m.group(1)
+
+
+def free_name(base, taken=os.path.exists):
+    """base, or base-2, base-3, ... (before the extension): the first name that is not `taken`, so that a new
+    run's output never replaces an earlier run's."""
+    stem, ext = os.path.splitext(base)
+    name, k = base, 1
+    while taken(name):
+        k += 1
+        name = f"{stem}-{k}{ext}"
+    return name
+
+
 def write_json(path, obj, **kwargs):
     def write(tmp):
         with open(tmp, "w") as f:
@@ -142,7 +159,7 @@ def config_dict(config):
 def remove_partial_checkpoints(out):
     """Delete the temp files of checkpoint writes that were killed midway (nothing to resume from)."""
     for name in os.listdir(out) if os.path.isdir(out) else []:
-        if name.startswith("ckpt-") and ".pt.tmp" in name:
+        if (killed_write(name) or "").startswith("ckpt-"):
             os.remove(os.path.join(out, name))
 
 

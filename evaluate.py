@@ -27,7 +27,7 @@ import sys
 import numpy as np
 import torch
 
-from checkpoint import write_json
+from checkpoint import free_name, write_json
 from metrics import (BLIP_VQA, CLIP_B32, CLIP_L14, COMPBENCH, DETECTOR, clip_eval, compbench,
                      compbench_generate, fid)
 from model import CrossAttention
@@ -334,20 +334,10 @@ def main(argv=None):
         scores = fid(args.fid, args.ref, args.device)
         table, default = f"FID: {scores['fid']:.2f}", os.path.join(args.fid, "fid.json")
     print(table)
-    path = args.json or free_file(default)  # the default never replaces an earlier run's scores
+    path = args.json or free_name(default)  # the default never replaces an earlier run's scores
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_json(path, scores)  # atomic: a crash never leaves half a score file
     print(f"wrote {path}")
-
-
-def free_file(path):
-    """path, or name-2.json, name-3.json, ...: the first that does not exist yet."""
-    stem, ext = os.path.splitext(path)
-    k = 1
-    while os.path.exists(path):
-        k += 1
-        path = f"{stem}-{k}{ext}"
-    return path
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from einops import rearrange
 from PIL import Image
 from tqdm.auto import tqdm
 
-from checkpoint import DTYPES, build_config, export, read_checkpoint, resolve_checkpoint, write_json
+from checkpoint import DTYPES, build_config, export, free_name, read_checkpoint, resolve_checkpoint, write_json
 from data import load_latent_space
 from diffusion import SAMPLERS, Diffusion, guided_eps_fn, sample
 from inference import autocast, cast_matmul_weights, sampling_step
@@ -324,11 +324,7 @@ def wrong_types(settings):
 
 def free_dir(base):
     """base, or base-2, base-3, ...: the first folder that holds no earlier run's samples.json."""
-    out, k = base, 1
-    while os.path.exists(os.path.join(out, "samples.json")):
-        k += 1
-        out = f"{base}-{k}"
-    return out
+    return free_name(base, lambda folder: os.path.exists(os.path.join(folder, "samples.json")))
 
 
 def read_prompts(args):
