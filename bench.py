@@ -53,7 +53,10 @@ p.add_argument("--batch", type=int, default=64,
                help="images (or clips) per training step / prompts per sampling pass; per GPU with --fsdp")
 p.add_argument("--resolution", type=int, default=256, help="pixels; SD-VAE latents are resolution / 8")
 p.add_argument("--frames", type=int, default=1, help=">1 benchmarks the T2V model on clips")
-p.add_argument("--text-len", type=int, default=120)
+p.add_argument("--text-len", type=int, default=120, help="text tokens per caption, padding included")
+p.add_argument("--max-tokens", type=int, default=None, metavar="N",
+               help="real tokens per caption drawn from 8..N (default --text-len); the rest is masked padding. "
+                    "sample.py's prompts fill ~10-40 of CLIP + T5's 197")
 p.add_argument("--compile", action="store_true", help="torch.compile the model (with --fsdp: as fsdp.build_model does)")
 p.add_argument("--compile-mode", default=None,
                help="torch.compile mode, e.g. reduce-overhead or max-autotune-no-cudagraphs (not with --fsdp)")
@@ -156,11 +159,11 @@ def kernel_families(prof):
     return dict(sorted(out.items(), key=lambda kv: -kv[1][0]))
 
 
-def random_inputs(cfg, batch, resolution, frames, text_len, device, g):
-    """Latents (B, [T,] 4, r/8, r/8) and CLIP+T5-shaped text with realistic padding (lengths 8..L)."""
+def random_inputs(cfg, batch, resolution, frames, text_len, device, g, max_tokens=None):
+    """Latents (B, [T,] 4, r/8, r/8) and CLIP+T5-shaped text with padding (lengths 8..max_tokens, default L)."""
     side = resolution // 8
     shape = (batch, cfg.in_channels, side, side) if frames == 1 else (batch, frames, cfg.in_channels, side, side)
-    lengths = torch.randint(8, text_len + 1, (batch, 1), generator=g)
+    lengths = torch.randint(8, (max_tokens or text_len) + 1, (batch, 1), generator=g)
     return dict(
         x=torch.randn(shape, generator=g).to(device),
         t=torch.randint(0, 1000, (batch,), generator=g).to(device),
@@ -175,6 +178,8 @@ def main(args):
     for name, lo in (("batch", 1), ("resolution", 8), ("frames", 1), ("text_len", 8), ("steps", 1), ("warmup", 0), ("ac", 0)):
         if getattr(args, name) < lo:
             p.error(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
+    if args.max_tokens is not None and not 8 <= args.max_tokens <= args.text_len:
+        p.error(f"--max-tokens must be in 8..--text-len ({args.text_len}), got {args.max_tokens}")
     if set(args.mode.split(",")) - {"train", "sample"}:
         p.error(f"--mode is train, sample or train,sample; got {args.mode}")
     if args.ac and not args.fsdp:
@@ -219,7 +224,6 @@ def main(args):
     peak = matmul_peak_tflops(device)
     torch.cuda.empty_cache()  # give the peak test's buffers back before measuring memory (no-op on CPU)
     flops = flops_per_sample(cfg, args.text_len, args.frames, args.resolution // 8)
-    step_flops = flops_per_sample(cfg, args.text_len, args.frames, args.resolution // 8, caption=False)
     attention = lambda: sdpa_kernel(ATTENTION[args.attention]) if args.attention != "auto" else nullcontext()
     model = fwd = opt = amp = None  # amp: the forward's bf16 context (fsdp.mixed_precision), set with the model
     sharded = False  # whether fsdp.build_model sharded it
@@ -230,7 +234,7 @@ def main(args):
         if args.compile and args.max_batch:
             torch._dynamo.reset()  # compile each batch afresh with static shapes, as a run at that batch would
         n = batch if name == "train" else 2 * batch  # sampling: prompts and null captions in one batch
-        inp = random_inputs(cfg, n, args.resolution, args.frames, args.text_len, device, g)
+        inp = random_inputs(cfg, n, args.resolution, args.frames, args.text_len, device, g, args.max_tokens)
         if args.frames > 1:
             inp["motion_free"] = torch.zeros(n, dtype=torch.bool, device=device)
         if name == "sample":  # a denoising step as sample.py runs it: the captions encoded once, before the steps
@@ -238,6 +242,9 @@ def main(args):
             if not sharded:  # GenTron.encode_text; FSDP2 gathers a block's weights only inside its forward
                 with torch.no_grad(), amp:
                     inp["context"] = model.encode_text(**caption)
+                text = inp["context"].text  # the keys a step attends to (model.compact_caption)
+                step_flops = flops_per_sample(cfg, args.text_len if text is None else text.shape[1], args.frames,
+                                              args.resolution // 8, caption=False)
             else:
                 inp.update(caption)
 

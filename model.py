@@ -339,6 +339,22 @@ class FinalLayer(nn.Module):
 # GenTron
 
 
+def compact_caption(text, text_mask, multiple=64):
+    """text (B, L, C), text_mask (B, L) -> each caption's real tokens first, then only as many of the L positions
+    as the longest caption in the batch needs, rounded up to `multiple` (at most L). Cross-attention is the tokens'
+    only use, and it treats them as a set with the padding masked out: the same attention over fewer keys (the
+    softmax sums the same terms, in another order). A sampler's prompts are short next to CLIP + T5's padded 77 +
+    120 tokens. Rounding keeps the shapes, and so the recorded CUDA graphs (inference.CUDAGraphStep), to a few.
+    One host sync, so a sampler runs it once per batch (encode_text), never inside a step."""
+    if text_mask is None:
+        return text, text_mask
+    keep = min(text_mask.shape[1], -(-int(text_mask.sum(1).max()) // multiple) * multiple)
+    if keep == text_mask.shape[1]:
+        return text, text_mask
+    order = torch.sort((~text_mask).to(torch.uint8), dim=1, stable=True).indices[:, :keep]  # real tokens first
+    return text.gather(1, order[..., None].expand(-1, -1, text.shape[-1])), text_mask.gather(1, order)
+
+
 class TextContext(NamedTuple):
     """The caption's share of a forward pass, which depends on neither x_t nor t (GenTron.encode_text)."""
     pooled: torch.Tensor | None  # (B, D): the pooled-text embedding, added to the time embedding (Sec. 3.2.1)
@@ -411,9 +427,12 @@ class GenTron(nn.Module):
 
     def encode_text(self, text=None, text_mask=None, pooled=None, keys_values=True):
         """What a forward pass computes from the caption alone (6.4% of an XL/2 image's FLOPs), which a sampler runs
-        once for all its steps (`context`, diffusion.guided_eps_fn). Training leaves the keys and values to each
-        block (keys_values=False), where FSDP2 has gathered its weights."""
+        once for all its steps (`context`, diffusion.guided_eps_fn), with the padding its captions share dropped
+        first (compact_caption). Training leaves the keys and values to each block (keys_values=False), where
+        FSDP2 has gathered its weights, and keeps its captions' shape (no host sync in a compiled step)."""
         p = self.pooled_embedder(pooled) if self.pooled_embedder is not None else None
+        if keys_values and self.text_proj is not None:
+            text, text_mask = compact_caption(text, text_mask)
         text = self.text_proj(text) if self.text_proj is not None else None  # (B, L, D)
         kv = [block.cross_attn.keys_values(text) for block in self.blocks] if text is not None and keys_values else None
         return TextContext(p, text, kv, text_mask)

@@ -189,6 +189,37 @@ def test_padded_text_tokens_are_ignored():
     assert (model(**b)[0] - out_a[0]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("frames", [None, 3])
+def test_sampler_context_keeps_only_the_positions_its_captions_need(frames):
+    # A sampler's captions (GenTron.encode_text -> compact_caption): CLIP + T5 pad each to 77 + 120 positions and a
+    # prompt fills a few of each part, so its context keeps each caption's real tokens, in order, in as many
+    # positions as the longest caption needs, rounded up to 64. The predictions are the full captions' (Fig. 2b).
+    model = build(temporal=frames is not None)
+    b, length = 3, 197
+    mask = torch.zeros(b, length, dtype=torch.bool)
+    mask[0, :12], mask[0, 77:93] = True, True  # a prompt: 12 CLIP tokens, 16 T5 tokens
+    mask[1, :2], mask[1, 77] = True, True  # the empty caption (CFG's null): BOS + EOS, EOS
+    g = torch.Generator().manual_seed(3)
+    mask[2, torch.randperm(length, generator=g)[:45]] = True  # the longest: 45 real tokens anywhere
+    x = inputs(b=b, frames=frames)
+    x["text"] = torch.randn(b, length, TEXT_DIM, generator=g) * mask[..., None]  # padding rows 0, as text_encoders
+    x["text_mask"] = mask
+    kw = {} if frames is None else {"motion_free": torch.tensor([False, True, False])}
+    caption = {k: x.pop(k) for k in ("text", "text_mask", "pooled")}
+    with torch.no_grad():
+        context = model.encode_text(**caption)
+        assert context.text_mask.shape == (b, 64) and context.kv[0][0].shape[2] == 64
+        assert torch.equal(context.text_mask.sum(1), mask.sum(1))  # every real token kept
+        kept = context.text_mask[0].nonzero()[:, 0]  # the prompt's own tokens, in their order, at the front
+        torch.testing.assert_close(context.text[0, kept], model.text_proj(caption["text"][0, mask[0]]))
+        torch.testing.assert_close(model(**x, **kw, context=context), model(**x, **kw, **caption), rtol=0, atol=1e-5)
+        mask[2, :70] = True  # a longer caption: two rows of 64; one of 197 real tokens: all 197
+        assert model.encode_text(**caption).text.shape[1] == 128
+        assert model.encode_text(**caption, keys_values=False).text.shape[1] == length  # training: as given
+        mask[2] = True
+        assert model.encode_text(**caption).text.shape[1] == length
+
+
 def test_pooled_text_reaches_adaln():
     for cond in ["cross_attn", "adaln"]:
         model = build(conditioning=cond)
