@@ -20,6 +20,7 @@ import torch
 from einops import rearrange
 from PIL import Image, ImageOps
 
+from model import compact_caption
 from synthetic import (  # noqa: F401  (re-exported: data.ShapesDataset etc.)
     BACKGROUND, CATEGORIES, COLORS, HELDOUT_PAIRS, SHAPES, TRAIN_PAIRS,
     MovingShapesDataset, ShapesDataset, heldout_prompts, render,
@@ -47,6 +48,8 @@ def collate(batch):
     for k in CACHED_KEYS:
         if k in batch[0]:
             out[k] = torch.stack([b[k] for b in batch])  # (B, L, C), (B, L), (B, P)
+    if "text" in out:  # only the positions these captions need (CLIP + T5 pad each to 197), cut here in the worker
+        out["text"], out["text_mask"] = compact_caption(out["text"], out["text_mask"].bool())
     return out
 
 

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import cache as C
 import data as D
 from fsdp import master_process
+from model import real_tokens_first
 from text_encoders import load_text_encoder
 
 
@@ -32,7 +33,7 @@ class Data:
     frames: int = None  # clip length for videos
     encoder: object = None  # TextEncoder when captions are encoded on the fly
     latents: object = None  # latent space when images are encoded on the fly (not for cached data)
-    null: tuple = None  # (tokens (L, C), mask (L,), pooled (P,)) of "" on the device, for precomputed features
+    null: tuple = None  # (tokens (L, C), mask (L,), pooled (P,)) of "" on the device, real tokens first
     prompts: list = None  # captions for the final sample grid
     p_motion_free: float = 0.0  # videos: fraction of motion-free pseudo-videos (bench draws its flags with it)
 
@@ -62,7 +63,8 @@ def cached_data(path, device, frames=None):
         null = [torch.empty(s, device=device, dtype=torch.uint8 if i == 1 else torch.float32) for i, s in enumerate(shapes)]
     for t in null:
         dist.broadcast(t, src=0)
-    null = (null[0], null[1].bool(), null[2])
+    first = real_tokens_first(null[1].bool())  # the batches' captions come real tokens first (data.collate)
+    null = (null[0][first], null[1].bool()[first], null[2])
     return Data(ds, m["dataset"], m["text_encoder"], m["latent_space"], m["resolution"], m["latent_channels"],
                 item["x"].shape[-1], m["text_dim"], m["pooled_dim"], shapes[0][0], m["num_frames"] or frames, null=null)
 
@@ -92,11 +94,12 @@ def bench_batches(data, micro, device, seed):
 
 def text_condition(batch, drop, data, device):
     """{text, text_mask, pooled} for the model; a dropped caption becomes the null caption "" (CFG)."""
-    if "text" in batch:  # cached or bench features: swap in the features of ""
-        d = drop.to(device)
-        tokens, mask, pooled = (batch[k].to(device) for k in ("text", "text_mask", "pooled"))
-        tokens = torch.where(d[:, None, None], data.null[0], tokens.float())
-        mask = torch.where(d[:, None], data.null[1], mask.bool())
+    if "text" in batch:  # cached or bench features: swap in the features of "", cut to the batch's positions
+        # (data.collate keeps only those its captions need); pinned by the loader, so the host does not wait
+        tokens, mask, pooled, d = (v.to(device, non_blocking=True) for v in (*(batch[k] for k in D.CACHED_KEYS), drop))
+        n = tokens.shape[1]
+        tokens = torch.where(d[:, None, None], data.null[0][:n], tokens.float())
+        mask = torch.where(d[:, None], data.null[1][:n], mask.bool())
         pooled = torch.where(d[:, None], data.null[2], pooled.float())
     else:
         tokens, mask, pooled = data.encoder(["" if x else c for c, x in zip(batch["caption"], drop.tolist())])

@@ -15,6 +15,7 @@ one. train_t2v.py imports the pieces below; the data sources are in train_data.p
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -342,7 +343,8 @@ def _train(args, make_data, kind, rank, world, device):
     sample_shape = ((data.frames,) if data.frames else ()) + (data.channels, data.latent_size, data.latent_size)
     diffusion = Diffusion(prediction=args.prediction)
     peak = matmul_peak_tflops(device) if master_process() else None
-    flops = 3 * flops_per_sample(cfg, data.text_len, data.frames or 1)  # fwd + bwd = 3x fwd; recompute not counted
+    # fwd + bwd = 3x fwd; recompute not counted. Per caption length: cached captions come cut to what they need
+    flops = functools.cache(lambda text_len: 3 * flops_per_sample(cfg, text_len, data.frames or 1))
     print0(f"{kind} GenTron-{args.size}: {sum(p.numel() for p in opt.params) / 1e6:.2f}M params, {world} rank(s) on "
            f"{device.type}, global batch {B} = {world} x {micro} x {A} accum, {data.spec}, "
            f"AC {f'every {ac} block(s)' if ac else 'off'}, "
@@ -359,7 +361,7 @@ def _train(args, make_data, kind, rank, world, device):
     # the bar only on rank 0 and only on a terminal (disable=None): a log file gets the step lines alone
     bar = tqdm(total=args.max_steps, initial=step, disable=None if master_process() else True, dynamic_ncols=True,
                desc=kind)
-    t0, seen, final = time.perf_counter(), 0, ckpt if master_process() else None
+    t0, seen, work, final = time.perf_counter(), 0, 0.0, ckpt if master_process() else None
     saved = step  # the step of the newest checkpoint (the loaded one, or the step this run starts at)
     deadline = started + 60 * (args.time_limit or 0)
     for step in range(step + 1, args.max_steps + 1):
@@ -369,6 +371,7 @@ def _train(args, make_data, kind, rank, world, device):
             batch = next(loader)
             mine = slice((j * world + rank) * micro, (j * world + rank + 1) * micro)  # this micro-batch's positions
             cond = text_condition(batch, drop[mine], data, device)
+            work += micro * flops(cond["text"].shape[1])  # this rank's FLOPs, for its MFU
             x0 = batch["x"].to(device, non_blocking=True)
             x0 = data.latents.encode(x0) if data.latents is not None else x0.float()
             mf = batch["motion_free"].to(device) if "motion_free" in batch else None  # Sec. 3.3.2
@@ -406,8 +409,9 @@ def _train(args, make_data, kind, rank, world, device):
         history["loss"] += [v[0] for v in done]
         history["grad_norm"] += [v[1] for v in done]
         if log:
-            rate = seen / (time.perf_counter() - t0)  # global samples per second over the interval
-            mfu = f"{100 * rate * flops / (world * peak * 1e12):.1f}%" if peak else "n/a"
+            dt = time.perf_counter() - t0
+            rate = seen / dt  # global samples per second over the interval
+            mfu = f"{100 * work / (dt * peak * 1e12):.1f}%" if peak else "n/a"
             mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
             line = (f"step {step} | loss {sum(v[0] for v in done) / len(done):.4f} | grad norm {done[-1][1]:.3f} | "
@@ -416,7 +420,7 @@ def _train(args, make_data, kind, rank, world, device):
             if master_process():
                 with open(os.path.join(out, "log.txt"), "a") as f:
                     f.write(line + "\n")
-            t0, seen = time.perf_counter(), 0
+            t0, seen, work = time.perf_counter(), 0, 0.0
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
         if save:

@@ -20,7 +20,7 @@ import train_data as S
 import train_t2i as T
 import train_t2v as V
 from diffusion import Diffusion
-from model import GenTron, GenTronConfig
+from model import GenTron, GenTronConfig, make_config, real_tokens_first
 from text_encoders import load_text_encoder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -459,8 +459,10 @@ def test_cached_features_and_null_caption(tmp_path, process_group):
     batch = D.collate([data.dataset[i] for i in range(3)])
     cond = S.text_condition(batch, torch.tensor([True, False, True]), data, process_group)
     null = enc([""])
+    first = real_tokens_first(null[1][0])  # its real tokens first, as data.collate cuts a batch's captions
     for k, ref in zip(("text", "text_mask", "pooled"), null):
-        assert torch.equal(cond[k][0], ref[0]) and torch.equal(cond[k][2], ref[0])
+        ref = ref[0] if k == "pooled" else ref[0][first]
+        assert torch.equal(cond[k][0], ref) and torch.equal(cond[k][2], ref)
         assert torch.equal(cond[k][1], batch[k][1])
     # the online path (captions encoded each step) drops the same way: the dropped rows are the features of ""
     online = S.online_data(D.ShapesDataset(length=4), "shapes", T.get_parser().parse_args(["--text-encoder", "tiny-clip+t5"]), process_group)
@@ -471,6 +473,40 @@ def test_cached_features_and_null_caption(tmp_path, process_group):
         same = lambda a, b: torch.allclose(a.float(), b.float(), atol=1e-5)  # encoded in another batch: rounding
         assert same(cond[k][0], ref[0]) and same(cond[k][2], ref[0]) and same(cond[k][1], ref_kept[0])
         assert not same(cond[k][1], ref[0]) or k == "text_mask"  # the kept caption is not the null one
+
+
+def test_cached_batches_keep_only_the_positions_their_captions_need(process_group):
+    # data.collate cuts cached CLIP + T5 features (77 + 120 positions; a caption fills a few of each) to what the
+    # batch's longest caption needs, rounded up to 64 (model.compact_caption), and a dropped caption becomes the
+    # null caption cut the same way: the predictions are those of the full features (Fig. 2b, CFG's dropout).
+    g = torch.Generator().manual_seed(0)
+    L, C, P = 197, 24, 16
+
+    def caption(n_clip, n_t5):
+        mask = torch.zeros(L, dtype=torch.bool)
+        mask[:n_clip], mask[77 : 77 + n_t5] = True, True
+        return torch.randn(L, C, generator=g) * mask[:, None], mask  # padding rows 0, as text_encoders
+
+    items = [dict(zip(("text", "text_mask"), caption(*n)), x=torch.randn(3, 8, 8, generator=g), caption="c",
+                  pooled=torch.randn(P, generator=g)) for n in ((12, 20), (30, 25), (5, 3))]
+    batch = D.collate(items)
+    assert batch["text"].shape == (3, 64, C) and batch["text_mask"].sum(1).tolist() == [32, 55, 8]
+    null_text, null_mask = caption(2, 1)  # "": BOS + EOS, EOS
+    first = real_tokens_first(null_mask)
+    data = S.Data(None, "test", "clip+t5", "pixel", 8, 3, 8, C, P, L,
+                  null=(null_text[first], null_mask[first], torch.randn(P, generator=g)))
+    cond = S.text_condition(batch, torch.tensor([False, True, False]), data, process_group)
+    full = {k: torch.stack([it[k] for it in items]) for k in ("text", "text_mask", "pooled")}
+    full["text"][1], full["text_mask"][1], full["pooled"][1] = null_text, null_mask, data.null[2]
+    torch.manual_seed(0)
+    model = GenTron(make_config("tiny", in_channels=3, text_dim=C, pooled_dim=P)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # like a trained model: no zero-initialised branch
+        x, t = batch["x"], torch.tensor([5, 500, 900])
+        torch.testing.assert_close(model(x, t, **cond), model(x, t, **full), rtol=0, atol=1e-5)
+        full["text"][0, 3] += 1.0  # a real token of the first caption does matter
+        assert (model(x, t, **full)[0] - model(x, t, **cond)[0]).abs().max() > 1e-3
 
 
 def test_a_failed_checkpoint_write_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
