@@ -61,9 +61,11 @@ def build_cache(dataset, out_dir, text_encoder, latent_space, shard_size=4096, b
     """Encode a dataset once into out_dir/shard_NNNNN.pt + meta.json; resumes a killed run.
 
     Each shard is a dict of plain tensors, lists and strings (torch.load(weights_only=True)):
-    "x" latents (n, [T,] C, h, w), "text" (n, L, C), "text_mask" (n, L), "pooled" (n, P),
-    "caption", "meta", and "motion_free" (n,) for videos. dtype (e.g. torch.bfloat16) casts the
-    float tensors to save disk. meta.json is marked complete only after the last shard is written.
+    "x" latents (n, [T,] C, h, w), "text_mask" (n, L), "text" (the shard's real tokens, C) with each item's
+    first row in "text_start" (n + 1,), "pooled" (n, P), "caption", "meta", and "motion_free" (n,) for videos.
+    Only real tokens are stored: CLIP + T5 pad every caption to 197 positions and a caption fills ~10-60 of
+    them. dtype (e.g. torch.bfloat16) casts the float tensors to save disk. meta.json is marked complete only
+    after the last shard is written.
     """
     from tqdm import tqdm
 
@@ -105,6 +107,9 @@ def build_cache(dataset, out_dir, text_encoder, latent_space, shard_size=4096, b
         shard = {key: torch.cat([p[key] for p in parts]) for key in parts[0] if key not in ("caption", "meta")}
         if dtype is not None:
             shard = {key: v.to(dtype) if v.is_floating_point() else v for key, v in shard.items()}
+        # the real tokens alone; CachedDataset puts them back at their positions, the padding rows zeros
+        shard["text"], count = shard["text"][shard["text_mask"]], shard["text_mask"].sum(1)
+        shard["text_start"] = torch.cat([count.new_zeros(1), count.cumsum(0)])
         shard["caption"] = [c for p in parts for c in p["caption"]]
         shard["meta"] = [m for p in parts for m in p["meta"]]
         atomic_write(path, lambda tmp: torch.save(shard, tmp))
@@ -220,4 +225,10 @@ class CachedDataset(torch.utils.data.Dataset):
         if not 0 <= i < len(self):
             raise IndexError(i)
         s, j = self._shard(i // self.shard_size), i % self.shard_size
-        return {key: v[j] for key, v in s.items()}
+        item = {key: v[j] for key, v in s.items() if key not in ("text", "text_start")}
+        if "text_start" not in s:  # a shard written before 2026-11-27: all L positions stored
+            return {**item, "text": s["text"][j]}
+        real = s["text"][s["text_start"][j] : s["text_start"][j + 1]]  # (real tokens, C)
+        item["text"] = real.new_zeros(item["text_mask"].shape[0], real.shape[1])  # (L, C), padding rows 0
+        item["text"][item["text_mask"]] = real
+        return item

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -574,8 +575,20 @@ def test_cache_round_trip_and_refusal(tmp_path):
         it, ref = cd[i], ds[i]
         tok, mask, pooled = enc([ref["caption"]])
         assert torch.equal(it["x"], ref["x"]) and it["caption"] == ref["caption"] and it["meta"] == ref["meta"]
-        assert torch.equal(it["text"], tok[0]) and torch.equal(it["text_mask"], mask[0])
-        assert torch.equal(it["pooled"], pooled[0])
+        assert torch.equal(it["text"], tok[0] * mask[0, :, None]) and torch.equal(it["text_mask"], mask[0])
+        assert torch.equal(it["pooled"], pooled[0])  # the real tokens at their positions; the padding rows 0
+    # on disk only the real tokens: shard 1's captions have 3, 3, 7 and 3 words, so it keeps 14 of its 4 x 5 rows
+    shard = torch.load(tmp_path / "shard_00001.pt", weights_only=True)
+    assert shard["text"].shape == (14, 6) and shard["text_start"].tolist() == [0, 3, 6, 11, 14]
+    old = {k: v for k, v in shard.items() if k != "text_start"}  # the layout before: all L positions
+    old["text"] = torch.stack([cd[i]["text"] for i in range(4, 8)])
+    (tmp_path / "old").mkdir()
+    for name in os.listdir(tmp_path):
+        if name.startswith(("meta", "shard")):
+            shutil.copy(tmp_path / name, tmp_path / "old" / name)
+    torch.save(old, tmp_path / "old" / "shard_00001.pt")
+    old_cd = cache.CachedDataset(str(tmp_path / "old"), expect)  # still read, item for item the same
+    assert all(torch.equal(old_cd[i]["text"], cd[i]["text"]) for i in range(10))
     b = data.collate([cd[i] for i in range(4)])
     assert b["text"].shape == (4, 5, 6) and b["text_mask"].dtype == torch.bool and b["pooled"].shape == (4, 4)
     # any other encoder / latent space / resolution is refused, naming the field
@@ -682,10 +695,11 @@ def test_cache_never_touches_files_it_did_not_write(tmp_path):
 
 
 def test_cache_with_real_text_encoder(tmp_path):
-    # the other helper's TextEncoder plugs into build_cache (tiny offline encoder; skipped if unavailable)
+    # the TextEncoder plugs into build_cache (tiny offline encoders; skipped if unavailable); CLIP + T5 captions
+    # have padding between their two parts, and the cache puts each real token back at its position
     te = pytest.importorskip("text_encoders")
     try:
-        enc = te.load_text_encoder("tiny-clip")
+        enc = te.load_text_encoder("tiny-clip+t5")
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"tiny text encoder unavailable: {e}")
     ds = S.ShapesDataset(seed=0, length=3)
