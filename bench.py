@@ -10,7 +10,8 @@ norm on the shards (fsdp.ShardedAdamW).
 
 MFU = model FLOP/s / the bf16 matmul peak measured in the same run (an 8192^3 product), with model
 FLOPs from flops.flops_per_sample: 3x forward for a training step (recompute not counted), 1x for
-sampling, less the captions' share where it is encoded once. With --fsdp, --batch is per GPU, samples/s is global (summed over ranks), TFLOP/s and MFU
+sampling, less the captions' share where it is encoded once, at the text positions the step keeps
+(model.compact_caption; all --text-len of them in training, where the captions come as given). With --fsdp, --batch is per GPU, samples/s is global (summed over ranks), TFLOP/s and MFU
 are per GPU and memory is the largest over ranks. Inputs are random latents and text features of the
 real shapes (SD-VAE latents, CLIP+T5 with `--text-len` tokens), so no weights or data are needed.
 

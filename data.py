@@ -37,7 +37,9 @@ def collate(batch):
 
     "x" is (B, C, H, W) for images or (B, T, C, H, W) for videos; for videos "motion_free" is a
     (B,) bool tensor (True for pseudo-videos of a repeated image, Sec. 3.3.2), False if an item
-    does not say. "meta" is the list of ground-truth dicts, or None when no item has one.
+    does not say. "meta" is the list of ground-truth dicts, or None when no item has one. Cached text features
+    come as model.compact_caption leaves them: each caption's real tokens first, cut to the positions the batch's
+    longest caption needs (rounded up to 64), with a bool mask.
     """
     x = torch.stack([b["x"] for b in batch])  # (B, C, H, W) or (B, T, C, H, W)
     out = {"x": x, "caption": [b["caption"] for b in batch]}

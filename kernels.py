@@ -7,6 +7,8 @@ in one pass over the tokens, forward and backward. model.add_norm is the same ma
 
 x, branch, r, h: (S, N, D), S groups (images, or frames of clips) of N tokens. gate, scale, shift: (S, D), one row
 per group (adaLN is per sample), or (D,) broadcast to every group (an affine LayerNorm's weight and bias).
+For the temporal layer (model.py, Eq. 3-5) branch or h may instead be in the (B N, T, D) layout of S = B T frames:
+each row is read or written at its place there, so that no pass of its own regroups the tokens.
 
 Why: Inductor's LayerNorm + modulate + residual kernels for XL/2 (D = 1152) ran at a third to a half of the H100's
 HBM bandwidth (README, "Throughput and MFU"). Each row here is read once, normalised in registers and written once:
@@ -46,17 +48,24 @@ def configs(pairs):
 
 @triton.autotune(configs=configs([(2, 2), (1, 4), (2, 4), (4, 4)]), key=["D", "HAS_BRANCH"])
 @triton.jit
-def _add_norm_fwd_kernel(x_ptr, b_ptr, g_ptr, a_ptr, c_ptr, r_ptr, h_ptr, mean_ptr, rstd_ptr, rows, N, D,
+def _add_norm_fwd_kernel(x_ptr, b_ptr, g_ptr, a_ptr, c_ptr, r_ptr, h_ptr, mean_ptr, rstd_ptr, rows, N, D, T,
                          g_step, a_step, c_step, eps, HAS_BRANCH: tl.constexpr, HAS_GATE: tl.constexpr,
-                         BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+                         B_BY_POS: tl.constexpr, H_BY_POS: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
     row = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # (ROWS,); int64: offsets can pass 2^31
     col = tl.arange(0, BLOCK_D)[None, :]  # (1, BLOCK_D)
     mask = (row[:, None] < rows) & (col < D)
     at = row[:, None] * D + col  # (ROWS, BLOCK_D) offsets into the (S N, D) tensors
     grp = row[:, None] // N  # each row's group: the row of gate / scale / shift
+    b_at, h_at = at, at
+    if B_BY_POS or H_BY_POS:  # row (b T + t) N + n of (B T, N) is row (b N + n) T + t of (B N, T)
+        moved = ((grp // T) * N + row[:, None] % N) * T + grp % T
+        if B_BY_POS:
+            b_at = moved * D + col
+        if H_BY_POS:
+            h_at = moved * D + col
     r = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
     if HAS_BRANCH:
-        b = tl.load(b_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + b_at, mask=mask, other=0.0).to(tl.float32)
         if HAS_GATE:
             b *= tl.load(g_ptr + grp * g_step + col, mask=mask, other=0.0).to(tl.float32)
         r = (r + b).to(r_ptr.dtype.element_ty)  # the stored residual is what gets normalised (as unfused)
@@ -67,7 +76,7 @@ def _add_norm_fwd_kernel(x_ptr, b_ptr, g_ptr, a_ptr, c_ptr, r_ptr, h_ptr, mean_p
     rstd = tl.rsqrt(tl.sum(diff * diff, axis=1) / D + eps)
     a = tl.load(a_ptr + grp * a_step + col, mask=mask, other=0.0).to(tl.float32)
     c = tl.load(c_ptr + grp * c_step + col, mask=mask, other=0.0).to(tl.float32)
-    tl.store(h_ptr + at, (diff * rstd[:, None] * a + c).to(h_ptr.dtype.element_ty), mask=mask)
+    tl.store(h_ptr + h_at, (diff * rstd[:, None] * a + c).to(h_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + row, mean, mask=row < rows)
     tl.store(rstd_ptr + row, rstd, mask=row < rows)
 
@@ -75,8 +84,9 @@ def _add_norm_fwd_kernel(x_ptr, b_ptr, g_ptr, a_ptr, c_ptr, r_ptr, h_ptr, mean_p
 @triton.autotune(configs=configs([(2, 4), (2, 8), (4, 4), (4, 8)]), key=["D", "HAS_GATE", "CHUNK"])
 @triton.jit
 def _add_norm_bwd_kernel(dh_ptr, dr_ptr, r_ptr, b_ptr, g_ptr, a_ptr, mean_ptr, rstd_ptr, dx_ptr, db_ptr, pa_ptr,
-                         pc_ptr, pg_ptr, N, D, g_step, a_step, CHUNK: tl.constexpr, HAS_DR: tl.constexpr,
-                         HAS_GATE: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+                         pc_ptr, pg_ptr, N, D, T, g_step, a_step, CHUNK: tl.constexpr, HAS_DR: tl.constexpr,
+                         HAS_GATE: tl.constexpr, B_BY_POS: tl.constexpr, H_BY_POS: tl.constexpr,
+                         BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
     # program (s, k): tokens k CHUNK .. (k+1) CHUNK of group s, ROWS at a time; its sums over them go to p*[s, k, :]
     s, k = tl.program_id(0), tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
@@ -93,11 +103,18 @@ def _add_norm_bwd_kernel(dh_ptr, dr_ptr, r_ptr, b_ptr, g_ptr, a_ptr, mean_ptr, r
         row = s.to(tl.int64) * N + token
         mask = ok[:, None] & (col < D)
         at = row[:, None] * D + col
+        b_at, h_at = at, at
+        if B_BY_POS or H_BY_POS:  # the (B N, T) layout's row of token `token` of frame s (as in the forward)
+            moved = ((s.to(tl.int64) // T) * N + token) * T + s % T
+            if B_BY_POS:
+                b_at = moved[:, None] * D + col
+            if H_BY_POS:
+                h_at = moved[:, None] * D + col
         mean = tl.load(mean_ptr + row, mask=ok, other=0.0)
         rstd = tl.load(rstd_ptr + row, mask=ok, other=0.0)
         r = tl.load(r_ptr + at, mask=mask, other=0.0).to(tl.float32)
         n = tl.where(mask, (r - mean[:, None]) * rstd[:, None], 0.0)
-        dh = tl.load(dh_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        dh = tl.load(dh_ptr + h_at, mask=mask, other=0.0).to(tl.float32)
         sum_a += tl.sum(dh * n, axis=0)
         sum_c += tl.sum(dh, axis=0)
         dn = dh * a
@@ -108,8 +125,10 @@ def _add_norm_bwd_kernel(dh_ptr, dr_ptr, r_ptr, b_ptr, g_ptr, a_ptr, mean_ptr, r
         dr = tl.where(mask, dr, 0.0)
         tl.store(dx_ptr + at, dr.to(dx_ptr.dtype.element_ty), mask=mask)
         if HAS_GATE:  # r = x + gate * branch: d branch = gate dr
-            tl.store(db_ptr + at, (dr * g).to(db_ptr.dtype.element_ty), mask=mask)
-            sum_g += tl.sum(dr * tl.load(b_ptr + at, mask=mask, other=0.0).to(tl.float32), axis=0)
+            tl.store(db_ptr + b_at, (dr * g).to(db_ptr.dtype.element_ty), mask=mask)
+            sum_g += tl.sum(dr * tl.load(b_ptr + b_at, mask=mask, other=0.0).to(tl.float32), axis=0)
+        elif B_BY_POS:  # r = x + branch: d branch = dr, at the branch's places
+            tl.store(db_ptr + b_at, dr.to(db_ptr.dtype.element_ty), mask=mask)
     part = (s * tl.num_programs(1) + k) * D + cols  # this program's row of the partial sums
     tl.store(pa_ptr + part, sum_a, mask=cmask)
     tl.store(pc_ptr + part, sum_c, mask=cmask)
@@ -139,7 +158,8 @@ def _or(t, placeholder):
 
 @triton_op("gentron::add_norm", mutates_args=())
 def _add_norm(x: torch.Tensor, branch: Optional[torch.Tensor], gate: Optional[torch.Tensor], scale: torch.Tensor,
-              shift: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+              shift: torch.Tensor, eps: float, branch_frames: int, h_frames: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     S, N, D = x.shape
     h = torch.empty_like(x)
     r = torch.empty_like(x) if branch is not None else x.new_empty(0)  # branch None: r is x itself (add_norm)
@@ -147,37 +167,42 @@ def _add_norm(x: torch.Tensor, branch: Optional[torch.Tensor], gate: Optional[to
     g = _or(gate, scale)
     wrap_triton(_add_norm_fwd_kernel)[lambda meta: (triton.cdiv(S * N, meta["ROWS"]),)](
         x, _or(branch, x), g, scale, shift, r if branch is not None else h, h, mean, rstd, S * N, N, D,
-        _step(g), _step(scale), _step(shift), eps,
-        HAS_BRANCH=branch is not None, HAS_GATE=gate is not None, BLOCK_D=triton.next_power_of_2(D))
+        max(branch_frames, h_frames, 1), _step(g), _step(scale), _step(shift), eps,
+        HAS_BRANCH=branch is not None, HAS_GATE=gate is not None, B_BY_POS=branch is not None and branch_frames > 1,
+        H_BY_POS=h_frames > 1, BLOCK_D=triton.next_power_of_2(D))
     return r, h, mean, rstd
 
 
 @triton_op("gentron::add_norm_backward", mutates_args=())
 def _add_norm_backward(dh: torch.Tensor, dr: Optional[torch.Tensor], r: torch.Tensor, branch: Optional[torch.Tensor],
-                       gate: Optional[torch.Tensor], scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+                       gate: Optional[torch.Tensor], scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                       branch_frames: int, h_frames: int
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> d x, d branch (gated only), per-group d scale, d shift, d gate (gated only)."""
+    """-> d x, d branch (gated, or in the (B N, T) layout), per-group d scale, d shift, d gate (gated only)."""
     S, N, D = r.shape
     chunk = _chunk(S, N, r.device)
     splits = triton.cdiv(N, chunk)
     dx = torch.empty_like(r)
-    db = torch.empty_like(r) if gate is not None else r.new_empty(0)
+    by_pos = branch_frames > 1  # (the branch is None here unless gated: d branch needs no values of it)
+    db = torch.empty_like(r) if gate is not None or by_pos else r.new_empty(0)
     pa, pc = (r.new_empty(S, splits, D, dtype=torch.float32) for _ in range(2))  # partial sums per chunk of tokens
     pg = torch.empty_like(pa) if gate is not None else pa.new_empty(0)
     g = _or(gate, scale)
     wrap_triton(_add_norm_bwd_kernel)[(S, splits)](
-        dh, _or(dr, dh), r, _or(branch, r), g, scale, mean, rstd, dx, db if gate is not None else dx,
-        pa, pc, pg if gate is not None else pa, N, D, _step(g), _step(scale), CHUNK=chunk,
-        HAS_DR=dr is not None, HAS_GATE=gate is not None, BLOCK_D=triton.next_power_of_2(D))
+        dh, _or(dr, dh), r, _or(branch, r), g, scale, mean, rstd, dx, db if db.numel() else dx,
+        pa, pc, pg if gate is not None else pa, N, D, max(branch_frames, h_frames, 1), _step(g), _step(scale),
+        CHUNK=chunk, HAS_DR=dr is not None, HAS_GATE=gate is not None, B_BY_POS=by_pos, H_BY_POS=h_frames > 1,
+        BLOCK_D=triton.next_power_of_2(D))
     return dx, db, pa.sum(1), pc.sum(1), pg.sum(1) if gate is not None else pg
 
 
 def _setup(ctx, inputs, output):
-    x, branch, gate, scale, shift, eps = inputs
+    x, branch, gate, scale, shift, eps, branch_frames, h_frames = inputs
     r, h, mean, rstd = output
     # the branch only for d gate: an ungated branch's activations need not outlive the forward
     ctx.save_for_backward(r if branch is not None else x, branch if gate is not None else None, gate, scale, mean, rstd)
     ctx.has_branch = branch is not None
+    ctx.frames = (branch_frames if branch is not None else 0, h_frames)
     ctx.dtypes = (scale.dtype, shift.dtype, None if gate is None else gate.dtype)
     ctx.shapes = (scale.shape, shift.shape, None if gate is None else gate.shape)
 
@@ -187,26 +212,28 @@ def _grad(ctx, dr, dh, _mean, _rstd):
     if dr is not None and dr.numel() == 0:
         dr = None
     dx, db, da, dc, dg = _add_norm_backward(dh.contiguous(), None if dr is None else dr.contiguous(), r, branch,
-                                            gate, scale, mean, rstd)
+                                            gate, scale, mean, rstd, *ctx.frames)
     # (D,) inputs shared by all groups: their gradient is the sum over groups
     fit = lambda d, shape, dtype: (d if d.shape == shape else d.sum(0)).to(dtype)
     da, dc = fit(da, ctx.shapes[0], ctx.dtypes[0]), fit(dc, ctx.shapes[1], ctx.dtypes[1])
     if not ctx.has_branch:
-        return dx, None, None, da, dc, None
-    if gate is None:
-        return dx, dx, None, da, dc, None  # r = x + branch
-    return dx, db, fit(dg, ctx.shapes[2], ctx.dtypes[2]), da, dc, None
+        return dx, None, None, da, dc, None, None, None
+    if gate is None:  # r = x + branch: d branch = d r, moved to the (B N, T) layout by the kernel if the branch is
+        return dx, db if ctx.frames[0] > 1 else dx, None, da, dc, None, None, None
+    return dx, db, fit(dg, ctx.shapes[2], ctx.dtypes[2]), da, dc, None, None, None
 
 
 _add_norm.register_autograd(_grad, setup_context=_setup)
 
 
-def add_norm(x, branch, gate, scale, shift, eps):
-    """(r, h) as in the module docstring, x of any (..., N, D) shape whose leading dims are the groups."""
+def add_norm(x, branch, gate, scale, shift, eps, branch_frames=0, h_frames=0):
+    """(r, h) as in the module docstring, x of any (..., N, D) shape whose leading dims are the groups.
+    branch_frames / h_frames = T: branch comes as / h goes as (B N, T, D), the groups being B T frames."""
     shape = x.shape
     gate = gate if branch is not None else None  # no branch, nothing to gate
-    flat = lambda t: None if t is None else t.reshape(-1, *shape[-2:])
+    flat = lambda t: None if t is None else t.reshape(-1, *shape[-2:])  # (S, N, D); a (B N, T, D) one as a buffer
     rows = lambda t: t if t is None or t.dim() == 1 else t.reshape(-1, shape[-1])
     r, h, _, _ = _add_norm(flat(x).contiguous(), None if branch is None else flat(branch).contiguous(),
-                           rows(gate), rows(scale), rows(shift), eps)
-    return (x if branch is None else r.view(shape)), h.view(shape)
+                           rows(gate), rows(scale), rows(shift), eps, branch_frames, h_frames)
+    h = h.view(-1, h_frames, shape[-1]) if h_frames else h.view(shape)
+    return (x if branch is None else r.view(shape)), h

@@ -105,20 +105,26 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
-def add_norm(x, branch, gate, norm, shift=None, scale=None, offset=None):
+def add_norm(x, branch, gate, norm, shift=None, scale=None, offset=None, branch_frames=0, h_frames=0):
     """One sub-layer's residual update and the next sub-layer's input, (r, h):
         r = x + gate * branch   (gate None: x + branch; branch None: r = x)
         h = modulate(norm(r), shift, scale), or norm(r) [+ offset] for an affine LayerNorm (shift None)
-    shift, scale, offset: (S, 1, D), one row per group of tokens (image or frame). On CUDA one fused Triton kernel
-    does both, forward and backward (kernels.py); this is its math."""
+    x, r (S, N, D); shift, scale, offset: (S, 1, D), one row per group of tokens (image or frame). branch_frames=T:
+    the branch comes as (B N, T, D), h_frames=T: h goes as (B N, T, D), each patch position's T frames together
+    (the temporal layer's layout, Eq. 3 and 5), so that no pass of its own regroups them. On CUDA one fused Triton
+    kernel does it all, forward and backward (kernels.py); this is its math."""
     if kernels is not None and kernels.usable(x):
         a, c = (1 + scale, shift) if shift is not None else (norm.weight, norm.bias)
         c = c if offset is None else c + offset
-        return kernels.add_norm(x, branch, gate, a, c, norm.eps)
+        return kernels.add_norm(x, branch, gate, a, c, norm.eps, branch_frames, h_frames)
+    if branch_frames and branch is not None:
+        branch = rearrange(branch, "(b n) t d -> (b t) n d", t=branch_frames, n=x.shape[1])  # Eq. 5
     r = residual(x, branch, gate)
     if shift is not None:
-        return r, modulate(norm(r), shift, scale)
-    return r, norm(r) if offset is None else norm(r) + offset
+        h = modulate(norm(r), shift, scale)
+    else:
+        h = norm(r) if offset is None else norm(r) + offset
+    return r, rearrange(h, "(b t) n d -> (b n) t d", t=h_frames) if h_frames else h  # Eq. 3
 
 
 def residual(x, branch, gate):
@@ -211,10 +217,10 @@ class TemporalAttention(nn.Module):
         return pos[:, None]  # (B T, 1, D)
 
     def forward(self, h, frames, motion_free=None):
-        """h (B T, N, D): the frames' tokens normed, with their positions (the block's add_norm, Eq. 4's LN) ->
-        the attention's output in the same layout; the block adds it to the residual stream (Eq. 4)."""
-        n, d = h.shape[1:]
-        h = rearrange(h, "(b t) n d -> (b n) t d", t=frames)  # Eq. 3
+        """h (B N, T, D): each patch position's T frames (Eq. 3), normed, with their positions (the block's add_norm,
+        Eq. 4's LN) -> the attention's output in the same layout; the block's next add_norm adds it to the residual
+        stream (Eq. 4), back in the frames' layout (Eq. 5)."""
+        d = h.shape[-1]
         # The (B N) sequences are only T = 8 frames long; a fused kernel would spend a whole tile of `tile`
         # rows on each. So `pack` consecutive sequences run as one of pack * T tokens, with a block-diagonal
         # mask keeping each frame inside its own sequence: the same attention, ~6x faster when sampling T2V XL/2
@@ -225,12 +231,12 @@ class TemporalAttention(nn.Module):
         if motion_free is not None:
             # Sec. 3.3.2, Fig. 3: a motion-free clip attends with the identity, so every frame sees only itself
             # and temporal modelling is off for that sample. -> (B N / pack, 1, pack T, pack T)
-            free = motion_free.repeat_interleave(n * frames).view(-1, pack * frames, 1)  # each query's clip
+            free = motion_free.repeat_interleave(h.shape[0] // len(motion_free) * frames)  # each query's clip
+            free = free.view(-1, pack * frames, 1)
             mask = (mask & ((i[:, None] == i[None, :]) | ~free))[:, None]
         elif pack == 1:
             mask = None  # nothing to mask: the flash kernel
-        out = self.attn(h.reshape(-1, pack * frames, d), mask).view(-1, frames, d)  # Eq. 4's TempSelfAttn
-        return rearrange(out, "(b n) t d -> (b t) n d", n=n)  # Eq. 5
+        return self.attn(h.reshape(-1, pack * frames, d), mask).view(-1, frames, d)  # Eq. 4's TempSelfAttn
 
     def pack_size(self, sequences, frames):
         """The most sequences (at most tile // frames) that divide `sequences` evenly, 1 for long clips."""
@@ -310,10 +316,13 @@ class GenTronBlock(nn.Module):
         if self.cross:
             x, h = add_norm(x, branch, gate, self.norm2)
             branch, gate = self.cross_attn(h, text, text_mask, kv), None
-        if self.temporal is not None:  # Eq. 4: x = x + TempSelfAttn(LN(x) + frame position), per patch position
-            x, h = add_norm(x, branch, gate, self.temporal.norm, offset=self.temporal.positions(frames, motion_free, x))
-            branch, gate = self.temporal(h, frames, motion_free), None
-        x, h = add_norm(x, branch, gate, self.norm3, shift2, scale2)
+        regrouped = 0
+        if self.temporal is not None:  # Eq. 4: x = x + TempSelfAttn(LN(x) + frame position), per patch position:
+            # its input regrouped to (B N, T, D) by this add_norm (Eq. 3) and its output back by the next (Eq. 5)
+            x, h = add_norm(x, branch, gate, self.temporal.norm, offset=self.temporal.positions(frames, motion_free, x),
+                            h_frames=frames)
+            branch, gate, regrouped = self.temporal(h, frames, motion_free), None, frames
+        x, h = add_norm(x, branch, gate, self.norm3, shift2, scale2, branch_frames=regrouped)
         return x, self.mlp(h), gate2
 
 
@@ -351,8 +360,9 @@ def compact_caption(text, text_mask, multiple=64):
     only use, and it treats them as a set with the padding masked out: the same attention over fewer keys (the
     softmax sums the same terms, in another order). A sampler's prompts are short next to CLIP + T5's padded 77 +
     120 tokens. Rounding keeps the shapes, and so the recorded CUDA graphs (inference.CUDAGraphStep), to a few.
-    On a GPU one host sync, so a sampler runs it once per batch (encode_text), never inside a step; training runs
-    it on the CPU, in the data loader's workers (data.collate)."""
+    On a GPU one host sync, so a sampler runs it once per batch (encode_text), never inside a step; training on
+    cached features runs it on the CPU, in the data loader's workers (data.collate). The kept length depends on
+    the batch, so a prompt's sample can differ in its last bits with the prompts it is batched with."""
     if text_mask is None:
         return text, text_mask
     keep = min(text_mask.shape[1], -(-int(text_mask.sum(1).max()) // multiple) * multiple)

@@ -371,10 +371,10 @@ def _train(args, make_data, kind, rank, world, device):
             batch = next(loader)
             mine = slice((j * world + rank) * micro, (j * world + rank + 1) * micro)  # this micro-batch's positions
             cond = text_condition(batch, drop[mine], data, device)
-            work += micro * flops(cond["text"].shape[1])  # this rank's FLOPs, for its MFU
+            work += micro * flops(cond["text"].shape[1])  # this rank's FLOPs, for the MFU
             x0 = batch["x"].to(device, non_blocking=True)
             x0 = data.latents.encode(x0) if data.latents is not None else x0.float()
-            mf = batch["motion_free"].to(device) if "motion_free" in batch else None  # Sec. 3.3.2
+            mf = batch["motion_free"].to(device, non_blocking=True) if "motion_free" in batch else None  # Sec. 3.3.2
             eps_fn = lambda xt, tt: model(xt, tt, **cond, motion_free=mf)
             if isinstance(model, FSDPModule):
                 model.set_requires_gradient_sync(j == A - 1)  # reduce-scatter once, after the last micro-step
@@ -411,7 +411,9 @@ def _train(args, make_data, kind, rank, world, device):
         if log:
             dt = time.perf_counter() - t0
             rate = seen / dt  # global samples per second over the interval
-            mfu = f"{100 * work / (dt * peak * 1e12):.1f}%" if peak else "n/a"
+            work = torch.tensor(work, dtype=torch.float64, device=device)
+            dist.all_reduce(work)  # every rank's FLOPs: their batches' captions keep different lengths
+            mfu = f"{100 * work.item() / world / (dt * peak * 1e12):.1f}%" if peak else "n/a"  # per GPU
             mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
             line = (f"step {step} | loss {sum(v[0] for v in done) / len(done):.4f} | grad norm {done[-1][1]:.3f} | "

@@ -17,10 +17,10 @@ CASES = r'''
 import torch, torch.nn as nn
 import kernels, model
 
-def run(fn, x, branch, gate, norm, shift, scale, seed=1):
+def run(fn, x, branch, gate, norm, shift, scale, seed=1, **kw):
     """(r, h) and the gradients of a random projection of both w.r.t. every input that has one."""
     ins = [t for t in (x, branch, gate, shift, scale, norm.weight) if t is not None and t.requires_grad]
-    r, h = fn(x, branch, gate, norm, shift, scale)
+    r, h = fn(x, branch, gate, norm, shift, scale, **kw)
     g = torch.Generator().manual_seed(seed)
     # the same weights in every dtype: bf16-representable, drawn on the CPU
     w = lambda t: torch.randn(t.shape, generator=g).bfloat16().to(t.device, t.dtype)
@@ -37,10 +37,10 @@ def cases(S, N, D, dtype, device="cpu"):
     yield "ungated branch, affine LayerNorm", (t(S, N, D), t(S, N, D), None, affine, None, None)
     yield "no branch, adaLN", (t(S, N, D), None, None, plain, t(S, 1, D), t(S, 1, D))
 
-def reference(x, branch, gate, norm, shift, scale):
+def reference(x, branch, gate, norm, shift, scale, **kw):
     saved, model.kernels = model.kernels, None
     try:
-        return model.add_norm(x, branch, gate, norm, shift, scale)
+        return model.add_norm(x, branch, gate, norm, shift, scale, **kw)
     finally:
         model.kernels = saved
 '''
@@ -63,8 +63,18 @@ for chunk in (1, 4, 16):  # backward: tokens per program (of the 9 per group): 1
         err = max((a - b).abs().max().item() for a, b in zip(fused, ref))
         print(chunk, name, len(fused), err)
         assert len(fused) == len(ref) and err < 1e-5, (name, err)
+# the temporal layer's layouts (Eq. 3, 5): 2 clips of T = 3 frames; the branch comes as, or h goes as, (B N, T, D)
+kernels.CHUNK = 4
+for bf, hf in ((3, 0), (0, 3), (3, 3)):
+    for name, (x, branch, *rest) in cases(6, 9, 40, torch.float32):
+        args = (x, branch.view(-1, 3, 40) if bf and branch is not None else branch, *rest)
+        fused = run(model.add_norm, *args, branch_frames=bf, h_frames=hf)
+        ref = run(reference, *args, branch_frames=bf, h_frames=hf)
+        err = max((a - b).abs().max().item() for a, b in zip(fused, ref))
+        print(bf, hf, name, len(fused), err)
+        assert len(fused) == len(ref) and fused[1].shape == ref[1].shape and err < 1e-5, (bf, hf, name, err)
 ''')
-    assert out.count("\n") == 9
+    assert out.count("\n") == 18
 
 
 def test_model_with_fused_kernels_matches_the_model_without():
@@ -110,3 +120,10 @@ def test_fused_add_norm_on_cuda_compiled_bf16():
             scale = e.abs().max()
             ef, eu = ((f.float() - e).abs().max() / scale).item(), ((u.float() - e).abs().max() / scale).item()
             assert ef <= max(2 * eu, 1e-2), (name, i, ef, eu)
+    # the temporal layer's layouts (8 clips x 8 frames): the branch comes as, h goes as, (B N, T, D)
+    for name, (x, branch, *rest) in ns["cases"](64, 256, 1152, torch.bfloat16, "cuda"):
+        args = (x, None if branch is None else branch.view(-1, 8, 1152), *rest)
+        fused = ns["run"](torch.compile(model.add_norm), *args, branch_frames=8, h_frames=8)
+        unfused = ns["run"](ns["reference"], *args, branch_frames=8, h_frames=8)
+        for i, (f, u) in enumerate(zip(fused, unfused)):
+            assert f.shape == u.shape and ((f.float() - u.float()).abs().max() / u.float().abs().max()).item() < 2e-2, (name, i)

@@ -137,7 +137,8 @@ def test_temporal_sublayer_is_eq_3_to_5_written_out():
     """Eq. 3-5 by hand, one clip and one patch position at a time: the frames' tokens at that position, LayerNorm'd,
     plus the sin-cos frame position (none for a motion-free clip), attend over the T frames (softmax over all of
     them, or over itself alone when motion-free, Sec. 3.3.2) and the output projection is added to the stream.
-    The block computes it as add_norm (LN + position, with the residual update) then TemporalAttention."""
+    The block computes it as add_norm (LN + position, regrouped per patch position) then TemporalAttention, and
+    the next add_norm adds its output back in the frames' layout."""
     from model import add_norm, sincos_1d
     model = build(temporal=True)  # random weights, including the zero-init output projection
     layer, T, n = model.blocks[0].temporal, 4, 5
@@ -145,8 +146,8 @@ def test_temporal_sublayer_is_eq_3_to_5_written_out():
     x = torch.randn(2 * T, n, d, generator=torch.Generator().manual_seed(3))  # (B T, N, D), 2 clips
     free = torch.tensor([False, True])
     with torch.no_grad():
-        _, h = add_norm(x, None, None, layer.norm, offset=layer.positions(T, free, x))
-        got = x + layer(h, T, free)
+        _, h = add_norm(x, None, None, layer.norm, offset=layer.positions(T, free, x), h_frames=T)  # (B N, T, D)
+        got, _ = add_norm(x, layer(h, T, free), None, layer.norm, branch_frames=T)
         want = torch.empty_like(x)
         pos = sincos_1d(torch.arange(T), d)
         for b in range(2):
@@ -393,7 +394,7 @@ def test_packed_temporal_attention_on_cuda_kernels():
     torch.manual_seed(0)
     layer = TemporalAttention(576, 8).cuda()  # Dh = 72, as XL/2
     torch.nn.init.normal_(layer.attn.proj.weight, std=0.05)  # not the zero init: the branch must show
-    x = torch.randn(4 * 8, 256, 576, device="cuda")  # 4 clips x 8 frames, 256 patch positions
+    x = torch.randn(4 * 256, 8, 576, device="cuda")  # (B N, T, D): 4 clips x 256 patch positions, 8 frames
     for flags in (None, torch.tensor([True, False, False, True], device="cuda")):
         with torch.no_grad():
             layer.tile = 8  # one clip per sequence: the unpacked layer
