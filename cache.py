@@ -99,7 +99,8 @@ def build_cache(dataset, out_dir, text_encoder, latent_space, shard_size=4096, b
         for b in loader:
             tokens, mask, pooled = text_encoder(b["caption"])
             z = latent_space.encode(b["x"].to(device))
-            part = {"x": z, "text": tokens, "text_mask": mask.bool(), "pooled": pooled}
+            mask = mask.bool()  # the real tokens alone, (real tokens, C): CachedDataset puts them back in place
+            part = {"x": z, "text": tokens[mask], "text_mask": mask, "pooled": pooled}
             if "motion_free" in b:
                 part["motion_free"] = b["motion_free"]
             parts.append({key: v.detach().cpu() for key, v in part.items()})
@@ -107,8 +108,7 @@ def build_cache(dataset, out_dir, text_encoder, latent_space, shard_size=4096, b
         shard = {key: torch.cat([p[key] for p in parts]) for key in parts[0] if key not in ("caption", "meta")}
         if dtype is not None:
             shard = {key: v.to(dtype) if v.is_floating_point() else v for key, v in shard.items()}
-        # the real tokens alone; CachedDataset puts them back at their positions, the padding rows zeros
-        shard["text"], count = shard["text"][shard["text_mask"]], shard["text_mask"].sum(1)
+        count = shard["text_mask"].sum(1)  # each item's rows of "text"
         shard["text_start"] = torch.cat([count.new_zeros(1), count.cumsum(0)])
         shard["caption"] = [c for p in parts for c in p["caption"]]
         shard["meta"] = [m for p in parts for m in p["meta"]]

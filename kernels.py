@@ -46,7 +46,8 @@ def configs(pairs):
     return [triton.Config({"ROWS": rows}, num_warps=warps) for rows, warps in pairs][: 1 if INTERPRET else None]
 
 
-@triton.autotune(configs=configs([(2, 2), (1, 4), (2, 4), (4, 4)]), key=["D", "HAS_BRANCH"])
+@triton.autotune(configs=configs([(2, 2), (1, 4), (2, 4), (4, 4)]),
+                 key=["D", "HAS_BRANCH", "HAS_GATE", "B_BY_POS", "H_BY_POS"])
 @triton.jit
 def _add_norm_fwd_kernel(x_ptr, b_ptr, g_ptr, a_ptr, c_ptr, r_ptr, h_ptr, mean_ptr, rstd_ptr, rows, N, D, T,
                          g_step, a_step, c_step, eps, HAS_BRANCH: tl.constexpr, HAS_GATE: tl.constexpr,
@@ -81,7 +82,8 @@ def _add_norm_fwd_kernel(x_ptr, b_ptr, g_ptr, a_ptr, c_ptr, r_ptr, h_ptr, mean_p
     tl.store(rstd_ptr + row, rstd, mask=row < rows)
 
 
-@triton.autotune(configs=configs([(2, 4), (2, 8), (4, 4), (4, 8)]), key=["D", "HAS_GATE", "CHUNK"])
+@triton.autotune(configs=configs([(2, 4), (2, 8), (4, 4), (4, 8)]),
+                 key=["D", "HAS_GATE", "CHUNK", "B_BY_POS", "H_BY_POS"])
 @triton.jit
 def _add_norm_bwd_kernel(dh_ptr, dr_ptr, r_ptr, b_ptr, g_ptr, a_ptr, mean_ptr, rstd_ptr, dx_ptr, db_ptr, pa_ptr,
                          pc_ptr, pg_ptr, N, D, T, g_step, a_step, CHUNK: tl.constexpr, HAS_DR: tl.constexpr,
