@@ -360,10 +360,11 @@ def compact_caption(text, text_mask, multiple=64):
     only use, and it treats them as a set with the padding masked out: the same attention over fewer keys (the
     softmax sums the same terms, in another order). A sampler's prompts are short next to CLIP + T5's padded 77 +
     120 tokens. Rounding keeps the shapes, and so the recorded CUDA graphs (inference.CUDAGraphStep), to a few.
-    On a GPU one host sync, so a sampler runs it once per batch (encode_text), never inside a step; training on
-    cached features runs it on the CPU, in the data loader's workers (data.collate). The kept length depends on
-    the batch, so a prompt's sample can differ in its last bits with the prompts it is batched with."""
-    if text_mask is None:
+    On a GPU one host sync, so a sampler runs it once per batch (encode_text), never inside a step. Training runs
+    it on cached features on the CPU, in the data loader's workers (data.collate), and on the captions it encodes
+    after the encoder, whose own check of the masks syncs anyway (train_data.text_condition). The kept length
+    depends on the batch, so a prompt's sample can differ in its last bits with the prompts it is batched with."""
+    if text_mask is None or text_mask.shape[1] <= multiple:  # nothing to cut (and no sync)
         return text, text_mask
     keep = min(text_mask.shape[1], -(-int(text_mask.sum(1).max()) // multiple) * multiple)
     if keep == text_mask.shape[1]:

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import cache as C
 import data as D
 from fsdp import master_process
-from model import real_tokens_first
+from model import compact_caption, real_tokens_first
 from text_encoders import load_text_encoder
 
 
@@ -101,6 +101,7 @@ def text_condition(batch, drop, data, device):
         tokens = torch.where(d[:, None, None], data.null[0][:n], tokens.float())
         mask = torch.where(d[:, None], data.null[1][:n], mask.bool())
         pooled = torch.where(d[:, None], data.null[2], pooled.float())
-    else:
+    else:  # encoded now, then cut the same way (its one host sync: the encoder's own check of the masks has one)
         tokens, mask, pooled = data.encoder(["" if x else c for c, x in zip(batch["caption"], drop.tolist())])
+        tokens, mask = compact_caption(tokens, mask)
     return {"text": tokens, "text_mask": mask, "pooled": pooled}

@@ -507,6 +507,13 @@ def test_cached_batches_keep_only_the_positions_their_captions_need(process_grou
         torch.testing.assert_close(model(x, t, **cond), model(x, t, **full), rtol=0, atol=1e-5)
         full["text"][0, 3] += 1.0  # a real token of the first caption does matter
         assert (model(x, t, **full)[0] - model(x, t, **cond)[0]).abs().max() > 1e-3
+    # captions encoded during training (the online path) are cut the same way, "" included
+    table = {"c": items[0], "": {"text": null_text, "text_mask": null_mask, "pooled": data.null[2]}}
+    encoder = lambda caps: [torch.stack([table[c][k] for c in caps]) for k in ("text", "text_mask", "pooled")]
+    online = S.Data(None, "test", "clip+t5", "pixel", 8, 3, 8, C, P, L, encoder=encoder)
+    cond = S.text_condition({"caption": ["c", "c"]}, torch.tensor([False, True]), online, process_group)
+    assert cond["text"].shape == (2, 64, C) and cond["text_mask"].sum(1).tolist() == [32, 3]
+    torch.testing.assert_close(cond["text"][1][cond["text_mask"][1]], null_text[null_mask])  # "" in its order
 
 
 def test_a_failed_checkpoint_write_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
