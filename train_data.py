@@ -63,8 +63,9 @@ def cached_data(path, device, frames=None):
         null = [torch.empty(s, device=device, dtype=torch.uint8 if i == 1 else torch.float32) for i, s in enumerate(shapes)]
     for t in null:
         dist.broadcast(t, src=0)
-    first = real_tokens_first(null[1].bool())  # the batches' captions come real tokens first (data.collate)
-    null = (null[0][first], null[1].bool()[first], null[2])
+    mask = null[1].bool()
+    first = real_tokens_first(mask)  # the batches' captions come real tokens first (data.collate)
+    null = (null[0][first], mask[first], null[2])
     return Data(ds, m["dataset"], m["text_encoder"], m["latent_space"], m["resolution"], m["latent_channels"],
                 item["x"].shape[-1], m["text_dim"], m["pooled_dim"], shapes[0][0], m["num_frames"] or frames, null=null)
 

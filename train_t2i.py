@@ -411,9 +411,9 @@ def _train(args, make_data, kind, rank, world, device):
         if log:
             dt = time.perf_counter() - t0
             rate = seen / dt  # global samples per second over the interval
-            work = torch.tensor(work, dtype=torch.float64, device=device)
-            dist.all_reduce(work)  # every rank's FLOPs: their batches' captions keep different lengths
-            mfu = f"{100 * work.item() / world / (dt * peak * 1e12):.1f}%" if peak else "n/a"  # per GPU
+            total = torch.tensor(work, dtype=torch.float64, device=device)
+            dist.all_reduce(total)  # every rank's FLOPs: their batches' captions keep different lengths
+            mfu = f"{100 * total.item() / world / (dt * peak * 1e12):.1f}%" if peak else "n/a"  # per GPU
             mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
             line = (f"step {step} | loss {sum(v[0] for v in done) / len(done):.4f} | grad norm {done[-1][1]:.3f} | "
