@@ -63,6 +63,8 @@ class GenTronConfig:
             raise ValueError("conditioning='adaln' needs pooled_text=True: the pooled text is its only text input")
         if self.width % self.heads or (self.width // self.heads) % 2:
             raise ValueError(f"width {self.width} must split into {self.heads} heads of even width")
+        if self.width % 4:  # sincos_2d: half the channels for the row, half for the column, each [cos | sin]
+            raise ValueError(f"width {self.width} must be a multiple of 4 (the 2D sin-cos patch positions)")
 
 
 # Parameter counts (cross_attn, CLIP+T5 text, image model; `count_params` / `param_formula`):
@@ -88,7 +90,8 @@ def make_config(size="XL", **overrides):
 
 
 def sincos_1d(pos, dim):
-    """Transformer sinusoids of positions pos (...,) -> (..., dim): [cos | sin], as in DiT."""
+    """Transformer sinusoids of positions pos (...,) -> (..., dim): [cos | sin], as DiT's timestep embedding (its
+    position table is [sin | cos], column first: a fixed layout either way, ours for every fixed embedding)."""
     freqs = torch.exp(-math.log(10000.0) * torch.arange(dim // 2, device=pos.device) / (dim // 2))
     angles = pos.float()[..., None] * freqs  # (..., dim/2)
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)

@@ -51,6 +51,14 @@ def test_shapes_image_and_video(size, conditioning):
     assert out.shape == vid["x"].shape == (1, 3, 3, 16, 16)  # (B, T, C, H, W)
 
 
+def test_widths_the_embeddings_cannot_split_are_refused():
+    make_config("tiny", width=64, heads=4)  # 4 heads of 16, 64 % 4 == 0: fine
+    with pytest.raises(ValueError, match="multiple of 4"):  # 5 heads of 26: even, but 130 = 2 x 65 row/column halves
+        make_config("tiny", width=130, heads=5, mlp_width=520)
+    with pytest.raises(ValueError, match="heads of even width"):
+        make_config("tiny", width=60, heads=4)
+
+
 def test_video_needs_temporal_model():
     with pytest.raises(ValueError, match="temporal=True"):
         build(randomize=False)(**inputs(frames=2))
