@@ -138,7 +138,7 @@ def check_flags(meta, path, given, video=False):
         raise ValueError(f"{path} is a cache of images; train_t2v.py needs one of videos")
     if not video and meta["num_frames"]:
         raise ValueError(f"{path} is a cache of videos; train_t2i.py needs one of images (train_t2v.py trains on it)")
-    p = re.search(r"p_motion_free=([0-9.]+)", meta["dataset"])
+    p = re.search(r":p_motion_free=([^:+]+)$", meta["dataset"])  # the spec's end (train_t2v.py), e.g. 1e-05
     made = {"--text-encoder": meta["text_encoder"], "--latent-space": meta["latent_space"],
             "--resolution": meta["resolution"], "--num-frames": meta["num_frames"],
             "--p-motion-free": float(p.group(1)) if p else None}

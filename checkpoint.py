@@ -25,15 +25,31 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def atomic_write(path, write):
     """write(tmp) to a temp file beside path, then rename it to path: a killed run never leaves a
-    complete-looking partial file. A failed write (a full disk) removes the temp file and is one OSError."""
+    complete-looking partial file. The file's bytes reach the disk before the rename and the rename before
+    this returns (fsync), so a machine that loses power keeps the old file or the whole new one, and a caller
+    may then delete older files (save_checkpoint's --keep). A failed write (a full disk) removes the temp file
+    and is one OSError."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
+        fsync(tmp)
     except (OSError, RuntimeError) as e:  # RuntimeError: torch.save's zip writer on a full disk
         if os.path.exists(tmp):
             os.remove(tmp)
         raise OSError(f"could not write {path} ({str(e).splitlines()[0]})") from None
     os.replace(tmp, path)
+    fsync(os.path.dirname(os.path.abspath(path)))  # the folder's entry: the rename itself
+
+
+def fsync(path):
+    """Flush a file's or a folder's data to the disk (folders: POSIX only; elsewhere a no-op)."""
+    if os.path.isdir(path) and not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def killed_write(name):

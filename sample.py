@@ -250,6 +250,9 @@ def check_settings(s, out_dir):
     for key in ("batch_size", "n_per_prompt", "frames"):
         if s.get(key) is not None and s[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {s[key]}")
+    last = Diffusion().num_steps
+    if s.get("steps") is not None and not 1 <= s["steps"] <= last:
+        raise ValueError(f"--steps must be in [1, {last}], got {s['steps']}")
     if s["seed"] < 0:
         raise ValueError(f"--seed must be >= 0, got {s['seed']}")
     for key in ("cfg", "mfg"):
@@ -328,6 +331,9 @@ def free_dir(base):
 
 
 def read_prompts(args):
+    blank = [i + 1 for i, text in enumerate(args.prompt) if not text.strip()]
+    if blank:  # (a prompt file's blank lines are skipped instead)
+        raise ValueError(f"prompt {blank[0]} is empty: give each prompt some text")
     prompts = list(args.prompt)
     if args.prompts:
         if not os.path.isfile(args.prompts):

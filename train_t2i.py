@@ -156,10 +156,7 @@ def make_data_t2i(args, device):
         return cached_data(args.data, device)
     if args.data == "shapes":
         ds = D.ShapesDataset("train", size=args.resolution or 32, seed=args.seed)
-        data = online_data(ds, ds.spec, args, device)
-        cats = [D.heldout_prompts(cat, 64, size=data.resolution) for cat in ("single", "color", "spatial")]
-        data.prompts = list(dict.fromkeys(c for row in zip(*cats) for c, _ in row))  # held-out pairs, unique
-        return data
+        return online_data(ds, ds.spec, args, device)
     ds = D.ImageTextFolder(args.data, size=args.resolution or 256)
     return online_data(ds, args.data, args, device)
 
@@ -168,10 +165,28 @@ def make_data_t2i(args, device):
 # the end of a run: a sample grid of held-out prompts and, on the built-in data, the oracle scores
 
 
+def builtin(spec):
+    """Whether a dataset spec names the built-in shapes / moving_shapes data (online or cached)."""
+    return str(spec).startswith(("shapes", "moving_shapes"))
+
+
+def heldout_prompts(data):
+    """The built-in data's held-out captions, unique, for the final sample grid (None for other data): a
+    colour-shape pair, a binding and a spatial prompt in turn, or for clips the moving shapes'."""
+    if not builtin(data.spec):
+        return None
+    if data.frames:
+        rows = D.heldout_prompts("motion", 64, size=data.resolution, num_frames=data.frames)
+        return list(dict.fromkeys(c for c, _ in rows))
+    cats = [D.heldout_prompts(cat, 64, size=data.resolution) for cat in ("single", "color", "spatial")]
+    return list(dict.fromkeys(c for row in zip(*cats) for c, _ in row))
+
+
 @torch.no_grad()
 def final_samples(cfg, weights, data, meta, out, args, device):
     """RUN_DIR/samples.png (+ samples.txt) from sample.generate: DPM-Solver++(2M) with CFG, or for video
-    motion-free guidance (Eq. 6); then evaluate.py's oracle on held-out compositions. Rank 0 only."""
+    motion-free guidance (Eq. 6), when --num-samples and the data has held-out prompts; then, on the built-in
+    data, evaluate.py's oracle on held-out compositions (--eval-n). Rank 0 only."""
     from evaluate import oracle_eval, oracle_table
     from PIL import Image
 
@@ -180,14 +195,15 @@ def final_samples(cfg, weights, data, meta, out, args, device):
     meta = {**meta, "encoder": data.encoder, "latent": data.latents}  # the run's meta, encoders already loaded
     kw = dict(seed=args.seed, steps=args.sample_steps, cfg=args.cfg_scale, mfg=getattr(args, "mfg_scale", 1.0),
               device=device, progress=False)
-    prompts = data.prompts[: args.num_samples]
-    x = generate(model, meta, prompts, frames=data.frames, **kw).numpy()  # uint8 (n, [T,] H, W, 3)
-    Image.fromarray(grid_image(x, math.ceil(math.sqrt(len(x))))).save(os.path.join(out, "samples.png"))
-    with open(os.path.join(out, "samples.txt"), "w") as f:
-        f.write("\n".join(prompts) + "\n")
-    print0(f"wrote {out}/samples.png: {len(prompts)} held-out prompts (samples.txt), {args.sample_steps} "
-           f"DPM-Solver++ steps, CFG {args.cfg_scale}")
-    if args.eval_n and data.spec.startswith(("shapes", "moving_shapes")):
+    if args.num_samples and data.prompts:
+        prompts = data.prompts[: args.num_samples]
+        x = generate(model, meta, prompts, frames=data.frames, **kw).numpy()  # uint8 (n, [T,] H, W, 3)
+        Image.fromarray(grid_image(x, math.ceil(math.sqrt(len(x))))).save(os.path.join(out, "samples.png"))
+        with open(os.path.join(out, "samples.txt"), "w") as f:
+            f.write("\n".join(prompts) + "\n")
+        print0(f"wrote {out}/samples.png: {len(prompts)} held-out prompts (samples.txt), {args.sample_steps} "
+               f"DPM-Solver++ steps, CFG {args.cfg_scale}")
+    if args.eval_n and builtin(data.spec):
         scores = oracle_eval(model, meta, args.eval_n, **kw)
         print0(f"evaluate.py oracle, {scores['n']} held-out prompt(s) per category:\n{oracle_table(scores)}")
         with open(os.path.join(out, "oracle.json"), "w") as f:
@@ -207,8 +223,10 @@ def lr_at(args, step):
 
 def same_dataset(a, b):
     """Whether two dataset specs (checkpoint meta) name the same data: folder parts compared as resolved paths, so
-    that d/ok, d/ok/ and its absolute path agree."""
-    norm = lambda spec: [os.path.realpath(p) if os.path.exists(p) else p for p in str(spec).split("+")]
+    that d/ok, d/ok/ and its absolute path agree (also in T2V's "videos+images:p_motion_free=p")."""
+    def norm(spec):
+        spec, sep, options = str(spec).partition(":p_motion_free=")
+        return [os.path.realpath(p) if os.path.exists(p) else p for p in spec.split("+")], sep + options
     return a is None or norm(a) == norm(b)
 
 
@@ -302,7 +320,7 @@ def _train(args, make_data, kind, rank, world, device):
         else:  # wait on the file, not in a collective: building a large cache outlasts the process group's timeout
             C.wait_until_complete(args.cache)
         dist.barrier()
-        data = dataclasses.replace(cached_data(args.cache, device, data.frames), prompts=data.prompts)
+        data = cached_data(args.cache, device, data.frames)
     model_sd = ema_sd = None  # full state dicts, needed on rank 0 only (None: the fresh seeded init)
     if ckpt:
         model_sd, ema_sd = ckpt["model"], ckpt["ema"]
@@ -440,7 +458,8 @@ def _train(args, make_data, kind, rank, world, device):
             break
     bar.close()
 
-    if args.num_samples and data.prompts:
+    data.prompts = heldout_prompts(data)
+    if (args.num_samples and data.prompts) or (args.eval_n and builtin(data.spec)):
         if saved != step:  # the last step has no checkpoint (--ckpt-every 0): gather its weights (a collective)
             final = {"step": step, **gather_weights(model, opt, ema)}
         if master_process() and final is not None:

@@ -53,9 +53,7 @@ def make_data_t2v(args, device):
         videos = D.MovingShapesDataset("train", num_frames=frames, size=size, seed=args.seed)
         images = D.ShapesDataset("train", size=size, seed=args.seed, categories=("single",))  # one object, as clips
         ds = D.JointImageVideoDataset(videos, images, p, frames, seed=args.seed)
-        data = S.online_data(ds, f"{videos.spec}+{images.spec}:p_motion_free={p}", args, device, frames)
-        data.prompts = list(dict.fromkeys(c for c, _ in D.heldout_prompts("motion", 64, size=size, num_frames=frames)))
-        return data
+        return S.online_data(ds, f"{videos.spec}+{images.spec}:p_motion_free={p}", args, device, frames)
     if p > 0 and not args.image_data:
         raise ValueError("real video --data needs --image-data for the motion-free pseudo-videos (or --p-motion-free 0)")
     videos = D.VideoTextFolder(args.data, size=args.resolution or 256, num_frames=frames, seed=args.seed)

@@ -644,6 +644,15 @@ def test_the_sd_vae_has_one_name_in_caches_checkpoints_and_flags(tmp_path):
         cache.check_flags(cache.CachedDataset(path).meta, path, {"--latent-space": "pixel"})
 
 
+def test_cache_knows_its_motion_free_fraction_however_written():
+    meta = {"num_frames": 8, "text_encoder": "t", "latent_space": "pixel", "resolution": 32}
+    for p in (0.5, 1e-05, 0.0):
+        made = {**meta, "dataset": f"vids+imgs:p_motion_free={p}"}  # as train_t2v.py writes it
+        cache.check_flags(made, "c", {"--p-motion-free": p}, video=True)
+        with pytest.raises(ValueError, match=f"made with --p-motion-free {p}, not 0.25"):
+            cache.check_flags(made, "c", {"--p-motion-free": 0.25}, video=True)
+
+
 def test_cache_killed_run_is_refused_then_resumed(tmp_path):
     ds = S.MovingShapesDataset(num_frames=4, seed=0, length=6)
     with pytest.raises(KeyboardInterrupt):  # dies while encoding the second shard

@@ -224,6 +224,8 @@ def test_clear_errors(ckpts, tmp_path, monkeypatch):
         sample.main(["a red circle"])
     with pytest.raises(ValueError, match="at least one prompt"):
         sample.main(["--ckpt", ckpts["t2i"]])
+    with pytest.raises(ValueError, match="prompt 2 is empty"):
+        sample.main(["--ckpt", ckpts["t2i"], "a red circle", "  "])
     for flag in ("--batch-size", "--n-per-prompt"):
         with pytest.raises(ValueError, match=f"{flag} must be >= 1, got 0"):
             sample.main(["--ckpt", ckpts["t2i"], "a red circle", flag, "0", "--out", str(tmp_path / "x")])
@@ -231,6 +233,7 @@ def test_clear_errors(ckpts, tmp_path, monkeypatch):
     (tmp_path / "afile").write_text("")
     no_gpu = "cuda:99"  # more GPUs than any machine has
     for argv, message in ((["--seed", "-1"], "--seed must be >= 0"), (["--cfg", "nan"], "--cfg must be a finite"),
+                          (["--steps", "0"], r"--steps must be in \[1, 1000\], got 0"),
                           (["--device", "bogus"], "'bogus' is not a device"), (["--device", no_gpu], "CUDA GPUs"),
                           (["--out", str(tmp_path / "afile")], "afile is a file, not a folder"),
                           (["--out", str(tmp_path / "afile" / "sub")], "sub: .*afile is a file, not a folder")):

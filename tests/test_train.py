@@ -28,9 +28,9 @@ CKPT_KEYS = {"model", "ema", "optimizer", "step", "rng", "data", "config", "meta
 
 
 def tiny(out, steps, *extra):
-    """argv of a tiny run: GenTron-tiny on shapes, 4 images per step, no sample grid."""
+    """argv of a tiny run: GenTron-tiny on shapes, 4 images per step, no sample grid, no oracle scores."""
     return ["--size", "tiny", "--batch-size", "4", "--max-steps", str(steps), "--log-every", "1",
-            "--num-samples", "0", "--device", "cpu", "--lr", "1e-3", "--out", str(out), *extra]
+            "--num-samples", "0", "--eval-n", "0", "--device", "cpu", "--lr", "1e-3", "--out", str(out), *extra]
 
 
 def load(path):
@@ -219,6 +219,30 @@ def test_resume_knows_the_same_data_folder_however_spelled(tmp_path, monkeypatch
                                                                                  "./imgs+other:p_motion_free=0.5")
     assert not T.same_dataset("imgs", "other") and not T.same_dataset("imgs+other:p_motion_free=0.5",
                                                                       "imgs+other:p_motion_free=0.9")
+    # T2V: the image folder is the part before ":p_motion_free=", spelled any way too
+    assert T.same_dataset("imgs+other:p_motion_free=0.5", f"imgs/+{tmp_path / 'other'}/:p_motion_free=0.5")
+    assert not T.same_dataset("imgs+other:p_motion_free=0.5", "imgs+imgs:p_motion_free=0.5")
+
+
+def test_atomic_write_reaches_the_disk_before_and_after_its_rename(tmp_path, monkeypatch):
+    """The new file's bytes are flushed before the rename, and the folder (the rename) before atomic_write returns:
+    save_checkpoint deletes the older checkpoints right after it (--keep)."""
+    import checkpoint
+    events, opened = [], {}
+    real_open, real_fsync, real_replace = os.open, os.fsync, os.replace
+
+    def open_(path, *a, **k):
+        fd = real_open(path, *a, **k)
+        opened[fd] = os.path.basename(os.path.normpath(path))
+        return fd
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", opened[fd])), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", os.path.basename(b))),
+                                                     real_replace(a, b)))
+    checkpoint.atomic_write(str(tmp_path / "f.pt"), lambda tmp: torch.save({"x": 1}, tmp))
+    tmp_name = f"f.pt.tmp{os.getpid()}"
+    assert events == [("fsync", tmp_name), ("replace", "f.pt"), ("fsync", tmp_path.name)]
+    assert load(tmp_path / "f.pt") == {"x": 1} and os.listdir(tmp_path) == ["f.pt"]
 
 
 def test_checkpoint_format(tmp_path):
@@ -395,8 +419,8 @@ def test_t2v_starts_at_the_t2i_loss_on_pseudo_videos(tmp_path):
 def test_cpu_toy_uses_patch_4_and_children_keep_their_parents_settings(tmp_path):
     """The no-argument demo on a CPU trains the toy at patch 4; --resume and a T2V child keep that patch,
     and the parent's prediction and text encoder."""
-    run = lambda out, *a: ["--size", "toy", "--batch-size", "2", "--num-samples", "0", "--device", "cpu",
-                           "--out", str(tmp_path / out), *a]
+    run = lambda out, *a: ["--size", "toy", "--batch-size", "2", "--num-samples", "0", "--eval-n", "0",
+                           "--device", "cpu", "--out", str(tmp_path / out), *a]
     T.main(run("t2i", "--max-steps", "1"))
     T.main(run("t2i", "--max-steps", "2", "--resume"))
     assert load(tmp_path / "t2i" / "ckpt-0000002.pt")["config"]["patch"] == 4
@@ -454,6 +478,11 @@ def test_cached_features_and_null_caption(tmp_path, process_group):
         T.main(tiny(tmp_path / "c2", 1, "--data", str(tmp_path / "cache"), "--cache", str(tmp_path / "cache2")))
     assert len(hist["loss"]) == 2 and all(0 < v < 2 for v in hist["loss"])
     assert load(tmp_path / "run" / "ckpt-0000002.pt")["meta"]["dataset"].startswith("shapes:train")
+    # a cache of the built-in data ends like the online run: held-out samples and the oracle's scores
+    T.main(tiny(tmp_path / "end", 1, "--data", str(tmp_path / "cache"), "--num-samples", "2", "--eval-n", "1",
+                "--sample-steps", "2"))
+    assert (tmp_path / "end" / "samples.png").exists()
+    assert json.load(open(tmp_path / "end" / "oracle.json"))["n"]["single"] == 1
     # caption dropout swaps in the features of "" exactly (CFG's unconditional input)
     data = S.cached_data(str(tmp_path / "cache"), process_group)
     batch = D.collate([data.dataset[i] for i in range(3)])
@@ -563,6 +592,13 @@ def test_toy_cli_end_to_end(tmp_path):
     scores = json.load(open(tmp_path / "oracle.json"))  # evaluate.py's oracle on held-out compositions
     assert scores["n"] == {"single": 2, "color": 2, "shape": 2, "spatial": 2} and 0 <= scores["overall"] <= 1
     assert set(load(tmp_path / "ckpt-0000002.pt")) == CKPT_KEYS
+
+
+def test_scores_without_a_sample_grid(tmp_path):
+    """--num-samples 0 drops the grid, not the oracle's scores (--eval-n)."""
+    T.main(tiny(tmp_path, 1, "--eval-n", "1", "--sample-steps", "2"))
+    assert not (tmp_path / "samples.png").exists()
+    assert json.load(open(tmp_path / "oracle.json"))["n"] == {"single": 1, "color": 1, "shape": 1, "spatial": 1}
 
 
 @pytest.mark.parametrize("script, argv, message", [
