@@ -225,7 +225,8 @@ def export(ckpt, out, dtype="fp32"):
     state, config, meta, step = read_checkpoint(file, ema=True)
     state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    save_file(state, out, metadata={"config": json.dumps(config), "meta": json.dumps(meta), "step": str(step)})
+    metadata = {"config": json.dumps(config), "meta": json.dumps(meta), "step": str(step)}
+    atomic_write(out, lambda tmp: save_file(state, tmp, metadata=metadata))  # a model in use is replaced whole
     return os.path.getsize(out)
 
 

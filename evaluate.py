@@ -288,10 +288,13 @@ def main(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     from sample import check_settings
 
-    try:  # the checks sample.py makes: seed, finite guidance scales, a device this machine has
-        check_settings(dict(seed=args.seed, cfg=args.cfg, mfg=args.mfg, device=args.device), out_dir="")
+    try:  # the checks sample.py makes: seed, steps, finite guidance scales, a device this machine has
+        check_settings(dict(seed=args.seed, steps=args.steps, cfg=args.cfg, mfg=args.mfg, device=args.device),
+                       out_dir=os.path.dirname(os.path.abspath(args.json)) if args.json else "")
     except ValueError as e:
-        p.error(str(e))
+        p.error(str(e).replace("--out", "--json", 1))
+    if args.json and os.path.exists(args.json):  # scores never replace a file (a samples.json, earlier scores)
+        p.error(f"--json {args.json} exists: choose another path")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # progress bars of our own loops only

@@ -243,5 +243,27 @@ def tables(results):
     return "\n".join(lines) + "\n"
 
 
+def check_args(args):
+    """Settings that would fail (or score nothing) only after hours of training: refused before the first arm."""
+    counts = ("steps", "batch_size", "scale_batch_size", "t2v_steps", "t2v_batch_size", "n_eval")
+    for name in counts + ("scale_steps", "num_samples", "workers"):
+        if getattr(args, name) < (1 if name in counts else 0):
+            p.error(f"--{name.replace('_', '-')} must be >= {1 if name in counts else 0}, got {getattr(args, name)}")
+    if min(args.seeds) < 0:
+        p.error(f"--seeds must be >= 0, got {min(args.seeds)}")
+    for name in ("lr", "scale_lr", "t2v_lr"):
+        if not getattr(args, name) > 0:  # (also nan)
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    from sample import check_settings
+
+    try:  # as sample.py: finite guidance scales, a device this machine has
+        for cfg, mfg in [(c, 1.0) for c in args.cfg] + [(args.t2v_cfg, m) for m in args.mfg]:
+            check_settings(dict(seed=0, cfg=cfg, mfg=mfg, device=args.device), out_dir=args.out)
+    except ValueError as e:
+        p.error(str(e).replace("--cfg", "--cfg / --t2v-cfg"))
+
+
 if __name__ == "__main__":
-    main(p.parse_args())
+    args = p.parse_args()
+    check_args(args)
+    main(args)

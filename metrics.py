@@ -317,14 +317,28 @@ def compbench(prompt_dir, image_dir, categories=tuple(COMPBENCH), device="cpu", 
     return out
 
 
+def read_samples(sample_dir):
+    """(records, video) of a sample.py output folder's samples.json: each record's prompt and image file."""
+    path = os.path.join(sample_dir, "samples.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: a sample.py output folder holds one")
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+        recs, video = rec["samples"], bool(rec["settings"].get("video"))
+        missing = [r["file"] for r in recs if not isinstance(r["prompt"], str) or
+                   not os.path.isfile(os.path.join(sample_dir, r["file"]))]
+        if not recs or missing:
+            raise ValueError(f"no file {missing[0]}" if missing else "no samples")
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # ValueError: not JSON
+        raise ValueError(f"{path} is not a samples.json written by sample.py ({type(e).__name__}: {e})") from None
+    return recs, video
+
+
 def clip_eval(sample_dir, model_name=CLIP_L14, device="cpu"):
     """CLIP score of a sample.py output folder (its samples.json); for videos also per-frame CLIP score over all
     frames and the frame-to-frame consistency of CLIP image embeddings."""
-    path = os.path.join(sample_dir, "samples.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: --clip-score reads a sample.py output folder")
-    with open(path) as f:
-        recs = json.load(f)["samples"]
+    recs, _ = read_samples(sample_dir)
     model, processor = load_hf("CLIPModel", model_name, device)
     prompts = [r["prompt"] for r in recs]
     arrays = [np.asarray(Image.open(os.path.join(sample_dir, r["file"])).convert("RGB")) for r in recs]
@@ -354,11 +368,10 @@ def fid(gen_dir, ref_dir, device="cpu"):
             raise FileNotFoundError(f"image folder {d} does not exist")
     with tempfile.TemporaryDirectory() as tmp:
         if os.path.isfile(os.path.join(gen_dir, "samples.json")):
-            with open(os.path.join(gen_dir, "samples.json")) as f:
-                rec = json.load(f)
-            for r in rec["samples"]:
+            recs, video = read_samples(gen_dir)
+            for r in recs:
                 src = os.path.join(gen_dir, r["file"])
-                if not rec["settings"].get("video"):
+                if not video:
                     os.symlink(os.path.abspath(src), os.path.join(tmp, r["file"]))
                     continue
                 strip = np.asarray(Image.open(src).convert("RGB"))  # frames side by side: split them

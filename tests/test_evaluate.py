@@ -189,7 +189,9 @@ def test_counts_below_one_are_usage_errors(capsys):
         assert e.value.code == 2 and f"error: {argv[1]} must be >= 1, got 0" in capsys.readouterr().err
     # the settings sample.py checks, before any model loads
     for argv, message in ((["--cfg", "nan"], "--cfg must be a finite number"), (["--device", "foo"], "is not a device"),
-                          (["--device", "cuda:99"], "CUDA GPUs")):
+                          (["--device", "cuda:99"], "CUDA GPUs"), (["--steps", "0"], "--steps must be in [1, 1000]"),
+                          (["--json", __file__], "exists: choose another path"),  # never replaced
+                          (["--json", f"{__file__}/s.json"], f"--json {__file__}: {__file__} is a file")):
         with pytest.raises(SystemExit) as e:
             ev.main(["--oracle", *argv])
         assert e.value.code == 2 and message in capsys.readouterr().err
@@ -405,6 +407,21 @@ def test_experiments_score_only_runs_of_the_requested_length(tmp_path):
         experiments.finished(str(out), 2500)
 
 
+def test_experiments_refuse_bad_settings_before_training(tmp_path, capsys):
+    """Settings that would fail or score nothing after hours of training are usage errors before the first arm."""
+    import experiments
+    experiments.check_args(experiments.p.parse_args(["--out", str(tmp_path)]))  # the defaults pass
+    for argv, message in ((["--n-eval", "0"], "--n-eval must be >= 1, got 0"),
+                          (["--device", "foo"], "'foo' is not a device"),
+                          (["--mfg", "1", "nan"], "--mfg must be a finite number, got nan"),
+                          (["--t2v-cfg", "inf"], "--t2v-cfg must be a finite number, got inf"),
+                          (["--t2v-lr", "nan"], "--t2v-lr must be > 0, got nan")):
+        with pytest.raises(SystemExit) as e:
+            experiments.check_args(experiments.p.parse_args(["--out", str(tmp_path / "x"), *argv]))
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_experiments_keep_every_calls_settings(tmp_path, monkeypatch):
     """A second call into the same --out (e.g. the README's second seed) adds its flags; the first call's, which
     made the rows already there, stay."""
@@ -461,4 +478,8 @@ def test_clip_score_of_sample_folders(hf_models, tmp_path):
     assert v["clip_score_per_frame"] == pytest.approx(float((100 * cos.clamp(min=0)).mean()), abs=1e-3)
     assert v["frame_consistency"] == pytest.approx(100 * float((emb[1:] * emb[:-1]).sum(-1).mean()), abs=1e-3)
     ev.main(["--clip-score", str(tmp_path / "v"), "--clip", hf_models["clip"]])  # again: the first file stays
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "samples.json").write_text("{}")
+    with pytest.raises(ValueError, match="is not a samples.json written by sample.py"):
+        ev.main(["--clip-score", str(tmp_path / "bad"), "--clip", hf_models["clip"]])
     assert json.load(open(tmp_path / "v" / "clip_score-2.json")) == v == json.load(open(tmp_path / "v" / "clip_score.json"))
