@@ -317,8 +317,8 @@ def compbench(prompt_dir, image_dir, categories=tuple(COMPBENCH), device="cpu", 
     return out
 
 
-def read_samples(sample_dir):
-    """(records, video) of a sample.py output folder's samples.json: each record's prompt and image file."""
+def read_samples_json(sample_dir, keys=("file", "prompt")):
+    """(records, video) of a sample.py output folder's samples.json, each record with `keys` and its file there."""
     path = os.path.join(sample_dir, "samples.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: a sample.py output folder holds one")
@@ -326,10 +326,13 @@ def read_samples(sample_dir):
         with open(path) as f:
             rec = json.load(f)
         recs, video = rec["samples"], bool(rec["settings"].get("video"))
-        missing = [r["file"] for r in recs if not isinstance(r["prompt"], str) or
-                   not os.path.isfile(os.path.join(sample_dir, r["file"]))]
-        if not recs or missing:
-            raise ValueError(f"no file {missing[0]}" if missing else "no samples")
+        for r in recs:
+            if not all(isinstance(r[k], str) for k in keys):
+                raise TypeError(f"a record without text for {' / '.join(keys)}")
+            if not os.path.isfile(os.path.join(sample_dir, r["file"])):
+                raise ValueError(f"no file {r['file']}")
+        if not recs:
+            raise ValueError("no samples")
     except (KeyError, TypeError, AttributeError, ValueError) as e:  # ValueError: not JSON
         raise ValueError(f"{path} is not a samples.json written by sample.py ({type(e).__name__}: {e})") from None
     return recs, video
@@ -338,7 +341,7 @@ def read_samples(sample_dir):
 def clip_eval(sample_dir, model_name=CLIP_L14, device="cpu"):
     """CLIP score of a sample.py output folder (its samples.json); for videos also per-frame CLIP score over all
     frames and the frame-to-frame consistency of CLIP image embeddings."""
-    recs, _ = read_samples(sample_dir)
+    recs, _ = read_samples_json(sample_dir)
     model, processor = load_hf("CLIPModel", model_name, device)
     prompts = [r["prompt"] for r in recs]
     arrays = [np.asarray(Image.open(os.path.join(sample_dir, r["file"])).convert("RGB")) for r in recs]
@@ -368,7 +371,7 @@ def fid(gen_dir, ref_dir, device="cpu"):
             raise FileNotFoundError(f"image folder {d} does not exist")
     with tempfile.TemporaryDirectory() as tmp:
         if os.path.isfile(os.path.join(gen_dir, "samples.json")):
-            recs, video = read_samples(gen_dir)
+            recs, video = read_samples_json(gen_dir, keys=("file",))
             for r in recs:
                 src = os.path.join(gen_dir, r["file"])
                 if not video:
