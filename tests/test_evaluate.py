@@ -332,8 +332,7 @@ def test_compbench_end_to_end(hf_models, tmp_path, monkeypatch):
     s = metrics.compbench(str(prompts), images, list(files), blip=hf_models["blip"], clip=hf_models["clip"],
                      detector=hf_models["owl"])
     assert set(s) == set(files) | {"mean"}
-    assert all(0 <= s[c] <= 1 for c in ("color", "shape", "spatial")) and -1 <= s["non_spatial"] <= 1, s  # raw cosine
-    assert -1 / 3 <= s["complex"] <= 1
+    assert all(np.isfinite(s[c]) for c in files), s  # every category scored (an empty one would be nan)
     assert s["mean"] == pytest.approx(np.mean([s[c] for c in files]))
     table = ev.compbench_table(s)
     assert "Non-spatial" in table and table.splitlines()[-1].split()[2] == "-"  # no texture prompts given
