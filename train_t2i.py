@@ -16,7 +16,6 @@ one. train_t2v.py imports the pieces below; the data sources are in train_data.p
 import argparse
 import dataclasses
 import functools
-import json
 import math
 import os
 import resource
@@ -31,7 +30,7 @@ from tqdm import tqdm
 import cache as C
 import data as D
 from checkpoint import (check_init, checkpoints, config_dict, gather_weights, load_init, load_pt,
-                        remove_partial_checkpoints, save_checkpoint, stored_settings)
+                        remove_partial_checkpoints, save_checkpoint, stored_settings, write_json)
 from diffusion import Diffusion
 from flops import flops_per_sample
 from fsdp import (DistributedBatches, ShardedAdamW, build_model, load_full_state, master_process, matmul_peak_tflops,
@@ -206,8 +205,7 @@ def final_samples(cfg, weights, data, meta, out, args, device):
     if args.eval_n and builtin(data.spec):
         scores = oracle_eval(model, meta, args.eval_n, **kw)
         print0(f"evaluate.py oracle, {scores['n']} held-out prompt(s) per category:\n{oracle_table(scores)}")
-        with open(os.path.join(out, "oracle.json"), "w") as f:
-            json.dump(scores, f, indent=1)
+        write_json(os.path.join(out, "oracle.json"), scores)
 
 
 # -----------------------------------------------------------------------------
