@@ -290,9 +290,9 @@ def main(argv=None):
 
     try:  # the checks sample.py makes: seed, steps, finite guidance scales, a device this machine has
         check_settings(dict(seed=args.seed, steps=args.steps, cfg=args.cfg, mfg=args.mfg, device=args.device),
-                       out_dir=os.path.dirname(os.path.abspath(args.json)) if args.json else "")
+                       os.path.dirname(os.path.abspath(args.json)) if args.json else "", flags={"out": "--json"})
     except ValueError as e:
-        p.error(str(e).replace("--out", "--json", 1))
+        p.error(str(e))
     if args.json and os.path.exists(args.json):  # scores never replace a file (a samples.json, earlier scores)
         p.error(f"--json {args.json} exists: choose another path")
     from transformers.utils import logging as hf_logging

@@ -247,8 +247,9 @@ def check_args(args):
     """Settings that would fail (or score nothing) only after hours of training: refused before the first arm."""
     counts = ("steps", "batch_size", "scale_batch_size", "t2v_steps", "t2v_batch_size", "n_eval")
     for name in counts + ("scale_steps", "num_samples", "workers"):
-        if getattr(args, name) < (1 if name in counts else 0):
-            p.error(f"--{name.replace('_', '-')} must be >= {1 if name in counts else 0}, got {getattr(args, name)}")
+        lo = 1 if name in counts else 0
+        if getattr(args, name) < lo:
+            p.error(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
     if min(args.seeds) < 0:
         p.error(f"--seeds must be >= 0, got {min(args.seeds)}")
     for name in ("lr", "scale_lr", "t2v_lr"):
@@ -257,10 +258,12 @@ def check_args(args):
     from sample import check_settings
 
     try:  # as sample.py: finite guidance scales, a device this machine has
-        for cfg, mfg in [(c, 1.0) for c in args.cfg] + [(args.t2v_cfg, m) for m in args.mfg]:
-            check_settings(dict(seed=0, cfg=cfg, mfg=mfg, device=args.device), out_dir=args.out)
+        for cfg in args.cfg:
+            check_settings(dict(seed=0, cfg=cfg, mfg=1.0, device=args.device), out_dir=args.out)
+        for mfg in args.mfg:
+            check_settings(dict(seed=0, cfg=args.t2v_cfg, mfg=mfg, device=args.device), args.out, {"cfg": "--t2v-cfg"})
     except ValueError as e:
-        p.error(str(e).replace("--cfg", "--cfg / --t2v-cfg"))
+        p.error(str(e))
 
 
 if __name__ == "__main__":

@@ -245,33 +245,35 @@ def save_samples(samples, records, out_dir, cols):
     return mp4
 
 
-def check_settings(s, out_dir):
-    """A one-line error for each setting (flags or a samples.json's) that would fail, before any work is done."""
+def check_settings(s, out_dir, flags=None):
+    """A one-line error for each setting (flags or a samples.json's) that would fail, before any work is done.
+    flags: the command-line name of a setting where it is not --key (e.g. {"out": "--json"})."""
+    flag = lambda key: (flags or {}).get(key, "--" + key.replace("_", "-"))
     for key in ("batch_size", "n_per_prompt", "frames"):
         if s.get(key) is not None and s[key] < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {s[key]}")
+            raise ValueError(f"{flag(key)} must be >= 1, got {s[key]}")
     last = Diffusion().num_steps
     if s.get("steps") is not None and not 1 <= s["steps"] <= last:
-        raise ValueError(f"--steps must be in [1, {last}], got {s['steps']}")
+        raise ValueError(f"{flag('steps')} must be in [1, {last}], got {s['steps']}")
     if s["seed"] < 0:
-        raise ValueError(f"--seed must be >= 0, got {s['seed']}")
+        raise ValueError(f"{flag('seed')} must be >= 0, got {s['seed']}")
     for key in ("cfg", "mfg"):
         if not math.isfinite(s[key]):
-            raise ValueError(f"--{key} must be a finite number, got {s[key]}")
+            raise ValueError(f"{flag(key)} must be a finite number, got {s[key]}")
     try:
         device = torch.device(s["device"])
     except RuntimeError:
-        raise ValueError(f"--device {s['device']!r} is not a device (e.g. cpu, cuda, cuda:1)") from None
+        raise ValueError(f"{flag('device')} {s['device']!r} is not a device (e.g. cpu, cuda, cuda:1)") from None
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {s['device']}: this machine has {torch.cuda.device_count()} CUDA GPUs "
+        raise ValueError(f"{flag('device')} {s['device']}: this machine has {torch.cuda.device_count()} CUDA GPUs "
                          "(a run recorded on a GPU can be redone with --device cpu, though not bit for bit)")
     folder = out_dir  # it or the nearest folder above it that exists must be a folder we can write into
     while folder and not os.path.exists(folder):
         folder = os.path.dirname(folder)
     if folder and not os.path.isdir(folder):
-        raise ValueError(f"--out {out_dir}: {folder} is a file, not a folder")
+        raise ValueError(f"{flag('out')} {out_dir}: {folder} is a file, not a folder")
     if not os.access(folder or ".", os.W_OK):
-        raise ValueError(f"--out {out_dir}: {folder or '.'} is not writable")
+        raise ValueError(f"{flag('out')} {out_dir}: {folder or '.'} is not writable")
 
 
 def run(settings, prompts, out_dir, only=None, progress=True, cuda_graph=True):

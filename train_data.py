@@ -34,18 +34,21 @@ class Data:
     encoder: object = None  # TextEncoder when captions are encoded on the fly
     latents: object = None  # latent space when images are encoded on the fly (not for cached data)
     null: tuple = None  # (tokens (L, C), mask (L,), pooled (P,)) of "" on the device, real tokens first
-    prompts: list = None  # captions for the final sample grid
     p_motion_free: float = 0.0  # videos: fraction of motion-free pseudo-videos (bench draws its flags with it)
+
+
+def builtin(spec):
+    """Whether a dataset spec names the built-in shapes / moving_shapes data (online, or a cache of it)."""
+    return str(spec).split(":")[0] in ("shapes", "moving_shapes")
 
 
 def online_data(dataset, spec, args, device, frames=None):
     """Captions encoded by the frozen text encoder each step; images by the latent space (pixels: identity)."""
     res = dataset[0]["x"].shape[-1]
     enc = load_text_encoder(args.text_encoder, device=device)
-    builtin = spec.split(":")[0] in ("shapes", "moving_shapes")
-    if builtin:
+    if builtin(spec):
         enc.memoize()  # a few thousand distinct captions: encode each once, not every step
-    latent = args.latent_space or ("pixel" if builtin else "sd-vae")
+    latent = args.latent_space or ("pixel" if builtin(spec) else "sd-vae")
     space = D.load_latent_space(latent, device=device)
     return Data(dataset, spec, args.text_encoder, space.spec, res, space.channels,
                 res // space.downsample, enc.text_dim, enc.pooled_dim, enc.max_length, frames, enc, space)

@@ -37,7 +37,7 @@ from fsdp import (DistributedBatches, ShardedAdamW, build_model, load_full_state
                   mixed_precision, next_position, print0, setup_distributed, step_draws)
 from model import SIZES, GenTron, GenTronConfig
 from sample import generate, grid_image
-from train_data import bench_batches, bench_data, cached_data, online_data, text_condition
+from train_data import bench_batches, bench_data, builtin, cached_data, online_data, text_condition
 
 # -----------------------------------------------------------------------------
 # flags: defaults train the toy model on the built-in shapes; each paper setting says where it comes from
@@ -164,16 +164,9 @@ def make_data_t2i(args, device):
 # the end of a run: a sample grid of held-out prompts and, on the built-in data, the oracle scores
 
 
-def builtin(spec):
-    """Whether a dataset spec names the built-in shapes / moving_shapes data (online or cached)."""
-    return str(spec).startswith(("shapes", "moving_shapes"))
-
-
-def heldout_prompts(data):
-    """The built-in data's held-out captions, unique, for the final sample grid (None for other data): a
-    colour-shape pair, a binding and a spatial prompt in turn, or for clips the moving shapes'."""
-    if not builtin(data.spec):
-        return None
+def grid_prompts(data):
+    """The built-in data's held-out captions, unique, for the final sample grid: a colour-shape pair, a binding
+    and a spatial prompt in turn, or for clips the moving shapes'."""
     if data.frames:
         rows = D.heldout_prompts("motion", 64, size=data.resolution, num_frames=data.frames)
         return list(dict.fromkeys(c for c, _ in rows))
@@ -184,8 +177,8 @@ def heldout_prompts(data):
 @torch.no_grad()
 def final_samples(cfg, weights, data, meta, out, args, device):
     """RUN_DIR/samples.png (+ samples.txt) from sample.generate: DPM-Solver++(2M) with CFG, or for video
-    motion-free guidance (Eq. 6), when --num-samples and the data has held-out prompts; then, on the built-in
-    data, evaluate.py's oracle on held-out compositions (--eval-n). Rank 0 only."""
+    motion-free guidance (Eq. 6) (--num-samples); then evaluate.py's oracle on held-out compositions (--eval-n).
+    The built-in data only (online or cached), rank 0 only."""
     from evaluate import oracle_eval, oracle_table
     from PIL import Image
 
@@ -194,15 +187,15 @@ def final_samples(cfg, weights, data, meta, out, args, device):
     meta = {**meta, "encoder": data.encoder, "latent": data.latents}  # the run's meta, encoders already loaded
     kw = dict(seed=args.seed, steps=args.sample_steps, cfg=args.cfg_scale, mfg=getattr(args, "mfg_scale", 1.0),
               device=device, progress=False)
-    if args.num_samples and data.prompts:
-        prompts = data.prompts[: args.num_samples]
+    if args.num_samples:
+        prompts = grid_prompts(data)[: args.num_samples]
         x = generate(model, meta, prompts, frames=data.frames, **kw).numpy()  # uint8 (n, [T,] H, W, 3)
         Image.fromarray(grid_image(x, math.ceil(math.sqrt(len(x))))).save(os.path.join(out, "samples.png"))
         with open(os.path.join(out, "samples.txt"), "w") as f:
             f.write("\n".join(prompts) + "\n")
         print0(f"wrote {out}/samples.png: {len(prompts)} held-out prompts (samples.txt), {args.sample_steps} "
                f"DPM-Solver++ steps, CFG {args.cfg_scale}")
-    if args.eval_n and builtin(data.spec):
+    if args.eval_n:
         scores = oracle_eval(model, meta, args.eval_n, **kw)
         print0(f"evaluate.py oracle, {scores['n']} held-out prompt(s) per category:\n{oracle_table(scores)}")
         write_json(os.path.join(out, "oracle.json"), scores)
@@ -456,8 +449,7 @@ def _train(args, make_data, kind, rank, world, device):
             break
     bar.close()
 
-    data.prompts = heldout_prompts(data)
-    if (args.num_samples and data.prompts) or (args.eval_n and builtin(data.spec)):
+    if builtin(data.spec) and (args.num_samples or args.eval_n):
         if saved != step:  # the last step has no checkpoint (--ckpt-every 0): gather its weights (a collective)
             final = {"step": step, **gather_weights(model, opt, ema)}
         if master_process() and final is not None:
