@@ -46,6 +46,12 @@ def configs(pairs):
     return [triton.Config({"ROWS": rows}, num_warps=warps) for rows, warps in pairs][: 1 if INTERPRET else None]
 
 
+@triton.jit
+def _row_by_pos(group, token, N, T):
+    """Token `token` of frame `group` (row group N + token of (B T, N)) is row (b N + token) T + t of (B N, T)."""
+    return ((group // T) * N + token) * T + group % T
+
+
 @triton.autotune(configs=configs([(2, 2), (1, 4), (2, 4), (4, 4)]),
                  key=["D", "HAS_BRANCH", "HAS_GATE", "B_BY_POS", "H_BY_POS"])
 @triton.jit
@@ -58,8 +64,8 @@ def _add_norm_fwd_kernel(x_ptr, b_ptr, g_ptr, a_ptr, c_ptr, r_ptr, h_ptr, mean_p
     at = row[:, None] * D + col  # (ROWS, BLOCK_D) offsets into the (S N, D) tensors
     grp = row[:, None] // N  # each row's group: the row of gate / scale / shift
     b_at, h_at = at, at
-    if B_BY_POS or H_BY_POS:  # row (b T + t) N + n of (B T, N) is row (b N + n) T + t of (B N, T)
-        moved = ((grp // T) * N + row[:, None] % N) * T + grp % T
+    if B_BY_POS or H_BY_POS:
+        moved = _row_by_pos(grp, row[:, None] % N, N, T)
         if B_BY_POS:
             b_at = moved * D + col
         if H_BY_POS:
@@ -106,8 +112,8 @@ def _add_norm_bwd_kernel(dh_ptr, dr_ptr, r_ptr, b_ptr, g_ptr, a_ptr, mean_ptr, r
         mask = ok[:, None] & (col < D)
         at = row[:, None] * D + col
         b_at, h_at = at, at
-        if B_BY_POS or H_BY_POS:  # the (B N, T) layout's row of token `token` of frame s (as in the forward)
-            moved = ((s.to(tl.int64) // T) * N + token) * T + s % T
+        if B_BY_POS or H_BY_POS:
+            moved = _row_by_pos(s.to(tl.int64), token, N, T)
             if B_BY_POS:
                 b_at = moved[:, None] * D + col
             if H_BY_POS:
