@@ -35,7 +35,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flops import flops_per_sample
-from inference import cast_matmul_weights, sampling_step
+from fastpath.sampling import cast_matmul_weights, sampling_step
 from model import SIZES, GenTron, make_config
 # the model, optimizer and logging as training builds them
 from fsdp import ShardedAdamW, build_model, matmul_peak_tflops, mixed_precision, print0, setup_distributed
@@ -71,7 +71,7 @@ p.add_argument("--attention", default="auto", choices=["auto", *ATTENTION],
                help="SDPA backend for the timed steps (auto: PyTorch picks). flash also allows efficient, "
                     "because flash takes no mask: the masked cross-attention calls then run the efficient kernel")
 p.add_argument("--cuda-graph", action="store_true",
-               help="sampling: replay each step as a CUDA graph, as sample.py does on CUDA (inference.CUDAGraphStep)")
+               help="sampling: replay each step as a CUDA graph, as sample.py does on CUDA (fastpath.sampling.CUDAGraphStep)")
 p.add_argument("--max-batch", action="store_true",
                help="CUDA: double --batch until out of memory; report the largest that fit (per GPU)")
 p.add_argument("--steps", type=int, default=20, help="timed iterations (after warm-up)")

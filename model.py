@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 try:
-    import kernels  # fused Triton kernels; Triton comes with CUDA builds of PyTorch
+    from fastpath import kernels  # fused Triton kernels; Triton comes with CUDA builds of PyTorch
 except ImportError:
     kernels = None
 

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from checkpoint import DTYPES, build_config, export, free_name, read_checkpoint, resolve_checkpoint, write_json
 from data import load_latent_space
 from diffusion import SAMPLERS, Diffusion, guided_eps_fn, sample
-from inference import autocast, cast_matmul_weights, sampling_step
+from fastpath.sampling import autocast, cast_matmul_weights, sampling_step
 from model import GenTron
 from text_encoders import load_text_encoder
 
@@ -80,7 +80,7 @@ def load_model(path=None, ema=True, device="cpu", video=None):
     checkpoint's meta (kind, text_encoder, latent_space, resolution, num_frames, dataset) plus "config",
     "step", "ckpt" (the file read) and the loaded frozen parts that generate() uses: "encoder" (a
     text_encoders.TextEncoder) and "latent" (a data.py latent space). On CUDA the Linear and Conv weights
-    are stored in bf16 (inference.cast_matmul_weights): run the model under bf16 autocast, as generate() does."""
+    are stored in bf16 (fastpath.sampling.cast_matmul_weights): run the model under bf16 autocast, as generate() does."""
     file = resolve_checkpoint(path) if path else bundled_path("t2v" if video else "t2i")
     state, config, meta, step = read_checkpoint(file, ema)
     meta = {**meta, "config": config, "step": step, "ckpt": os.path.abspath(file), "ema": ema}
@@ -128,7 +128,7 @@ def generate(model, meta, prompts, *, seed=0, sampler="dpm++2m", steps=25, cfg=7
     video=None follows the model (temporal layers -> clips of `frames` or meta["num_frames"] frames). Sample i
     starts from noise drawn with sample_seed(seed, first_index + i). DDPM's per-step noise comes from one
     generator per batch, so DDPM samples repeat exactly only with the same batch_size (samples.json records
-    it). On CUDA each step's forward pass replays a CUDA graph (inference.CUDAGraphStep; cuda_graph=False: eager), with
+    it). On CUDA each step's forward pass replays a CUDA graph (fastpath.sampling.CUDAGraphStep; cuda_graph=False: eager), with
     the same outputs. meta needs the loaded "encoder" and "latent" (as load_model returns them) or their specs
     "text_encoder" and "latent_space" (as a checkpoint's meta holds them)."""
     video = model.cfg.temporal if video is None else video

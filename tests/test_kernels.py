@@ -15,7 +15,8 @@ triton = pytest.importorskip("triton")
 
 CASES = r'''
 import torch, torch.nn as nn
-import kernels, model
+import model
+from fastpath import kernels
 
 def run(fn, x, branch, gate, norm, shift, scale, seed=1, **kw):
     """(r, h) and the gradients of a random projection of both w.r.t. every input that has one."""

@@ -7,7 +7,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from flops import count_params, flops_per_sample, param_formula
-from inference import cast_matmul_weights
+from fastpath.sampling import cast_matmul_weights
 from model import MLP, GenTron, linear_gelu, make_config, residual
 
 TEXT_DIM, POOLED_DIM, L = 24, 16, 7

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import checkpoint
-import inference
+from fastpath import sampling as inference
 import sample
 from diffusion import guided_eps_fn
 from model import GenTron, make_config
