@@ -13,7 +13,6 @@ import torch.distributed as dist
 import cache as C
 import data as D
 from fsdp import master_process
-from model import compact_caption, real_tokens_first
 from text_encoders import load_text_encoder
 
 
@@ -67,7 +66,7 @@ def cached_data(path, device, frames=None):
     for t in null:
         dist.broadcast(t, src=0)
     mask = null[1].bool()
-    first = real_tokens_first(mask)  # the batches' captions come real tokens first (data.collate)
+    first = D.real_tokens_first(mask)  # the batches' captions come real tokens first (data.collate)
     null = (null[0][first], mask[first], null[2])
     return Data(ds, m["dataset"], m["text_encoder"], m["latent_space"], m["resolution"], m["latent_channels"],
                 item["x"].shape[-1], m["text_dim"], m["pooled_dim"], shapes[0][0], m["num_frames"] or frames, null=null)
@@ -107,5 +106,5 @@ def text_condition(batch, drop, data, device):
         pooled = torch.where(d[:, None], data.null[2], pooled.float())
     else:  # encoded now, then cut the same way (its one host sync: the encoder's own check of the masks has one)
         tokens, mask, pooled = data.encoder(["" if x else c for c, x in zip(batch["caption"], drop.tolist())])
-        tokens, mask = compact_caption(tokens, mask)
+        tokens, mask = D.compact_caption(tokens, mask)
     return {"text": tokens, "text_mask": mask, "pooled": pooled}
