@@ -12,6 +12,7 @@ Shapes: B captions, L tokens (always padded to max_length), C = text_dim channel
 import math
 import os
 import string
+import textwrap
 
 import torch
 import torch.nn.functional as F
@@ -50,13 +51,16 @@ def _load_one(kind, name, device):
     if os.path.isdir(name):  # a local folder: it must hold save_pretrained() files of this kind
         hint = f"expected a {kind} tokenizer and model saved with save_pretrained() in {name}"
     else:
-        hint = (f"download it once with network access (huggingface-cli download {name}) or pass a local "
-                f"folder as '{kind}=/path/to/{name.split('/')[-1]}'")
+        local = f"/path/to/{name.split('/')[-1]}"
+        hint = (f"run once with network access to cache it, or `hf download {name} --local-dir {local}` "
+                f"and pass '{kind}={local}'")
     try:
         tok = tok_cls.from_pretrained(name)
         model = model_cls.from_pretrained(name, dtype=dtype)
-    except Exception as e:  # OSError offline / not cached, ValueError for a wrong folder, ...
-        raise FileNotFoundError(f"could not load text encoder {name!r} ({type(e).__name__}); {hint}") from None
+    except Exception as e:  # OSError offline / not cached, ValueError for a wrong folder, ImportError, ...
+        # One line that keeps the cause (the original message, shortened), not only its type.
+        cause = textwrap.shorten(f"{type(e).__name__}: {e}", 200)
+        raise FileNotFoundError(f"could not load text encoder {name!r} ({cause}); {hint}") from None
     # transformers v5 can hand back a tokenizer with only its special tokens when files are missing
     # offline: it would silently map every caption to <unk>. Detect that instead of training on it.
     ids = tok("a red circle", add_special_tokens=False)["input_ids"]

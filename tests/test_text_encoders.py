@@ -103,9 +103,32 @@ def test_hub_spec_offline_raises(monkeypatch, tmp_path):
         with pytest.raises(FileNotFoundError, match=name) as err:
             load_text_encoder(spec)
         assert "\n" not in str(err.value) and f"{spec}=/path/to/" in str(err.value)  # how to provide it
+        assert f"`hf download {name} --local-dir " in str(err.value)  # huggingface_hub's current CLI
     # A local override that is not a saved encoder names the folder.
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         load_text_encoder(f"clip={tmp_path}")
+
+
+def test_broken_folder_error_keeps_cause(tmp_path):
+    import shutil
+
+    from transformers import CLIPTextModelWithProjection
+
+    from text_encoders import ASSETS
+
+    # A saved encoder whose weights file is cut short: the one-line error names the folder and keeps the
+    # underlying exception's own message (what from_pretrained says), not only its type.
+    shutil.copytree(os.path.join(ASSETS, "tiny-clip"), tmp_path, dirs_exist_ok=True)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(Exception) as original:
+        CLIPTextModelWithProjection.from_pretrained(tmp_path)
+    cause = " ".join(str(original.value).split())[:60]
+    with pytest.raises(FileNotFoundError) as err:
+        load_text_encoder(f"clip={tmp_path}")
+    msg = str(err.value)
+    assert cause and cause in msg and str(tmp_path) in msg
+    assert "\n" not in msg and len(msg) < 500
 
 
 def test_empty_tokenizer_detected(tmp_path, enc):
