@@ -144,8 +144,8 @@ def score_videos(videos, metas):
 def oracle_eval(model, meta, n_per_category=50, seed=0, sampler="dpm++2m", steps=25, cfg=7.5, mfg=1.2,
                 device=None, batch_size=64, video=None, frames=None, progress=True, cuda_graph=True):
     """Generate held-out compositions (synthetic.heldout_prompts: colour-shape pairs never seen in training)
-    with sample.generate and score them. T2I: n prompts per category; T2V: n moving-object prompts."""
-    from sample import generate
+    with pipeline.generate and score them. T2I: n prompts per category; T2V: n moving-object prompts."""
+    from pipeline import generate
 
     video = model.cfg.temporal if video is None else video
     size = meta.get("resolution") or model.cfg.input_size
@@ -158,7 +158,7 @@ def oracle_eval(model, meta, n_per_category=50, seed=0, sampler="dpm++2m", steps
     x = generate(model, meta, prompts, seed=seed, sampler=sampler, steps=steps, cfg=cfg, mfg=mfg, frames=frames,
                  video=video, device=device, batch_size=batch_size, progress=progress, cuda_graph=cuda_graph)
     scores = score_videos(x, metas) if video else score_images(x, metas)
-    # everything the scores depend on: DDPM's noise also on batch_size (one generator per batch, sample.generate)
+    # everything the scores depend on: DDPM's noise also on batch_size (one generator per batch, pipeline.generate)
     settings = dict(kind="t2v" if video else "t2i", n_per_category=n_per_category, seed=seed, sampler=sampler,
                     steps=steps, cfg=cfg, mfg=mfg if video else None, frames=frames, ckpt=meta.get("ckpt"),
                     ema=meta.get("ema"), batch_size=batch_size)
@@ -286,7 +286,7 @@ def main(argv=None):
     for name in ("n", "n_per_prompt", "max_prompts", "batch_size"):  # --steps: diffusion.py checks its range
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    from sample import check_settings
+    from pipeline import check_settings
 
     try:  # the checks sample.py makes: seed, steps, finite guidance scales, a device this machine has
         check_settings(dict(seed=args.seed, steps=args.steps, cfg=args.cfg, mfg=args.mfg, device=args.device),
@@ -300,7 +300,7 @@ def main(argv=None):
     hf_logging.disable_progress_bar()  # progress bars of our own loops only
 
     if args.oracle or args.attention_logits:
-        from sample import load_model
+        from pipeline import load_model
         model, meta = load_model(args.ckpt, ema=not args.no_ema, device=args.device, video=args.video or None)
     if args.oracle:
         scores = oracle_eval(model, meta, args.n, args.seed, args.sampler, args.steps, args.cfg, args.mfg,
@@ -317,7 +317,7 @@ def main(argv=None):
         if bad or not args.images:
             raise ValueError(f"--compbench needs --images DIR and categories from {', '.join(COMPBENCH)} (got {bad})")
         if args.ckpt:
-            from sample import load_model
+            from pipeline import load_model
 
             model, meta = load_model(args.ckpt, ema=not args.no_ema, device=args.device)
             compbench_generate(model, meta, args.compbench, args.images, cats, args.n_per_prompt, args.max_prompts,

@@ -32,7 +32,7 @@ import torch
 
 from evaluate import oracle_eval
 from checkpoint import checkpoint_step, checkpoints, export, write_json
-from sample import load_model
+from pipeline import load_model
 
 PAPER_ARMS = {  # name -> extra train_t2i.py flags (the first arm is the baseline and the T2V parent)
     "cross-attn": [],
@@ -255,7 +255,7 @@ def check_args(args):
     for name in ("lr", "scale_lr", "t2v_lr"):
         if not getattr(args, name) > 0:  # (also nan)
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    from sample import check_settings
+    from pipeline import check_settings
 
     try:  # as sample.py: finite guidance scales, a device this machine has
         for cfg in args.cfg:

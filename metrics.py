@@ -209,7 +209,7 @@ def compbench_generate(model, meta, prompt_dir, image_dir, categories, n_per_pro
     settings (image_dir/generation.json), makes only the images still missing: the same images (sample i's noise
     seed depends on i alone). Other settings, or images of another run in a folder, are refused before any work."""
     from checkpoint import atomic_write, write_json
-    from sample import generate
+    from pipeline import generate
 
     prompts = {cat: read_prompt_file(os.path.join(prompt_dir, COMPBENCH[cat]))[:max_prompts] for cat in categories}
     flat = {cat: [p for p in prompts[cat] for _ in range(n_per_prompt)] for cat in categories}

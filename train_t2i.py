@@ -36,7 +36,7 @@ from flops import flops_per_sample
 from fsdp import (DistributedBatches, ShardedAdamW, build_model, load_full_state, master_process, matmul_peak_tflops,
                   mixed_precision, next_position, print0, setup_distributed, step_draws)
 from model import SIZES, GenTron, GenTronConfig
-from sample import generate, grid_image
+from pipeline import generate, grid_image
 from train_data import bench_batches, bench_data, builtin, cached_data, online_data, text_condition
 
 # -----------------------------------------------------------------------------
@@ -176,7 +176,7 @@ def grid_prompts(data):
 
 @torch.no_grad()
 def final_samples(cfg, weights, data, meta, out, args, device):
-    """RUN_DIR/samples.png (+ samples.txt) from sample.generate: DPM-Solver++(2M) with CFG, or for video
+    """RUN_DIR/samples.png (+ samples.txt) from pipeline.generate: DPM-Solver++(2M) with CFG, or for video
     motion-free guidance (Eq. 6) (--num-samples); then evaluate.py's oracle on held-out compositions (--eval-n).
     The built-in data only (online or cached), rank 0 only."""
     from evaluate import oracle_eval, oracle_table

@@ -11,7 +11,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub are imported
 
 from evaluate import oracle_eval
-from sample import load_model
+from pipeline import load_model
 
 T2I_N, T2V_N = 8, 8  # held-out prompts per category / clips
 # measured 2026-11-26: T2I single 8/8, colour 8/8, shape 7/8, spatial 7/8 (overall, their mean, 22/24), object

@@ -154,19 +154,19 @@ def test_oracle_near_chance_on_noise(scenes, clips):
 
 
 def test_oracle_eval_runs_generation(tmp_path):
-    from sample import load_model
+    from pipeline import load_model
 
     model, meta = load_model(make_checkpoint(str(tmp_path / "r" / "ckpt-0000001.pt")))
     s = ev.oracle_eval(model, meta, n_per_category=2, steps=3, progress=False)
     assert s["n"] == {c: 2 for c in CATEGORIES} and s["settings"]["kind"] == "t2i" and s["settings"]["steps"] == 3
     # each prompt is scored against its own scene: a "model" that draws exactly the scene its prompt describes
     # scores 100% in every category (a prompt paired with another prompt's scene would fail the oracle)
-    import sample
+    import pipeline
     scenes = {p: m for c in CATEGORIES for p, m in heldout_prompts(c, 4, seed=1)}
     exact = lambda model, meta, prompts, **kw: torch.from_numpy(np.stack([render(scenes[p]["objects"])
                                                                           for p in prompts]))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sample, "generate", exact)
+        mp.setattr(pipeline, "generate", exact)
         perfect = ev.oracle_eval(model, meta, n_per_category=4, seed=1, progress=False)
     assert all(perfect[c] == 1.0 for c in CATEGORIES) and perfect["n"] == {c: 4 for c in CATEGORIES}, perfect
     # and what else the scores depend on: which weights (EMA or raw), and the batch (DDPM's noise is per batch)
@@ -315,7 +315,7 @@ def test_clip_scores_and_frame_consistency(hf_models, monkeypatch):
 
 
 def test_compbench_end_to_end(hf_models, tmp_path, monkeypatch):
-    from sample import load_model
+    from pipeline import load_model
 
     prompts = tmp_path / "prompts"
     prompts.mkdir()
@@ -349,9 +349,9 @@ def test_compbench_end_to_end(hf_models, tmp_path, monkeypatch):
     spatial = os.path.join(images, "spatial", "samples")
     before = {n: np.asarray(Image.open(os.path.join(spatial, n))) for n in names}
     os.remove(os.path.join(spatial, names[-1]))
-    import sample
-    made, generate = [], sample.generate
-    monkeypatch.setattr(sample, "generate", lambda model, meta, prompts, **kw: made.append(prompts) or
+    import pipeline
+    made, generate = [], pipeline.generate
+    monkeypatch.setattr(pipeline, "generate", lambda model, meta, prompts, **kw: made.append(prompts) or
                         generate(model, meta, prompts, **kw))
     metrics.compbench_generate(model, meta, str(prompts), images, list(files), n_per_prompt=2, steps=2,
                                progress=False)

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 import checkpoint
-from fastpath import sampling as inference
+import fastpath.sampling
+import pipeline
 import sample
 from diffusion import guided_eps_fn
 from model import GenTron, make_config
@@ -66,12 +67,12 @@ def read(path):
 
 
 def test_load_run_dir_picks_newest_and_ema(ckpts):
-    model, meta = sample.load_model(ckpts["t2i"])
+    model, meta = pipeline.load_model(ckpts["t2i"])
     assert meta["step"] == 10 and meta["ckpt"].endswith("ckpt-0000010.pt") and meta["kind"] == "t2i"
     ckpt = torch.load(meta["ckpt"], weights_only=True)
     sd = model.state_dict()
     assert all(torch.equal(sd[k], ckpt["ema"][k]) for k in sd)  # EMA weights by default
-    raw, _ = sample.load_model(ckpts["t2i"], ema=False)
+    raw, _ = pipeline.load_model(ckpts["t2i"], ema=False)
     assert all(torch.equal(raw.state_dict()[k], ckpt["model"][k]) for k in sd)
     assert not torch.equal(raw.state_dict()["final_layer.linear.weight"], sd["final_layer.linear.weight"])
 
@@ -134,18 +135,18 @@ def test_from_json_takes_no_other_settings_and_checks_the_file(ckpts, tmp_path):
 
 
 def test_sample_noise_does_not_depend_on_batching(ckpts):
-    model, meta = sample.load_model(ckpts["t2i"])
+    model, meta = pipeline.load_model(ckpts["t2i"])
     prompts = ["a red circle", "a blue square", "a cyan cross"]
-    a = sample.generate(model, meta, prompts, seed=3, steps=6, batch_size=3, progress=False)
-    b = sample.generate(model, meta, prompts, seed=3, steps=6, batch_size=1, progress=False)
-    c = sample.generate(model, meta, prompts[2:], seed=3, steps=6, batch_size=1, first_index=2, progress=False)
+    a = pipeline.generate(model, meta, prompts, seed=3, steps=6, batch_size=3, progress=False)
+    b = pipeline.generate(model, meta, prompts, seed=3, steps=6, batch_size=1, progress=False)
+    c = pipeline.generate(model, meta, prompts[2:], seed=3, steps=6, batch_size=1, first_index=2, progress=False)
     assert a.shape == (3, SIZE, SIZE, 3) and a.dtype == torch.uint8
     assert (a.int() - b.int()).abs().max() <= 1 and (a == b).float().mean() > 0.99  # up to float rounding
     assert torch.equal(b[2], c[0])  # sample k depends on (seed, k) only
-    d = sample.generate(model, meta, prompts, seed=4, steps=6, batch_size=3, progress=False)
+    d = pipeline.generate(model, meta, prompts, seed=4, steps=6, batch_size=3, progress=False)
     assert (a.float() - d.float()).abs().mean() > 5  # another seed, other samples
     for sampler in ("ddim", "ddpm"):
-        x = sample.generate(model, meta, prompts[:2], sampler=sampler, steps=6, progress=False)
+        x = pipeline.generate(model, meta, prompts[:2], sampler=sampler, steps=6, progress=False)
         assert x.shape == (2, SIZE, SIZE, 3)
 
 
@@ -154,9 +155,9 @@ def test_generate_with_a_training_meta(ckpts):
     ckpt = torch.load(os.path.join(ckpts["t2i"], "ckpt-0000010.pt"), weights_only=True)
     model = GenTron(checkpoint.build_config(ckpt["config"]))
     model.load_state_dict(ckpt["ema"])
-    x = sample.generate(model.eval(), ckpt["meta"], ["a red circle"], steps=4, progress=False)
-    ref, ref_meta = sample.load_model(ckpts["t2i"])
-    assert torch.equal(x, sample.generate(ref, ref_meta, ["a red circle"], steps=4, progress=False))
+    x = pipeline.generate(model.eval(), ckpt["meta"], ["a red circle"], steps=4, progress=False)
+    ref, ref_meta = pipeline.load_model(ckpts["t2i"])
+    assert torch.equal(x, pipeline.generate(ref, ref_meta, ["a red circle"], steps=4, progress=False))
 
 
 def test_video_outputs(ckpts, tmp_path):
@@ -182,7 +183,7 @@ def test_video_outputs(ckpts, tmp_path):
 
 def test_mfg_one_is_plain_cfg_and_mfg_matters(ckpts):
     # generate() skips the third pass of Eq. 6 when lambda_M = 1: check that this shortcut is exact
-    model, meta = sample.load_model(ckpts["t2v"])
+    model, meta = pipeline.load_model(ckpts["t2v"])
     enc = meta["encoder"]
     tok, mask, pooled = enc(["a red circle moving right", "a cyan cross moving up"])
     ntok, nmask, npooled = enc(["", ""])
@@ -191,35 +192,35 @@ def test_mfg_one_is_plain_cfg_and_mfg_matters(ckpts):
     eq6 = guided_eps_fn(model, cond, null, 7.5, 1.0)(x, t)
     cfg = guided_eps_fn(model, cond, null, 7.5, None)(x, t)
     torch.testing.assert_close(eq6, cfg, atol=1e-5, rtol=1e-5)
-    a = sample.generate(model, meta, ["a red circle moving right"], steps=6, mfg=1.0, progress=False)
-    b = sample.generate(model, meta, ["a red circle moving right"], steps=6, mfg=1.3, progress=False)
+    a = pipeline.generate(model, meta, ["a red circle moving right"], steps=6, mfg=1.0, progress=False)
+    b = pipeline.generate(model, meta, ["a red circle moving right"], steps=6, mfg=1.3, progress=False)
     assert a.shape == (1, FRAMES, SIZE, SIZE, 3) and (a.float() - b.float()).abs().mean() > 0.5
-    img = sample.generate(model, meta, ["a red circle"], steps=6, video=False, progress=False)
+    img = pipeline.generate(model, meta, ["a red circle"], steps=6, video=False, progress=False)
     assert img.shape == (1, SIZE, SIZE, 3)  # images from a T2V model: the one-frame, motion-free path
 
 
 def test_export_roundtrip(ckpts, tmp_path):
     path = str(tmp_path / "toy.safetensors")
     size = checkpoint.export(ckpts["t2i"], path)
-    model, meta = sample.load_model(path)
-    ref, ref_meta = sample.load_model(ckpts["t2i"])
+    model, meta = pipeline.load_model(path)
+    ref, ref_meta = pipeline.load_model(ckpts["t2i"])
     assert size == os.path.getsize(path) < 1.2 * 4 * sum(p.numel() for p in model.parameters())  # fp32 + header
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
     assert meta["step"] == 10 and meta["config"] == ref_meta["config"] and meta["kind"] == "t2i"
-    x = sample.generate(model, meta, ["a red circle"], steps=4, progress=False)
-    assert torch.equal(x, sample.generate(ref, ref_meta, ["a red circle"], steps=4, progress=False))
+    x = pipeline.generate(model, meta, ["a red circle"], steps=4, progress=False)
+    assert torch.equal(x, pipeline.generate(ref, ref_meta, ["a red circle"], steps=4, progress=False))
     half = str(tmp_path / "toy16.safetensors")
     assert checkpoint.export(ckpts["t2i"], half, "fp16") < 0.6 * size
     with pytest.raises(ValueError, match="EMA weights only"):
-        sample.load_model(path, ema=False)
+        pipeline.load_model(path, ema=False)
 
 
 def test_clear_errors(ckpts, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="text-to-image checkpoint .* T2V checkpoint"):
-        sample.load_model(ckpts["t2i"], video=True)
+        pipeline.load_model(ckpts["t2i"], video=True)
     with pytest.raises(FileNotFoundError, match="no ckpt"):
-        sample.load_model(str(tmp_path))
-    monkeypatch.setitem(sample.BUNDLED, "t2i", os.path.join("assets", "missing_model.safetensors"))
+        pipeline.load_model(str(tmp_path))
+    monkeypatch.setitem(pipeline.BUNDLED, "t2i", os.path.join("assets", "missing_model.safetensors"))
     with pytest.raises(FileNotFoundError, match="train_t2i.py"):
         sample.main(["a red circle"])
     with pytest.raises(ValueError, match="at least one prompt"):
@@ -274,14 +275,14 @@ def test_earlier_runs_are_never_overwritten(ckpts, tmp_path, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("kind", ["t2i", "t2v"])
 def test_cuda_graph_sampling_is_bit_identical_to_eager(ckpts, kind):
-    # inference.CUDAGraphStep replays the eager step's kernels: the same samples, from 2 + 1 Python calls of the model
+    # fastpath.sampling.CUDAGraphStep replays the eager step's kernels: the same samples, from 2 + 1 Python calls of the model
     # per batch shape (warm-up, capture) instead of one per step; batches 2, 2, 1: the 2nd batch of 2 reuses the
     # first one's graph with its own captions copied in
-    model, meta = sample.load_model(ckpts[kind], device="cuda")
+    model, meta = pipeline.load_model(ckpts[kind], device="cuda")
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
     prompts = ["a red circle moving right", "a cyan cross", "a blue square moving up", "a green circle", "a cross"]
-    run = lambda graph: sample.generate(model, meta, prompts, steps=4, batch_size=2, progress=False, cuda_graph=graph)
+    run = lambda graph: pipeline.generate(model, meta, prompts, steps=4, batch_size=2, progress=False, cuda_graph=graph)
     eager = run(False)
     assert len(calls) == 3 * 4
     graphed = run(True)
@@ -295,7 +296,7 @@ def test_cuda_graph_step_that_syncs_fails_with_a_clear_error():
 
     def syncs(x, t, context, motion_free=None):  # .item() waits for the GPU: a CUDA graph cannot record that
         return x * context.pooled.sum().item()
-    step = inference.CUDAGraphStep(syncs)
+    step = fastpath.sampling.CUDAGraphStep(syncs)
     context = TextContext(torch.ones(2, 3, device="cuda"), None, None, None)
     for _ in range(2):  # and again on the next call, not the allocator's complaint about the failed recording
         with pytest.raises(RuntimeError, match="sample.py --eager"):
@@ -311,4 +312,4 @@ def test_cuda_graph_step_passes_out_of_memory_through():
         return x + torch.zeros(1 << 50 if torch.cuda.is_current_stream_capturing() else 1, device="cuda").sum()
     context = TextContext(torch.ones(2, 3, device="cuda"), None, None, None)
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        inference.CUDAGraphStep(grows)(torch.ones(2, 4, device="cuda"), torch.zeros(2, device="cuda"), context)
+        fastpath.sampling.CUDAGraphStep(grows)(torch.ones(2, 4, device="cuda"), torch.zeros(2, device="cuda"), context)
