@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import re
+import textwrap
 
 import torch
 
@@ -112,7 +113,9 @@ def load_pt(path, mmap=False):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{path} is not a readable GenTron checkpoint ({str(e).splitlines()[0].split('. ')[0]}); "
+        # torch's weights_only refusal opens with a long preamble; its reason follows "WeightsUnpickler error:".
+        cause = textwrap.shorten(f"{type(e).__name__}: {str(e).split('WeightsUnpickler error:')[-1]}", 200)
+        raise ValueError(f"{path} is not a readable GenTron checkpoint ({cause}); "
                          "if it is a run's newest, move it away to resume from the one before") from None
     missing = [k for k in ("model", "config", "meta") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
@@ -130,7 +133,8 @@ def export_metadata(path):
         with safe_open(path, "pt") as f:
             md = f.metadata() or {}
     except Exception as e:  # safetensors' own error type for a damaged or foreign file
-        raise ValueError(f"{path} is not a readable .safetensors file ({str(e).splitlines()[0]})") from None
+        cause = textwrap.shorten(f"{type(e).__name__}: {e}", 200)
+        raise ValueError(f"{path} is not a readable .safetensors file ({cause})") from None
     if "config" not in md or "meta" not in md:
         raise ValueError(f"{path} has no GenTron metadata ('config', 'meta'); make it with sample.py --export")
     step = int(md["step"]) if md.get("step", "").lstrip("-").isdigit() else None

@@ -13,6 +13,7 @@ images are (3, H, W) and videos (T, 3, H, W), floats in [-1, 1].
 import json
 import math
 import os
+import textwrap
 import warnings
 
 import numpy as np
@@ -419,8 +420,12 @@ class SDVAE:
                 raise ImportError("the SD VAE needs `pip install diffusers`") from None
             try:
                 vae = AutoencoderKL.from_pretrained(name)
-            except Exception as e:  # offline / wrong name: say which model and how to provide it
-                raise OSError(f"could not load VAE {name!r} ({e}); download it or pass a local folder") from None
+            except Exception as e:  # offline / wrong name: say which model, why (one line) and how to provide it
+                cause = textwrap.shorten(f"{type(e).__name__}: {e}", 200)
+                hint = ("expected an AutoencoderKL saved with save_pretrained()" if os.path.isdir(name) else
+                        f"run once with network access to cache it, or `hf download {name} --local-dir DIR` "
+                        "and pass --latent-space DIR")
+                raise OSError(f"could not load VAE {name!r} ({cause}); {hint}") from None
         self.vae = vae.to(self.device, dtype).eval().requires_grad_(False)
 
     @torch.no_grad()
