@@ -131,13 +131,17 @@ def wait_until_complete(out_dir, poll=5.0):
         time.sleep(poll)
 
 
-def check_flags(meta, path, given, video=False):
-    """A cache fixes what it was made with: flags given on the command line ({flag: value or None}) must agree
-    with its meta.json; a video run needs a cache of videos, an image run one of images."""
+def check_kind(meta, path, video):
+    """A video run needs a cache of videos, an image run one of images."""
     if video and not meta["num_frames"]:
         raise ValueError(f"{path} is a cache of images; train_t2v.py needs one of videos")
     if not video and meta["num_frames"]:
         raise ValueError(f"{path} is a cache of videos; train_t2i.py needs one of images (train_t2v.py trains on it)")
+
+
+def check_flags(meta, path, given):
+    """A cache fixes what it was made with: flags given on the command line ({flag: value or None}) must agree
+    with its meta.json."""
     p = re.search(r":p_motion_free=([^:+]+)$", meta["dataset"])  # the spec's end (train_t2v.py), e.g. 1e-05
     made = {"--text-encoder": meta["text_encoder"], "--latent-space": meta["latent_space"],
             "--resolution": meta["resolution"], "--num-frames": meta["num_frames"],

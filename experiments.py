@@ -1,6 +1,6 @@
 """
 The paper's comparative findings, reproduced at toy scale on the built-in synthetic data and scored
-exactly with evaluate.py's oracle (held-out colour-shape pairs never seen in training):
+exactly with the oracle benchmark, oracle.py (held-out colour-shape pairs never seen in training):
 
   1. conditioning: cross-attention vs adaLN-zero          (Table 2 rows 1-2, Fig. 4)
   2. pooled text added to the time embedding, or not       (Sec. 3.2.1, last paragraph)
@@ -30,8 +30,8 @@ import time
 
 import torch
 
-from evaluate import oracle_eval
 from checkpoint import checkpoint_step, checkpoints, export, write_json
+from oracle import oracle_eval
 from pipeline import load_model
 
 PAPER_ARMS = {  # name -> extra train_t2i.py flags (the first arm is the baseline and the T2V parent)

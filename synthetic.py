@@ -4,7 +4,7 @@ Built-in synthetic data: coloured shapes (text-to-image) and moving shapes (text
 Everything is generated from (seed, split, index), so no files are needed, any index costs O(1)
 and a resumed run sees exactly the same samples. The renderer is deliberately simple so that a
 rule-based oracle can recover every attribute exactly from a render (`detect`, at the end of this file,
-is that inverse; evaluate.py's score_* functions are the oracle rules built on it):
+is that inverse; oracle.py's score_* functions are the oracle rules built on it):
 
 - a fixed black background; each object is one flat colour from COLORS, no anti-aliasing;
 - every shape fills its bounding box edge to edge: an object of half-size r centred at integer
@@ -330,7 +330,7 @@ def heldout_prompts(category, n, seed=0, size=32, num_frames=8):
 
 
 # -----------------------------------------------------------------------------
-# Exact recovery: a rule-based detector that inverts render (the oracle of evaluate.py)
+# Exact recovery: a rule-based detector that inverts render (the oracle of oracle.py)
 
 MIN_SHAPE_IOU = 0.5  # below this the blob is no shape of the vocabulary
 

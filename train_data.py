@@ -10,11 +10,10 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-import cache as C
-import data as D
+import cache
+from data import CACHED_KEYS, compact_caption, load_latent_space, real_tokens_first
 from fsdp import master_process
 from text_encoders import load_text_encoder
-
 
 
 @dataclasses.dataclass
@@ -48,14 +47,14 @@ def online_data(dataset, spec, args, device, frames=None):
     if builtin(spec):
         enc.memoize()  # a few thousand distinct captions: encode each once, not every step
     latent = args.latent_space or ("pixel" if builtin(spec) else "sd-vae")
-    space = D.load_latent_space(latent, device=device)
+    space = load_latent_space(latent, device=device)
     return Data(dataset, spec, args.text_encoder, space.spec, res, space.channels,
                 res // space.downsample, enc.text_dim, enc.pooled_dim, enc.max_length, frames, enc, space)
 
 
 def cached_data(path, device, frames=None):
     """A build_cache directory: latents and text features are read; "" is encoded once for caption dropout."""
-    ds = C.CachedDataset(path)
+    ds = cache.CachedDataset(path)
     m, item = ds.meta, ds[0]
     shapes = (item["text"].shape, item["text_mask"].shape, item["pooled"].shape)
     if master_process():  # only rank 0 loads the text encoder, for the one null caption
@@ -66,7 +65,7 @@ def cached_data(path, device, frames=None):
     for t in null:
         dist.broadcast(t, src=0)
     mask = null[1].bool()
-    first = D.real_tokens_first(mask)  # the batches' captions come real tokens first (data.collate)
+    first = real_tokens_first(mask)  # the batches' captions come real tokens first (data.collate)
     null = (null[0][first], mask[first], null[2])
     return Data(ds, m["dataset"], m["text_encoder"], m["latent_space"], m["resolution"], m["latent_channels"],
                 item["x"].shape[-1], m["text_dim"], m["pooled_dim"], shapes[0][0], m["num_frames"] or frames, null=null)
@@ -99,12 +98,12 @@ def text_condition(batch, drop, data, device):
     """{text, text_mask, pooled} for the model; a dropped caption becomes the null caption "" (CFG)."""
     if "text" in batch:  # cached or bench features: swap in the features of "", cut to the batch's positions
         # (data.collate keeps only those its captions need); pinned by the loader, so the host does not wait
-        tokens, mask, pooled, d = (v.to(device, non_blocking=True) for v in (*(batch[k] for k in D.CACHED_KEYS), drop))
+        tokens, mask, pooled, d = (v.to(device, non_blocking=True) for v in (*(batch[k] for k in CACHED_KEYS), drop))
         n = tokens.shape[1]
         tokens = torch.where(d[:, None, None], data.null[0][:n], tokens.float())
         mask = torch.where(d[:, None], data.null[1][:n], mask.bool())
         pooled = torch.where(d[:, None], data.null[2], pooled.float())
     else:  # encoded now, then cut the same way (its one host sync: the encoder's own check of the masks has one)
         tokens, mask, pooled = data.encoder(["" if x else c for c, x in zip(batch["caption"], drop.tolist())])
-        tokens, mask = D.compact_caption(tokens, mask)
+        tokens, mask = compact_caption(tokens, mask)
     return {"text": tokens, "text_mask": mask, "pooled": pooled}

@@ -10,7 +10,8 @@ Train GenTron text-to-image (paper Sec. 3.2, 4.1). One script for one CPU, one G
 FSDP2 (fsdp.py) makes N ranks x batch b train like 1 rank x batch Nb (one rank without --ac: unsharded). Every random
 draw of a step (timesteps, noise, caption dropout) is a function of (seed, step) drawn for the whole
 global batch, and the data order a function of (seed, epoch) (fsdp.py): a resumed run repeats an uninterrupted
-one. train_t2v.py imports the pieces below; the data sources are in train_data.py.
+one. train_t2v.py trains text-to-video with this loop: it passes its own data (make_data) and model config
+(make_config), and sets its own flag defaults; the data sources are in train_data.py.
 """
 
 import argparse
@@ -27,16 +28,18 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
-import cache as C
-import data as D
+import cache
 from checkpoint import (check_init, checkpoints, config_dict, gather_weights, load_init, load_pt,
                         remove_partial_checkpoints, save_checkpoint, stored_settings, write_json)
 from diffusion import Diffusion
 from flops import flops_per_sample
 from fsdp import (DistributedBatches, ShardedAdamW, build_model, load_full_state, master_process, matmul_peak_tflops,
                   mixed_precision, next_position, print0, setup_distributed, step_draws)
+from data import ImageTextFolder, collate, latent_spec
 from model import SIZES, GenTron, GenTronConfig
+from oracle import oracle_eval, oracle_table
 from pipeline import generate, grid_image
+from synthetic import ShapesDataset, heldout_prompts
 from train_data import bench_batches, bench_data, builtin, cached_data, online_data, text_condition
 
 # -----------------------------------------------------------------------------
@@ -62,10 +65,10 @@ def bounded(kind, lo=None, hi=None, open_hi=False):
     return parse
 
 
-def get_parser(kind="t2i"):
+def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # data and frozen encoders
-    p.add_argument("--data", default="shapes" if kind == "t2i" else "moving_shapes",
+    p.add_argument("--data", default="shapes",
                    help="shapes | bench | image folder or .jsonl manifest | cache dir made by cache.build_cache")
     p.add_argument("--cache", default=None, help="first cache --data's latents + text features here (rank 0), then train on it")
     p.add_argument("--text-encoder", default=None, help="default: the parent's (--resume, --init-from), else "
@@ -114,7 +117,7 @@ def get_parser(kind="t2i"):
     p.add_argument("--num-workers", type=bounded(int, 0), default=None, help="DataLoader workers (default 4 on GPU, 0 on CPU)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     # run folder, logs, checkpoints
-    p.add_argument("--out", default=f"runs/{kind}", help="run folder: log.txt, ckpt-*.pt, samples.png")
+    p.add_argument("--out", default="runs/t2i", help="run folder: log.txt, ckpt-*.pt, samples.png")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--init-from", default=None,
                    help="a run folder, ckpt-*.pt or .safetensors export: start from its model + EMA weights")
@@ -151,12 +154,14 @@ def make_data_t2i(args, device):
     """--data for text-to-image: shapes | bench | cache dir | image folder / .jsonl."""
     if args.data == "bench":
         return bench_data(args, device)
-    if C.is_cache(args.data):
-        return cached_data(args.data, device)
+    if cache.is_cache(args.data):
+        data = cached_data(args.data, device)
+        cache.check_kind(data.dataset.meta, args.data, video=False)
+        return data
     if args.data == "shapes":
-        ds = D.ShapesDataset("train", size=args.resolution or 32, seed=args.seed)
+        ds = ShapesDataset("train", size=args.resolution or 32, seed=args.seed)
         return online_data(ds, ds.spec, args, device)
-    ds = D.ImageTextFolder(args.data, size=args.resolution or 256)
+    ds = ImageTextFolder(args.data, size=args.resolution or 256)
     return online_data(ds, args.data, args, device)
 
 
@@ -168,18 +173,17 @@ def grid_prompts(data):
     """The built-in data's held-out captions, unique, for the final sample grid: a colour-shape pair, a binding
     and a spatial prompt in turn, or for clips the moving shapes'."""
     if data.frames:
-        rows = D.heldout_prompts("motion", 64, size=data.resolution, num_frames=data.frames)
+        rows = heldout_prompts("motion", 64, size=data.resolution, num_frames=data.frames)
         return list(dict.fromkeys(c for c, _ in rows))
-    cats = [D.heldout_prompts(cat, 64, size=data.resolution) for cat in ("single", "color", "spatial")]
+    cats = [heldout_prompts(cat, 64, size=data.resolution) for cat in ("single", "color", "spatial")]
     return list(dict.fromkeys(c for row in zip(*cats) for c, _ in row))
 
 
 @torch.no_grad()
 def final_samples(cfg, weights, data, meta, out, args, device):
     """RUN_DIR/samples.png (+ samples.txt) from pipeline.generate: DPM-Solver++(2M) with CFG, or for video
-    motion-free guidance (Eq. 6) (--num-samples); then evaluate.py's oracle on held-out compositions (--eval-n).
+    motion-free guidance (Eq. 6) (--num-samples); then the oracle benchmark (oracle.py) on held-out compositions (--eval-n).
     The built-in data only (online or cached), rank 0 only."""
-    from evaluate import oracle_eval, oracle_table
     from PIL import Image
 
     model = GenTron(cfg).to(device).eval()
@@ -226,18 +230,19 @@ def due(step, every, last):
     return bool(every) and (step % every == 0 or step == last)
 
 
-def train(args, make_data, kind="t2i"):
-    """Train with the data from make_data(args, device) -> Data. Returns {"loss": [...], "grad_norm": [...]}
-    (per step, averaged over ranks) on every rank. The T2V script passes its own make_data."""
+def train(args, make_data=make_data_t2i, make_config=model_config, kind="t2i"):
+    """Train the model make_config(args, data) -> GenTronConfig on the data from make_data(args, device) -> Data.
+    Returns {"loss": [...], "grad_norm": [...]} (per step, averaged over ranks) on every rank. train_t2v.py
+    passes its own make_data and make_config; kind is what the checkpoints' meta records ("t2i" / "t2v")."""
     rank, world, device, created = setup_distributed(args.device)
     try:
-        return _train(args, make_data, kind, rank, world, device)
+        return _train(args, make_data, make_config, kind, rank, world, device)
     finally:
         if created:
             dist.destroy_process_group()
 
 
-def _train(args, make_data, kind, rank, world, device):
+def _train(args, make_data, make_config, kind, rank, world, device):
     started = time.perf_counter()  # --time-limit counts the set-up too: encoders, model, a --cache build
     out, B, A = args.out, args.batch_size, args.grad_accum
     if args.lr is None:  # resolved, so checkpoints record it
@@ -258,9 +263,9 @@ def _train(args, make_data, kind, rank, world, device):
     # and prediction unless told otherwise
     parent = (ckpt["config"], ckpt["meta"]) if ckpt else stored_settings(args.init_from) if args.init_from else None
     was = {"text_encoder": parent[1].get("text_encoder"),
-           "latent_space": D.latent_spec(parent[1].get("latent_space")),
+           "latent_space": latent_spec(parent[1].get("latent_space")),
            "prediction": parent[1].get("prediction", "eps")} if parent else {}  # older checkpoints: eps
-    args.latent_space = D.latent_spec(args.latent_space)  # "sd-vae" however spelled, as caches and checkpoints
+    args.latent_space = latent_spec(args.latent_space)  # "sd-vae" however spelled, as caches and checkpoints
     for key, value in was.items():  # a resumed run trains the same target from the same features
         given = getattr(args, key)
         if ckpt and given is not None and value is not None and given != value:
@@ -269,19 +274,17 @@ def _train(args, make_data, kind, rank, world, device):
     args.text_encoder = args.text_encoder or was.get("text_encoder")
     args.latent_space = args.latent_space or was.get("latent_space")
     given = {"--text-encoder": args.text_encoder, "--latent-space": args.latent_space, "--resolution": args.resolution}
-    if kind == "t2v":
-        given.update({"--num-frames": args.num_frames, "--p-motion-free": args.p_motion_free})
     args.text_encoder = args.text_encoder or "tiny-clip+t5"
     data = make_data(args, device)
-    if isinstance(data.dataset, C.CachedDataset):
-        C.check_flags(data.dataset.meta, args.data, given, video=kind == "t2v")
+    if isinstance(data.dataset, cache.CachedDataset):  # (make_data checks a cache's kind and its own flags)
+        cache.check_flags(data.dataset.meta, args.data, given)
     if parent:
         args.patch = args.patch or parent[0].get("patch")
         args.qk_norm = parent[0].get("qk_norm", False) if args.qk_norm is None else args.qk_norm
         args.prediction = args.prediction or was["prediction"]
     elif args.patch is None and args.size == "toy" and device.type == "cpu":
         args.patch = 4  # the no-argument CPU demo: 64 tokens train ~4x faster than the row's 2x2 (README)
-    cfg = model_config(args, data, **({"temporal": True, "num_frames": data.frames} if kind == "t2v" else {}))
+    cfg = make_config(args, data)
     down = data.latents.downsample if data.latents is not None else 1 if data.latent_space == "pixel" else 8
     if data.resolution % (down * cfg.patch):
         raise ValueError(f"--resolution {data.resolution} must be a multiple of {down * cfg.patch} "
@@ -307,9 +310,9 @@ def _train(args, make_data, kind, rank, world, device):
             raise ValueError(f"--cache encodes a dataset of files; --data {args.data} is "
                              f"{'random features' if data.dataset is None else 'a cache already'}")
         if master_process():
-            C.build_cache(data.dataset, args.cache, data.encoder, data.latents, dataset_spec=data.spec)
+            cache.build_cache(data.dataset, args.cache, data.encoder, data.latents, dataset_spec=data.spec)
         else:  # wait on the file, not in a collective: building a large cache outlasts the process group's timeout
-            C.wait_until_complete(args.cache)
+            cache.wait_until_complete(args.cache)
         dist.barrier()
         data = cached_data(args.cache, device, data.frames)
     model_sd = ema_sd = None  # full state dicts, needed on rank 0 only (None: the fresh seeded init)
@@ -348,7 +351,7 @@ def _train(args, make_data, kind, rank, world, device):
         sampler = DistributedBatches(len(data.dataset), B, A, rank, world, args.seed, pos,
                                      getattr(data.dataset, "per_epoch", False))
         loader = iter(torch.utils.data.DataLoader(data.dataset, batch_sampler=sampler, num_workers=workers,
-                                                  collate_fn=D.collate, pin_memory=device.type == "cuda"))
+                                                  collate_fn=collate, pin_memory=device.type == "cuda"))
     sample_shape = ((data.frames,) if data.frames else ()) + (data.channels, data.latent_size, data.latent_size)
     diffusion = Diffusion(prediction=args.prediction)
     peak = matmul_peak_tflops(device) if master_process() else None
@@ -359,7 +362,7 @@ def _train(args, make_data, kind, rank, world, device):
            f"AC {f'every {ac} block(s)' if ac else 'off'}, "
            f"{f'FSDP2 units of {args.fsdp_unit} block(s)' if isinstance(model, FSDPModule) else 'unsharded (one rank)'}, "
            f"compile {args.compile}")
-    if kind == "t2i" and args.data == "shapes" and args.size == "toy" and device.type == "cpu":
+    if args.data == "shapes" and args.size == "toy" and device.type == "cpu":
         print0(f"toy run on the CPU at patch {cfg.patch} (the bar shows the time left): {args.max_steps} steps; then "
                f"{out}/samples.png shows held-out prompts as blobs of mostly the right colour with rough shapes, and "
                "the oracle scores follow (single objects in the tens of %, colour pairs near 0 this early)")
@@ -462,8 +465,8 @@ def _train(args, make_data, kind, rank, world, device):
 
 
 def main(argv=None):
-    args = get_parser("t2i").parse_args(argv)
-    return train(args, make_data_t2i, "t2i")
+    args = get_parser().parse_args(argv)
+    return train(args)
 
 
 def cli(main):

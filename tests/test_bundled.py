@@ -10,7 +10,7 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub are imported
 
-from evaluate import oracle_eval
+from oracle import oracle_eval
 from pipeline import load_model
 
 T2I_N, T2V_N = 8, 8  # held-out prompts per category / clips

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cache  # noqa: E402
 import data  # noqa: E402
 import fsdp  # noqa: E402
-import synthetic as S  # noqa: E402
+import synthetic  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # an independent caption parser (does not use synthetic.caption_for)
@@ -47,33 +47,33 @@ def parse(caption):
 
 def test_colors_are_well_separated():
     # a nearest-colour detector needs a margin between every pair of colours and the background
-    cols = np.array(list(S.COLORS.values()) + [S.BACKGROUND], dtype=float)
+    cols = np.array(list(synthetic.COLORS.values()) + [synthetic.BACKGROUND], dtype=float)
     d = np.linalg.norm(cols[:, None] - cols[None], axis=-1) + np.eye(len(cols)) * 1e9
     assert d.min() >= 127
 
 
 def test_shapes_deterministic_and_distinct():
-    a, b = S.ShapesDataset(seed=3), S.ShapesDataset(seed=3)
+    a, b = synthetic.ShapesDataset(seed=3), synthetic.ShapesDataset(seed=3)
     for i in (0, 1, 999_999):
         assert torch.equal(a[i]["x"], b[i]["x"]) and a[i]["caption"] == b[i]["caption"]
         assert a[i]["meta"] == b[i]["meta"]
     xs = [a[i]["x"] for i in range(50)]
     assert sum(torch.equal(xs[i], xs[i + 1]) for i in range(49)) == 0
-    assert not torch.equal(S.ShapesDataset(seed=4)[0]["x"], a[0]["x"])
+    assert not torch.equal(synthetic.ShapesDataset(seed=4)[0]["x"], a[0]["x"])
     assert a[0]["x"].shape == (3, 32, 32) and a[0]["x"].min() >= -1 and a[0]["x"].max() <= 1
     with pytest.raises(IndexError):
         a[len(a)]
 
 
 def test_moving_deterministic():
-    a, b = S.MovingShapesDataset(seed=1), S.MovingShapesDataset(seed=1)
+    a, b = synthetic.MovingShapesDataset(seed=1), synthetic.MovingShapesDataset(seed=1)
     assert torch.equal(a[7]["x"], b[7]["x"]) and not torch.equal(a[7]["x"], a[8]["x"])
     assert a[7]["x"].shape == (8, 3, 32, 32)
 
 
 @pytest.mark.parametrize("split", ["train", "heldout"])
 def test_captions_match_ground_truth(split):
-    ds = S.ShapesDataset(split, seed=0)
+    ds = synthetic.ShapesDataset(split, seed=0)
     cats = set()
     for i in range(400):
         it = ds[i]
@@ -92,79 +92,79 @@ def test_captions_match_ground_truth(split):
             # the stated relation holds on centres and its axis dominates
             main, other = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[rel]
             assert main > 0 and abs(other) <= main / 2
-    assert cats == set(S.CATEGORIES)
+    assert cats == set(synthetic.CATEGORIES)
 
 
 def test_render_pixels_recover_ground_truth():
-    ds = S.ShapesDataset(seed=5)
-    bg = np.array(S.BACKGROUND)
+    ds = synthetic.ShapesDataset(seed=5)
+    bg = np.array(synthetic.BACKGROUND)
     for i in range(200):
         it = ds[i]
         img = ((it["x"].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
-        assert np.array_equal(img, S.render(it["meta"]["objects"]))  # dataset == pure renderer
+        assert np.array_equal(img, synthetic.render(it["meta"]["objects"]))  # dataset == pure renderer
         painted = np.zeros(img.shape[:2], bool)
         for o in it["meta"]["objects"]:
             x, y, r = o["x"], o["y"], o["r"]
             # centre pixel has the object's colour; the bbox is exactly [x-r, x+r) x [y-r, y+r)
-            assert tuple(img[y, x]) == S.COLORS[o["color"]]
-            m = S.shape_mask(o["shape"], x, y, r, 32)
+            assert tuple(img[y, x]) == synthetic.COLORS[o["color"]]
+            m = synthetic.shape_mask(o["shape"], x, y, r, 32)
             ys, xs = np.nonzero(m)
             assert (xs.min(), xs.max() + 1, ys.min(), ys.max() + 1) == (x - r, x + r, y - r, y + r)
-            assert (img[m] == S.COLORS[o["color"]]).all()
+            assert (img[m] == synthetic.COLORS[o["color"]]).all()
             assert not (painted & m).any()  # no overlap
             painted |= m
         assert (img[~painted] == bg).all()
         if len(it["meta"]["objects"]) == 2:  # at least `gap` px apart, so components separate
             a, b = it["meta"]["objects"]
-            g = S.geometry(32)[2]
+            g = synthetic.geometry(32)[2]
             assert abs(a["x"] - b["x"]) >= a["r"] + b["r"] + g or abs(a["y"] - b["y"]) >= a["r"] + b["r"] + g
 
 
 def test_shapes_are_pairwise_distinct_templates():
     # at the same centre and size every pair of shapes differs in many pixels (oracle can tell them apart)
-    for r in range(*S.geometry(32)[:2]):
-        masks = [S.shape_mask(s, 16, 16, r, 32) for s in S.SHAPES]
+    for r in range(*synthetic.geometry(32)[:2]):
+        masks = [synthetic.shape_mask(s, 16, 16, r, 32) for s in synthetic.SHAPES]
         for i in range(len(masks)):
             for j in range(i + 1, len(masks)):
-                assert (masks[i] ^ masks[j]).sum() >= 8, (S.SHAPES[i], S.SHAPES[j], r)
+                assert (masks[i] ^ masks[j]).sum() >= 8, (synthetic.SHAPES[i], synthetic.SHAPES[j], r)
 
 
 def test_sizes_too_small_for_the_oracle_are_refused():
     """Under 17 px the smallest objects of three shapes render alike (the oracle scores its own renders ~70%
     at 16, 100% from 17 on): refused at construction."""
-    for ds in (S.ShapesDataset, S.MovingShapesDataset):
+    for ds in (synthetic.ShapesDataset, synthetic.MovingShapesDataset):
         with pytest.raises(ValueError, match="at least 17 px"):
             ds(size=16)
-    metas = [m for c in S.CATEGORIES for _, m in S.heldout_prompts(c, 10, size=17)]
-    x = torch.from_numpy(np.stack([S.render(m["objects"], 17) for m in metas]))
-    from evaluate import score_images
+    metas = [m for c in synthetic.CATEGORIES for _, m in synthetic.heldout_prompts(c, 10, size=17)]
+    x = torch.from_numpy(np.stack([synthetic.render(m["objects"], 17) for m in metas]))
+    from oracle import score_images
     assert score_images(x, metas)["overall"] == 1.0
 
 
 def test_heldout_split():
-    assert len(S.HELDOUT_PAIRS) == 8 and not set(S.HELDOUT_PAIRS) & set(S.TRAIN_PAIRS)
-    held = set(S.HELDOUT_PAIRS)
+    assert len(synthetic.HELDOUT_PAIRS) == 8 and not set(synthetic.HELDOUT_PAIRS) & set(synthetic.TRAIN_PAIRS)
+    held = set(synthetic.HELDOUT_PAIRS)
     # every colour and every shape is still seen in training
-    assert {c for c, _ in S.TRAIN_PAIRS} == set(S.COLORS) and {s for _, s in S.TRAIN_PAIRS} == set(S.SHAPES)
+    assert {c for c, _ in synthetic.TRAIN_PAIRS} == set(synthetic.COLORS) and {s for _, s in synthetic.TRAIN_PAIRS} == set(synthetic.SHAPES)
     for split, want in (("train", False), ("heldout", True)):
-        img, vid = S.ShapesDataset(split, seed=0), S.MovingShapesDataset(split, seed=0)
+        img, vid = synthetic.ShapesDataset(split, seed=0), synthetic.MovingShapesDataset(split, seed=0)
         for i in range(1000):
             for o in img.scene(i)["objects"] + vid.scene(i)["objects"]:
                 assert ((o["color"], o["shape"]) in held) == want
 
 
 def test_heldout_prompts():
-    for cat in list(S.CATEGORIES) + ["motion"]:
-        ps = S.heldout_prompts(cat, 20, seed=0)
+    for cat in list(synthetic.CATEGORIES) + ["motion"]:
+        ps = synthetic.heldout_prompts(cat, 20, seed=0)
         assert len(ps) == 20 and all(m["category"] == cat for _, m in ps)
-        assert ps == S.heldout_prompts(cat, 20, seed=0)
+        assert ps == synthetic.heldout_prompts(cat, 20, seed=0)
         for cap, m in ps:
             assert [tuple(o) for o in parse(cap)[0]] == [(o["color"], o["shape"]) for o in m["objects"]]
-            assert all((o["color"], o["shape"]) in S.HELDOUT_PAIRS for o in m["objects"])
+            assert all((o["color"], o["shape"]) in synthetic.HELDOUT_PAIRS for o in m["objects"])
 
 
 def test_moving_shapes_motion():
-    ds = S.MovingShapesDataset("train", num_frames=8, seed=2)
+    ds = synthetic.MovingShapesDataset("train", num_frames=8, seed=2)
     dirs = set()
     for i in range(100):
         it = ds[i]
@@ -182,16 +182,16 @@ def test_moving_shapes_motion():
             assert r <= o["x"] <= 32 - r and r <= o["y"] <= 32 - r
             # the rendered frame has the object's colour at the stated centre, background at the old one
             frame = ((it["x"][t] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-            assert np.array_equal(frame, S.render(objs))
-            assert tuple(frame[o["y"], o["x"]]) == S.COLORS[o["color"]]
-    assert dirs == set(S.DIRECTIONS)
+            assert np.array_equal(frame, synthetic.render(objs))
+            assert tuple(frame[o["y"], o["x"]]) == synthetic.COLORS[o["color"]]
+    assert dirs == set(synthetic.DIRECTIONS)
 
 
 def test_collate_images_and_videos():
-    b = data.collate([S.ShapesDataset()[i] for i in range(3)])
+    b = data.collate([synthetic.ShapesDataset()[i] for i in range(3)])
     assert b["x"].shape == (3, 3, 32, 32) and len(b["caption"]) == 3 and len(b["meta"]) == 3
     assert "motion_free" not in b
-    v = data.collate([S.MovingShapesDataset()[i] for i in range(2)])
+    v = data.collate([synthetic.MovingShapesDataset()[i] for i in range(2)])
     assert v["x"].shape == (2, 8, 3, 32, 32) and v["motion_free"].dtype == torch.bool
     assert not v["motion_free"].any()
     items = [{"x": torch.zeros(3, 4, 4), "caption": "", "text": torch.ones(5, 6),
@@ -212,10 +212,10 @@ def _reference_item(ds, i):
     """Item i rendered on its own by the reference renderer (render, one frame at a time)."""
     meta = ds.scene(i)
     if "frames" in meta:
-        x = torch.stack([S.to_tensor(S.render(objs, ds.size)) for objs in meta["frames"]])  # (T, 3, H, W)
+        x = torch.stack([synthetic.to_tensor(synthetic.render(objs, ds.size)) for objs in meta["frames"]])  # (T, 3, H, W)
     else:
-        x = S.to_tensor(S.render(meta["objects"], ds.size))  # (3, H, W)
-    return {"x": x, "caption": S.caption_for(meta), "meta": meta}
+        x = synthetic.to_tensor(synthetic.render(meta["objects"], ds.size))  # (3, H, W)
+    return {"x": x, "caption": synthetic.caption_for(meta), "meta": meta}
 
 
 @pytest.mark.parametrize("size", [32, 64, 20])
@@ -224,15 +224,15 @@ def test_batched_fetch_equals_per_item(size):
     # renderer's bit for bit, and indexing one item (a batch of one) too
     rng = np.random.default_rng(size)
     for split in ("train", "heldout"):
-        ds = S.ShapesDataset(split, size=size)
+        ds = synthetic.ShapesDataset(split, size=size)
         idx = [int(i) for i in rng.integers(len(ds), size=150)] + [0, len(ds) - 1]
         ref = [_reference_item(ds, i) for i in idx]
-        assert {it["meta"]["category"] for it in ref} == set(S.CATEGORIES)  # one- and two-object scenes
+        assert {it["meta"]["category"] for it in ref} == set(synthetic.CATEGORIES)  # one- and two-object scenes
         assert _same_items(ds.__getitems__(idx), ref) and _same_items([ds[i] for i in idx[:20]], ref[:20])
-        vs = S.MovingShapesDataset(split, size=size, num_frames=4 if size == 20 else 8)
+        vs = synthetic.MovingShapesDataset(split, size=size, num_frames=4 if size == 20 else 8)
         idx = [int(i) for i in rng.integers(len(vs), size=24)]
         ref = [_reference_item(vs, i) for i in idx]
-        assert {it["meta"]["direction"] for it in ref} == set(S.DIRECTIONS)
+        assert {it["meta"]["direction"] for it in ref} == set(synthetic.DIRECTIONS)
         assert _same_items(vs.__getitems__(idx), ref) and _same_items([vs[i] for i in idx[:5]], ref[:5])
     assert ds.__getitems__([]) == []
 
@@ -242,26 +242,26 @@ def test_render_batch_overlap_clipping_and_empty():
     # off at the border, an empty scene
     o = lambda s, c, x, y, r: {"shape": s, "color": c, "x": x, "y": y, "r": r}  # noqa: E731
     pair = [o("circle", "red", 1, 2, 7), o("square", "blue", 5, 4, 4)]
-    border = [o(s, c, x, y, r) for s, c, x, y, r in zip(S.SHAPES, S.COLORS, (0, 32, 16, 9, 30), (31, 0, 16, 27, 5),
+    border = [o(s, c, x, y, r) for s, c, x, y, r in zip(synthetic.SHAPES, synthetic.COLORS, (0, 32, 16, 9, 30), (31, 0, 16, 27, 5),
                                                          (3, 9, 6, 2, 5))]
     scenes = [pair, pair[::-1], [], border]
-    out = S.render_batch(scenes, 32)
-    assert np.array_equal(out, np.stack([S.render(s, 32) for s in scenes]))
+    out = synthetic.render_batch(scenes, 32)
+    assert np.array_equal(out, np.stack([synthetic.render(s, 32) for s in scenes]))
     assert not np.array_equal(out[0], out[1])  # the order matters here, and is kept
-    assert (out[0] == S.COLORS["blue"]).all(-1).sum() == 64  # the 8x8 square drawn last is whole
+    assert (out[0] == synthetic.COLORS["blue"]).all(-1).sum() == 64  # the 8x8 square drawn last is whole
     with pytest.raises(ValueError, match="inside"):
-        S.render_batch([[o("circle", "red", -1, 5, 3)]], 32)
+        synthetic.render_batch([[o("circle", "red", -1, 5, 3)]], 32)
 
 
 def test_dataloader_batches_same_with_and_without_batched_fetch(monkeypatch):
     # DataLoader calls __getitems__ for a batch_sampler (torch >= 2.1, _MapDatasetFetcher): its collated
     # batches must be identical to those of the reference renderer's items
     calls = []
-    render_batch = S.render_batch
-    monkeypatch.setattr(S, "render_batch", lambda *a: calls.append(1) or render_batch(*a))
+    render_batch = synthetic.render_batch
+    monkeypatch.setattr(synthetic, "render_batch", lambda *a: calls.append(1) or render_batch(*a))
     perm = np.random.default_rng(1).permutation(4000)
     batches = [perm[a:b].tolist() for a, b in ((0, 64), (64, 65), (100, 300))]
-    for make in (S.ShapesDataset, S.MovingShapesDataset):
+    for make in (synthetic.ShapesDataset, synthetic.MovingShapesDataset):
         ds = make()
         n = len(calls)
         got = list(torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=data.collate))
@@ -453,7 +453,7 @@ def test_joint_dataset_pseudo_videos():
     assert abs(np.mean(flags) - 0.3) < 0.02  # 5000 draws: std 0.0065
     assert [ds[i]["motion_free"] for i in range(50)] == flags[:50]  # deterministic
     # with the synthetic datasets, through collate
-    sd = data.JointImageVideoDataset(S.MovingShapesDataset(num_frames=8), S.ShapesDataset(categories=("single",)),
+    sd = data.JointImageVideoDataset(synthetic.MovingShapesDataset(num_frames=8), synthetic.ShapesDataset(categories=("single",)),
                                      p_motion_free=0.5, num_frames=8)
     b = data.collate([sd[i] for i in range(8)])
     assert b["x"].shape == (8, 8, 3, 32, 32)
@@ -564,7 +564,7 @@ class StubEncoder:
 
 
 def test_cache_round_trip_and_refusal(tmp_path):
-    ds = S.ShapesDataset(seed=1, length=10)
+    ds = synthetic.ShapesDataset(seed=1, length=10)
     enc, px = StubEncoder(), data.PixelSpace()
     meta = cache.build_cache(ds, str(tmp_path), enc, px, shard_size=4, batch_size=3, progress=False)
     assert meta["complete"] and sorted(os.listdir(tmp_path)) == ["meta.json"] + [f"shard_0000{k}.pt" for k in range(3)]
@@ -618,7 +618,7 @@ def test_cache_of_changed_files_is_refused(tmp_path):
     (src / "a.txt").write_text("a red circle")
     with pytest.raises(ValueError, match="content="):
         build()
-    assert cache.content_fingerprint(S.ShapesDataset()) is None  # synthetic data: its spec says it all
+    assert cache.content_fingerprint(synthetic.ShapesDataset()) is None  # synthetic data: its spec says it all
 
 
 def test_the_sd_vae_has_one_name_in_caches_checkpoints_and_flags(tmp_path):
@@ -648,13 +648,13 @@ def test_cache_knows_its_motion_free_fraction_however_written():
     meta = {"num_frames": 8, "text_encoder": "t", "latent_space": "pixel", "resolution": 32}
     for p in (0.5, 1e-05, 0.0):
         made = {**meta, "dataset": f"vids+imgs:p_motion_free={p}"}  # as train_t2v.py writes it
-        cache.check_flags(made, "c", {"--p-motion-free": p}, video=True)
+        cache.check_flags(made, "c", {"--p-motion-free": p})
         with pytest.raises(ValueError, match=f"made with --p-motion-free {p}, not 0.25"):
-            cache.check_flags(made, "c", {"--p-motion-free": 0.25}, video=True)
+            cache.check_flags(made, "c", {"--p-motion-free": 0.25})
 
 
 def test_cache_killed_run_is_refused_then_resumed(tmp_path):
-    ds = S.MovingShapesDataset(num_frames=4, seed=0, length=6)
+    ds = synthetic.MovingShapesDataset(num_frames=4, seed=0, length=6)
     with pytest.raises(KeyboardInterrupt):  # dies while encoding the second shard
         cache.build_cache(ds, str(tmp_path), StubEncoder(fail_after=2), data.PixelSpace(),
                          shard_size=4, batch_size=2, progress=False)
@@ -677,7 +677,7 @@ def test_cache_never_touches_files_it_did_not_write(tmp_path):
     """--cache may name any folder: only the temp files of our own killed writes are removed, a folder of other
     files is refused before anything is written, and an image folder with a meta.json of its own is not a cache;
     a damaged or foreign meta.json beside shards is a one-line error naming the file."""
-    ds = S.ShapesDataset(seed=1, length=4)
+    ds = synthetic.ShapesDataset(seed=1, length=4)
     mine = tmp_path / "work"
     mine.mkdir()
     for name in ("notes.tmp.txt", "email.tmpl"):
@@ -711,7 +711,7 @@ def test_cache_with_real_text_encoder(tmp_path):
         enc = te.load_text_encoder("tiny-clip+t5")
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"tiny text encoder unavailable: {e}")
-    ds = S.ShapesDataset(seed=0, length=3)
+    ds = synthetic.ShapesDataset(seed=0, length=3)
     cache.build_cache(ds, str(tmp_path), enc, data.PixelSpace(), shard_size=2, progress=False)
     cd = cache.CachedDataset(str(tmp_path), cache.cache_spec(enc, data.PixelSpace(), 32, None, ds.spec))
     tok, mask, pooled = enc([ds[2]["caption"]])

@@ -15,9 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-import evaluate as ev
+import evaluate
 import metrics
-from synthetic import CATEGORIES, COLORS, DIRECTIONS, SHAPES, geometry, heldout_prompts, render
+import oracle
+from synthetic import CATEGORIES, COLORS, DIRECTIONS, SHAPES, detect, geometry, heldout_prompts, render
 from test_sample import FRAMES, make_checkpoint
 
 N = 100  # prompts per category: 1 error in 100 is still >= 99%
@@ -52,18 +53,18 @@ def clips():
 def test_detector_is_exact_on_renders(scenes):
     imgs, metas = scenes
     for img, m in zip(imgs, metas):
-        got = sorted((d["color"], d["shape"], d["x"], d["y"], d["r"]) for d in ev.detect(img))
+        got = sorted((d["color"], d["shape"], d["x"], d["y"], d["r"]) for d in detect(img))
         assert got == sorted((o["color"], o["shape"], o["x"], o["y"], o["r"]) for o in m["objects"])
 
 
 def test_oracle_on_ground_truth_renders(scenes, clips):
-    s = ev.score_images(*scenes)
+    s = oracle.score_images(*scenes)
     assert s["n"] == {c: N for c in CATEGORIES}
     for k in ("single", "color", "shape", "spatial", "overall", "object_recall", "colors_placed"):
         assert s[k] >= 0.99, (k, s[k])
-    v = ev.score_videos(*clips)
+    v = oracle.score_videos(*clips)
     assert v["n"] == N and min(v["frame_attribute"], v["direction"], v["consistency"]) >= 0.99, v
-    assert "Texture" in ev.oracle_table(s) and "-" in ev.oracle_table(s).splitlines()[-1].split()
+    assert "Texture" in oracle.oracle_table(s) and "-" in oracle.oracle_table(s).splitlines()[-1].split()
 
 
 def test_oracle_robust_to_pixel_noise(scenes):
@@ -74,7 +75,7 @@ def test_oracle_robust_to_pixel_noise(scenes):
     hit = rng.random(imgs.shape[:3]) < 0.03  # 3% of pixels replaced by random colours
     salt[hit] = rng.integers(0, 256, (hit.sum(), 3))
     for x in (noisy, salt):
-        s = ev.score_images(x, metas)
+        s = oracle.score_images(x, metas)
         assert min(s[c] for c in CATEGORIES) >= 0.98, s
 
 
@@ -92,15 +93,15 @@ def test_oracle_catches_binding_and_relation_errors(scenes, clips):
             for k in ("x", "y"):
                 objs[0][k], objs[1][k] = objs[1][k], objs[0][k]
             moved.append((render(objs), m))
-    s = ev.score_images(np.stack([x for x, _ in swapped]), [m for _, m in swapped])
+    s = oracle.score_images(np.stack([x for x, _ in swapped]), [m for _, m in swapped])
     assert len(swapped) > N and s["color"] == s["shape"] == 0.0 and s["object_recall"] == 0.0
     assert s["colors_placed"] == 1.0  # the diagnostic ignores shapes: every swapped render still places both colours
-    s = ev.score_images(np.stack([x for x, _ in moved]), [m for _, m in moved])
+    s = oracle.score_images(np.stack([x for x, _ in moved]), [m for _, m in moved])
     assert s["spatial"] == 0.0 and s["object_recall"] == 1.0  # right objects, wrong places
     videos, vmetas = clips
-    rev = ev.score_videos(videos[:, ::-1], vmetas)  # played backwards: the opposite direction
+    rev = oracle.score_videos(videos[:, ::-1], vmetas)  # played backwards: the opposite direction
     assert rev["direction"] == 0.0 and rev["frame_attribute"] == rev["consistency"] == 1.0
-    still = ev.score_videos(np.repeat(videos[:, :1], videos.shape[1], axis=1), vmetas)  # no motion at all
+    still = oracle.score_videos(np.repeat(videos[:, :1], videos.shape[1], axis=1), vmetas)  # no motion at all
     assert still["direction"] == 0.0 and still["consistency"] == 1.0
 
 
@@ -138,18 +139,18 @@ def test_oracle_near_chance_on_noise(scenes, clips):
     _, metas = scenes
     rng = np.random.default_rng(0)
     uniform = rng.integers(0, 256, (len(metas) // 4, 32, 32, 3), dtype=np.uint8)  # 25 per category
-    s = ev.score_images(uniform, metas[::4])
+    s = oracle.score_images(uniform, metas[::4])
     assert all(s[c] == 0.0 for c in CATEGORIES), s  # no object-like blob in uniform noise
     for x in (random_blobs(rng, len(metas)), random_scenes(rng, len(metas))):
-        s = ev.score_images(x, metas)
+        s = oracle.score_images(x, metas)
         assert s["single"] <= 0.10 and max(s["color"], s["shape"], s["spatial"]) <= 0.02, s
         assert s["colors_placed"] <= 0.08, s  # two given colours out of 8 on two random objects: ~3%
     # videos: frames drawn independently (blobs) or uniform noise; direction chance is 25%
     videos, vmetas = clips
     T = videos.shape[1]
-    v = ev.score_videos(random_blobs(rng, len(vmetas) * T).reshape(len(vmetas), T, 32, 32, 3), vmetas)
+    v = oracle.score_videos(random_blobs(rng, len(vmetas) * T).reshape(len(vmetas), T, 32, 32, 3), vmetas)
     assert v["frame_attribute"] <= 0.06 and v["direction"] <= 0.35 and v["consistency"] <= 0.1, v
-    v = ev.score_videos(rng.integers(0, 256, (20, T, 32, 32, 3), dtype=np.uint8), vmetas[:20])
+    v = oracle.score_videos(rng.integers(0, 256, (20, T, 32, 32, 3), dtype=np.uint8), vmetas[:20])
     assert v["frame_attribute"] == v["direction"] == v["consistency"] == 0.0, v
 
 
@@ -157,7 +158,7 @@ def test_oracle_eval_runs_generation(tmp_path):
     from pipeline import load_model
 
     model, meta = load_model(make_checkpoint(str(tmp_path / "r" / "ckpt-0000001.pt")))
-    s = ev.oracle_eval(model, meta, n_per_category=2, steps=3, progress=False)
+    s = oracle.oracle_eval(model, meta, n_per_category=2, steps=3, progress=False)
     assert s["n"] == {c: 2 for c in CATEGORIES} and s["settings"]["kind"] == "t2i" and s["settings"]["steps"] == 3
     # each prompt is scored against its own scene: a "model" that draws exactly the scene its prompt describes
     # scores 100% in every category (a prompt paired with another prompt's scene would fail the oracle)
@@ -167,13 +168,13 @@ def test_oracle_eval_runs_generation(tmp_path):
                                                                           for p in prompts]))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pipeline, "generate", exact)
-        perfect = ev.oracle_eval(model, meta, n_per_category=4, seed=1, progress=False)
+        perfect = oracle.oracle_eval(model, meta, n_per_category=4, seed=1, progress=False)
     assert all(perfect[c] == 1.0 for c in CATEGORIES) and perfect["n"] == {c: 4 for c in CATEGORIES}, perfect
     # and what else the scores depend on: which weights (EMA or raw), and the batch (DDPM's noise is per batch)
     assert s["settings"]["ema"] is True and s["settings"]["batch_size"] == 64
     vmodel, vmeta = load_model(make_checkpoint(str(tmp_path / "v" / "ckpt-0000001.pt"), temporal=True))
     out = str(tmp_path / "oracle.json")
-    ev.main(["--oracle", "--video", "--ckpt", str(tmp_path / "v"), "--n", "2", "--steps", "3", "--json", out])
+    evaluate.main(["--oracle", "--video", "--ckpt", str(tmp_path / "v"), "--n", "2", "--steps", "3", "--json", out])
     v = json.load(open(out))
     assert v["n"] == 2 and set(v) >= {"frame_attribute", "direction", "consistency"}
     assert v["settings"]["mfg"] == 1.2 and v["settings"]["frames"] == 4
@@ -184,7 +185,7 @@ def test_attention_logits_cli(tmp_path):
     # the T2V model's temporal layers too (the properties of the measure itself: test_model.py)
     make_checkpoint(str(tmp_path / "v" / "ckpt-0000001.pt"), temporal=True)
     out = str(tmp_path / "logits.json")
-    ev.main(["--attention-logits", "--video", "--ckpt", str(tmp_path / "v"), "--n", "3", "--json", out])
+    evaluate.main(["--attention-logits", "--video", "--ckpt", str(tmp_path / "v"), "--n", "3", "--json", out])
     v = json.load(open(out))
     depth = torch.load(str(tmp_path / "v" / "ckpt-0000001.pt"), weights_only=True)["config"]["depth"]
     assert {k: len(x) for k, x in v.items()} == {"self": depth, "cross": depth, "temporal": depth}
@@ -194,7 +195,7 @@ def test_attention_logits_cli(tmp_path):
 def test_counts_below_one_are_usage_errors(capsys):
     for argv in (["--oracle", "--n", "0"], ["--attention-logits", "--batch-size", "0"]):
         with pytest.raises(SystemExit) as e:
-            ev.main(argv)
+            evaluate.main(argv)
         assert e.value.code == 2 and f"error: {argv[1]} must be >= 1, got 0" in capsys.readouterr().err
     # the settings sample.py checks, before any model loads
     for argv, message in ((["--cfg", "nan"], "--cfg must be a finite number"), (["--device", "foo"], "is not a device"),
@@ -202,7 +203,7 @@ def test_counts_below_one_are_usage_errors(capsys):
                           (["--json", __file__], "exists: choose another path"),  # never replaced
                           (["--json", f"{__file__}/s.json"], f"--json {__file__}: {__file__} is a file")):
         with pytest.raises(SystemExit) as e:
-            ev.main(["--oracle", *argv])
+            evaluate.main(["--oracle", *argv])
         assert e.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -334,10 +335,10 @@ def test_compbench_end_to_end(hf_models, tmp_path, monkeypatch):
     assert set(s) == set(files) | {"mean"}
     assert all(np.isfinite(s[c]) for c in files), s  # every category scored (an empty one would be nan)
     assert s["mean"] == pytest.approx(np.mean([s[c] for c in files]))
-    table = ev.compbench_table(s)
+    table = evaluate.compbench_table(s)
     assert "Non-spatial" in table and table.splitlines()[-1].split()[2] == "-"  # no texture prompts given
     # the command line scores the same folder to the same numbers
-    ev.main(["--compbench", str(prompts), "--images", images, "--categories", "color,spatial",
+    evaluate.main(["--compbench", str(prompts), "--images", images, "--categories", "color,spatial",
              "--blip", hf_models["blip"], "--detector", hf_models["owl"]])
     cli = json.load(open(os.path.join(images, "compbench.json")))
     assert cli["color"] == pytest.approx(s["color"]) and cli["spatial"] == pytest.approx(s["spatial"])
@@ -472,12 +473,12 @@ def test_clip_score_of_sample_folders(hf_models, tmp_path):
         recs = json.load(open(folder / "samples.json"))["samples"]
         return [(r["prompt"], np.asarray(Image.open(folder / r["file"]).convert("RGB"))) for r in recs]
 
-    ev.main(["--clip-score", str(tmp_path / "i"), "--clip", hf_models["clip"]])
+    evaluate.main(["--clip-score", str(tmp_path / "i"), "--clip", hf_models["clip"]])
     s = json.load(open(tmp_path / "i" / "clip_score.json"))
     (p0, a0), (p1, a1) = listed(tmp_path / "i")
     cos, _ = clip_reference(model, proc, [Image.fromarray(a0), Image.fromarray(a1)], [p0, p1])
     assert s["n"] == 2 and s["clip_score"] == pytest.approx(float((100 * cos.clamp(min=0)).mean()), abs=1e-3)
-    ev.main(["--clip-score", str(tmp_path / "v"), "--clip", hf_models["clip"]])
+    evaluate.main(["--clip-score", str(tmp_path / "v"), "--clip", hf_models["clip"]])
     v = json.load(open(tmp_path / "v" / "clip_score.json"))
     [(prompt, strip)] = listed(tmp_path / "v")  # the clip's frames side by side
     frames = [Image.fromarray(f) for f in np.split(strip, strip.shape[1] // strip.shape[0], axis=1)]
@@ -485,9 +486,9 @@ def test_clip_score_of_sample_folders(hf_models, tmp_path):
     assert v["n"] == 1 and len(frames) == FRAMES > 1
     assert v["clip_score_per_frame"] == pytest.approx(float((100 * cos.clamp(min=0)).mean()), abs=1e-3)
     assert v["frame_consistency"] == pytest.approx(100 * float((emb[1:] * emb[:-1]).sum(-1).mean()), abs=1e-3)
-    ev.main(["--clip-score", str(tmp_path / "v"), "--clip", hf_models["clip"]])  # again: the first file stays
+    evaluate.main(["--clip-score", str(tmp_path / "v"), "--clip", hf_models["clip"]])  # again: the first file stays
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "samples.json").write_text("{}")
     with pytest.raises(ValueError, match="is not a samples.json written by sample.py"):
-        ev.main(["--clip-score", str(tmp_path / "bad"), "--clip", hf_models["clip"]])
+        evaluate.main(["--clip-score", str(tmp_path / "bad"), "--clip", hf_models["clip"]])
     assert json.load(open(tmp_path / "v" / "clip_score-2.json")) == v == json.load(open(tmp_path / "v" / "clip_score.json"))

@@ -14,13 +14,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import cache
-import data as D
 import fsdp
-import train_data as S
-import train_t2i as T
-import train_t2v as V
+import train_data
+import train_t2i
+import train_t2v
 from diffusion import Diffusion
-from data import real_tokens_first
+from data import JointImageVideoDataset, MovingShapesDataset, PixelSpace, ShapesDataset, collate, real_tokens_first
 from model import GenTron, GenTronConfig, make_config
 from text_encoders import load_text_encoder
 
@@ -78,7 +77,7 @@ def _worker(rank, world, port, argv, out_json):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     torch.set_num_threads(1)
-    history = T.main(argv)
+    history = train_t2i.main(argv)
     if rank == 0:
         with open(out_json, "w") as f:
             json.dump(history, f)
@@ -91,8 +90,8 @@ def test_two_processes_match_one(tmp_path):
     argv = lambda out, *x: tiny(out, 5, "--batch-size", "8", "--caption-dropout", "0.5", *x)
     mp.spawn(_worker, args=(2, _free_port(), argv(tmp_path / "two"), str(tmp_path / "two.json")), nprocs=2)
     two = json.load(open(tmp_path / "two.json"))
-    one = T.main(argv(tmp_path / "one"))
-    accum = T.main(argv(tmp_path / "accum", "--grad-accum", "2"))
+    one = train_t2i.main(argv(tmp_path / "one"))
+    accum = train_t2i.main(argv(tmp_path / "accum", "--grad-accum", "2"))
     assert len(two["loss"]) == 5
     torch.testing.assert_close(torch.tensor(two["loss"]), torch.tensor(one["loss"]), rtol=1e-5, atol=0)
     torch.testing.assert_close(torch.tensor(accum["loss"]), torch.tensor(one["loss"]), rtol=1e-5, atol=0)
@@ -113,11 +112,11 @@ def test_two_processes_match_one(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    full = T.main(tiny(tmp_path / "full", 6, "--ckpt-every", "3"))
-    first = T.main(tiny(tmp_path / "split", 3, "--ckpt-every", "3"))
+    full = train_t2i.main(tiny(tmp_path / "full", 6, "--ckpt-every", "3"))
+    first = train_t2i.main(tiny(tmp_path / "split", 3, "--ckpt-every", "3"))
     with pytest.raises(FileExistsError, match="--resume"):  # never silently overwrite a run
-        T.main(tiny(tmp_path / "split", 6))
-    second = T.main(tiny(tmp_path / "split", 6, "--ckpt-every", "3", "--resume"))
+        train_t2i.main(tiny(tmp_path / "split", 6))
+    second = train_t2i.main(tiny(tmp_path / "split", 6, "--ckpt-every", "3", "--resume"))
     assert first["loss"] + second["loss"] == full["loss"]  # bit for bit
     a, b = load(tmp_path / "full" / "ckpt-0000006.pt"), load(tmp_path / "split" / "ckpt-0000006.pt")
     assert all(torch.equal(a["ema"][k], b["ema"][k]) and torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -127,22 +126,22 @@ def test_resume_is_exact(tmp_path):
 def test_resume_across_builds(tmp_path):
     # a checkpoint does not depend on how the model was built: written by FSDP2 (one rank with --ac), resumed by the
     # plain model (one rank without), and the other way round, each continues as the uninterrupted run does
-    full = T.main(tiny(tmp_path / "full", 4, "--ac", "0"))
+    full = train_t2i.main(tiny(tmp_path / "full", 4, "--ac", "0"))
     for a, b in (("1", "0"), ("0", "1")):
         out = tmp_path / f"ac{a}to{b}"
-        first = T.main(tiny(out, 2, "--ckpt-every", "2", "--ac", a))
-        second = T.main(tiny(out, 4, "--ac", b, "--resume"))
+        first = train_t2i.main(tiny(out, 2, "--ckpt-every", "2", "--ac", a))
+        second = train_t2i.main(tiny(out, 4, "--ac", b, "--resume"))
         torch.testing.assert_close(torch.tensor(first["loss"] + second["loss"]), torch.tensor(full["loss"]),
                                    rtol=1e-6, atol=0)
 
 
 def test_time_limit_stops_with_a_checkpoint_and_resumes_exactly(tmp_path):
-    full = T.main(tiny(tmp_path / "full", 4, "--log-every", "2"))
+    full = train_t2i.main(tiny(tmp_path / "full", 4, "--log-every", "2"))
     # a limit of 0 minutes is past at the first log step (2): a checkpoint is written there, although
     # --ckpt-every would not have saved before step 100, and the resumed run continues bit for bit
-    first = T.main(tiny(tmp_path / "cut", 4, "--log-every", "2", "--ckpt-every", "100", "--time-limit", "0"))
+    first = train_t2i.main(tiny(tmp_path / "cut", 4, "--log-every", "2", "--ckpt-every", "100", "--time-limit", "0"))
     assert len(first["loss"]) == 2 and sorted(os.listdir(tmp_path / "cut")) == ["ckpt-0000002.pt", "log.txt"]
-    second = T.main(tiny(tmp_path / "cut", 4, "--log-every", "2", "--resume"))
+    second = train_t2i.main(tiny(tmp_path / "cut", 4, "--log-every", "2", "--resume"))
     assert first["loss"] + second["loss"] == full["loss"]
 
 
@@ -150,12 +149,12 @@ def test_time_limit_without_log_or_checkpoint_steps_and_final_samples_without_ch
     """--time-limit is checked every TIME_CHECK_EVERY steps even with --log-every 0 --ckpt-every 0 (it was never
     checked: the run went on to --max-steps); and a run that writes no checkpoint samples its trained weights
     (it sampled none, and after --resume the loaded checkpoint's)."""
-    monkeypatch.setattr(T, "TIME_CHECK_EVERY", 3)
-    T.main(tiny(tmp_path / "a", 7, "--log-every", "0", "--ckpt-every", "0", "--time-limit", "0"))
+    monkeypatch.setattr(train_t2i, "TIME_CHECK_EVERY", 3)
+    train_t2i.main(tiny(tmp_path / "a", 7, "--log-every", "0", "--ckpt-every", "0", "--time-limit", "0"))
     assert sorted(os.listdir(tmp_path / "a")) == ["ckpt-0000003.pt"]  # stopped at the first check, with a checkpoint
     sampled = {}
-    monkeypatch.setattr(T, "final_samples", lambda cfg, state, *a: sampled.update(state=state))
-    T.main(tiny(tmp_path / "a", 5, "--ckpt-every", "0", "--resume", "--num-samples", "2", "--ema", "0.5"))
+    monkeypatch.setattr(train_t2i, "final_samples", lambda cfg, state, *a: sampled.update(state=state))
+    train_t2i.main(tiny(tmp_path / "a", 5, "--ckpt-every", "0", "--resume", "--num-samples", "2", "--ema", "0.5"))
     step3 = load(tmp_path / "a" / "ckpt-0000003.pt")["ema"]  # what was sampled before: the loaded EMA
     assert sorted(os.listdir(tmp_path / "a")) == ["ckpt-0000003.pt", "log.txt"]
     assert set(sampled["state"]) == set(step3) and any(not torch.equal(sampled["state"][k], step3[k]) for k in step3)
@@ -164,7 +163,7 @@ def test_time_limit_without_log_or_checkpoint_steps_and_final_samples_without_ch
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     # losses reach the host only at log / checkpoint steps (3, 4, 6 here): the NaN of step 5 is caught at 6
     with pytest.raises(SystemExit) as e:
-        T.main(tiny(tmp_path, 8, "--ckpt-every", "2", "--log-every", "3", "--debug-nan-at-step", "5"))
+        train_t2i.main(tiny(tmp_path, 8, "--ckpt-every", "2", "--log-every", "3", "--debug-nan-at-step", "5"))
     msg = str(e.value)
     assert msg.startswith("step 5: non-finite loss nan") and "stopped at step 6" in msg
     assert "ckpt-0000004.pt" in msg and "\n" not in msg
@@ -173,41 +172,41 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
     # with neither logs nor checkpoints (--log-every 0 --ckpt-every 0) the last step still checks every loss
     with pytest.raises(SystemExit, match="^step 2: non-finite loss nan .* stopped at step 3 without saving"):
-        T.main(tiny(tmp_path / "quiet", 3, "--ckpt-every", "0", "--log-every", "0", "--debug-nan-at-step", "2"))
-    assert len(T.main(tiny(tmp_path / "quiet2", 3, "--ckpt-every", "0", "--log-every", "0"))["loss"]) == 3
+        train_t2i.main(tiny(tmp_path / "quiet", 3, "--ckpt-every", "0", "--log-every", "0", "--debug-nan-at-step", "2"))
+    assert len(train_t2i.main(tiny(tmp_path / "quiet2", 3, "--ckpt-every", "0", "--log-every", "0"))["loss"]) == 3
 
 
 def test_resume_follows_the_flags_and_bad_parents_are_one_line_errors(tmp_path):
     """A resumed run takes its optimizer settings from its flags (as --lr and --clip); a damaged newest
     checkpoint, a parent of another model size, T2V weights for a T2I run and a T2V --resume with nothing to
     resume are one-line errors (ValueError / SystemExit, which train_t2i.cli prints) before any training."""
-    T.main(tiny(tmp_path / "a", 2, "--ckpt-every", "2"))
-    T.main(tiny(tmp_path / "a", 4, "--ckpt-every", "2", "--resume", "--weight-decay", "0.1", "--betas", "0.8", "0.9"))
+    train_t2i.main(tiny(tmp_path / "a", 2, "--ckpt-every", "2"))
+    train_t2i.main(tiny(tmp_path / "a", 4, "--ckpt-every", "2", "--resume", "--weight-decay", "0.1", "--betas", "0.8", "0.9"))
     group = load(tmp_path / "a" / "ckpt-0000004.pt")["optimizer"]["param_groups"][0]
     assert group["weight_decay"] == 0.1 and tuple(group["betas"]) == (0.8, 0.9)
     with pytest.raises(ValueError, match="trained with --prediction v; a resumed run keeps it"):
-        T.main(tiny(tmp_path / "a", 6, "--resume", "--prediction", "eps"))  # would train another target
+        train_t2i.main(tiny(tmp_path / "a", 6, "--resume", "--prediction", "eps"))  # would train another target
     with pytest.raises(ValueError, match=r"was trained on shapes:train:size=32:seed=0:.*, not shapes:train:size=32:"
                                           r"seed=7:.*: resume with its --data"):  # its data position is another's
-        T.main(tiny(tmp_path / "a", 6, "--resume", "--seed", "7"))
+        train_t2i.main(tiny(tmp_path / "a", 6, "--resume", "--seed", "7"))
     with open(tmp_path / "a" / "ckpt-0000004.pt", "r+b") as f:
         f.truncate(1000)  # e.g. a disk that filled up under another program
     with pytest.raises(ValueError, match="ckpt-0000004.pt is not a readable GenTron checkpoint"):
-        T.main(tiny(tmp_path / "a", 6, "--resume"))
+        train_t2i.main(tiny(tmp_path / "a", 6, "--resume"))
     parent = str(tmp_path / "a" / "ckpt-0000002.pt")
     with pytest.raises(ValueError, match=r"different model: depth 2 \(this run: 8\)"):
-        V.main(tiny(tmp_path / "v", 1, "--size", "toy", "--init-from", parent))
-    V.main(tiny(tmp_path / "v", 1, "--init-from", parent))
+        train_t2v.main(tiny(tmp_path / "v", 1, "--size", "toy", "--init-from", parent))
+    train_t2v.main(tiny(tmp_path / "v", 1, "--init-from", parent))
     with pytest.raises(ValueError, match="is a T2V model"):
-        T.main(tiny(tmp_path / "i", 1, "--init-from", str(tmp_path / "v")))
+        train_t2i.main(tiny(tmp_path / "i", 1, "--init-from", str(tmp_path / "v")))
     with pytest.raises(SystemExit, match="--resume found no checkpoint"):
-        V.main(tiny(tmp_path / "typo", 1, "--resume"))
+        train_t2v.main(tiny(tmp_path / "typo", 1, "--resume"))
 
 
 def test_captions_are_dropped_one_time_in_ten_by_default():
     """CFG (lambda_T, Sec. 3.2.1 / Eq. 6) needs the unconditional prediction trained: by default 10% of the
     captions become the null caption (Ho & Salimans), drawn per sample and step."""
-    p = T.get_parser("t2i").parse_args([]).caption_dropout
+    p = train_t2i.get_parser().parse_args([]).caption_dropout
     drops = torch.cat([fsdp.step_draws(0, step, 256, (1,), torch.device("cpu"), p)[2] for step in range(40)])
     assert p == 0.1 and abs(drops.float().mean().item() - 0.1) < 3 * (0.1 * 0.9 / len(drops)) ** 0.5
 
@@ -216,13 +215,13 @@ def test_resume_knows_the_same_data_folder_however_spelled(tmp_path, monkeypatch
     (tmp_path / "imgs").mkdir()
     (tmp_path / "other").mkdir()
     monkeypatch.chdir(tmp_path)
-    assert T.same_dataset("imgs", str(tmp_path / "imgs") + "/") and T.same_dataset("imgs+other:p_motion_free=0.5",
+    assert train_t2i.same_dataset("imgs", str(tmp_path / "imgs") + "/") and train_t2i.same_dataset("imgs+other:p_motion_free=0.5",
                                                                                  "./imgs+other:p_motion_free=0.5")
-    assert not T.same_dataset("imgs", "other") and not T.same_dataset("imgs+other:p_motion_free=0.5",
+    assert not train_t2i.same_dataset("imgs", "other") and not train_t2i.same_dataset("imgs+other:p_motion_free=0.5",
                                                                       "imgs+other:p_motion_free=0.9")
     # T2V: the image folder is the part before ":p_motion_free=", spelled any way too
-    assert T.same_dataset("imgs+other:p_motion_free=0.5", f"imgs/+{tmp_path / 'other'}/:p_motion_free=0.5")
-    assert not T.same_dataset("imgs+other:p_motion_free=0.5", "imgs+imgs:p_motion_free=0.5")
+    assert train_t2i.same_dataset("imgs+other:p_motion_free=0.5", f"imgs/+{tmp_path / 'other'}/:p_motion_free=0.5")
+    assert not train_t2i.same_dataset("imgs+other:p_motion_free=0.5", "imgs+imgs:p_motion_free=0.5")
 
 
 def test_atomic_write_reaches_the_disk_before_and_after_its_rename(tmp_path, monkeypatch):
@@ -247,7 +246,7 @@ def test_atomic_write_reaches_the_disk_before_and_after_its_rename(tmp_path, mon
 
 
 def test_checkpoint_format(tmp_path):
-    T.main(tiny(tmp_path, 4, "--ckpt-every", "1", "--keep", "2", "--ema", "0.9"))
+    train_t2i.main(tiny(tmp_path, 4, "--ckpt-every", "1", "--keep", "2", "--ema", "0.9"))
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt")) == ["ckpt-0000003.pt", "ckpt-0000004.pt"]
     ckpt, prev = load(tmp_path / "ckpt-0000004.pt"), load(tmp_path / "ckpt-0000003.pt")
     for k, v in ckpt["ema"].items():  # each step: ema <- decay * ema + (1 - decay) * the step's new weights
@@ -377,23 +376,23 @@ def test_t2v_training_passes_the_motion_free_flags_to_the_model(tmp_path, monkey
         seen.append(None if motion_free is None else motion_free.tolist())
         return forward(self, *args, motion_free=motion_free, **kwargs)
     monkeypatch.setattr(GenTron, "forward", spy)
-    V.main(tiny(tmp_path / "v", 3, "--from-scratch", "--batch-size", "8", "--num-frames", "2", "--p-motion-free", "0.5"))
+    train_t2v.main(tiny(tmp_path / "v", 3, "--from-scratch", "--batch-size", "8", "--num-frames", "2", "--p-motion-free", "0.5"))
     flags = [f for step in seen for f in step]
     assert len(seen) == 3 and None not in seen and 0 < sum(flags) < len(flags)
 
 
 def test_t2v_starts_at_the_t2i_loss_on_pseudo_videos(tmp_path):
-    T.main(tiny(tmp_path / "t2i", 3))  # a T2I checkpoint whose weights are no longer the init
+    train_t2i.main(tiny(tmp_path / "t2i", 3))  # a T2I checkpoint whose weights are no longer the init
     t2i = tmp_path / "t2i" / "ckpt-0000003.pt"
     argv = tiny(tmp_path / "t2v", 1, "--init-from", str(t2i), "--batch-size", "2", "--num-frames", "4",
                 "--p-motion-free", "1", "--caption-dropout", "0")
-    loss_t2v = V.main(argv)["loss"][0]
+    loss_t2v = train_t2v.main(argv)["loss"][0]
     # Reference: the T2I model on the frames of the same pseudo-videos, with the same t and noise per frame.
     ckpt = load(t2i)
     model = GenTron(GenTronConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
-    ds = D.JointImageVideoDataset(D.MovingShapesDataset(num_frames=4), D.ShapesDataset(categories=("single",)), 1.0, 4)
-    batch = D.collate([ds[i] for i in next(iter(fsdp.DistributedBatches(len(ds), 2, 1, 0, 1, 0, (0, 0))))])
+    ds = JointImageVideoDataset(MovingShapesDataset(num_frames=4), ShapesDataset(categories=("single",)), 1.0, 4)
+    batch = collate([ds[i] for i in next(iter(fsdp.DistributedBatches(len(ds), 2, 1, 0, 1, 0, (0, 0))))])
     assert batch["motion_free"].all()
     t, noise, _ = fsdp.step_draws(0, 1, 2, (4, 3, 32, 32), torch.device("cpu"), 0.0)
     text, mask, pooled = load_text_encoder("tiny-clip+t5")(batch["caption"])
@@ -405,7 +404,7 @@ def test_t2v_starts_at_the_t2i_loss_on_pseudo_videos(tmp_path):
     new = set(load(tmp_path / "t2v" / "ckpt-0000001.pt")["model"]) - set(ckpt["model"])
     assert new and all(".temporal." in k for k in new)
     with pytest.raises(SystemExit, match="--init-from"):
-        V.main(tiny(tmp_path / "none", 1))
+        train_t2v.main(tiny(tmp_path / "none", 1))
     # An export (EMA weights only) is a T2I parent too: both the model and its EMA start from those weights.
     from checkpoint import export, load_init
 
@@ -422,36 +421,36 @@ def test_cpu_toy_uses_patch_4_and_children_keep_their_parents_settings(tmp_path)
     and the parent's prediction and text encoder."""
     run = lambda out, *a: ["--size", "toy", "--batch-size", "2", "--num-samples", "0", "--eval-n", "0",
                            "--device", "cpu", "--out", str(tmp_path / out), *a]
-    T.main(run("t2i", "--max-steps", "1"))
-    T.main(run("t2i", "--max-steps", "2", "--resume"))
+    train_t2i.main(run("t2i", "--max-steps", "1"))
+    train_t2i.main(run("t2i", "--max-steps", "2", "--resume"))
     assert load(tmp_path / "t2i" / "ckpt-0000002.pt")["config"]["patch"] == 4
-    V.main(run("t2v", "--max-steps", "1", "--init-from", str(tmp_path / "t2i"), "--num-frames", "2"))
+    train_t2v.main(run("t2v", "--max-steps", "1", "--init-from", str(tmp_path / "t2i"), "--num-frames", "2"))
     assert load(tmp_path / "t2v" / "ckpt-0000001.pt")["config"]["patch"] == 4
     # likewise the prediction (an eps run in pixel space, not the default there) and the text encoder: a resumed
     # run and a child run (--init-from) keep the parent's, so the README's stage-2 and T2V commands need no flag
-    T.main(run("eps", "--max-steps", "1", "--prediction", "eps", "--text-encoder", "tiny-clip"))
-    T.main(run("eps", "--max-steps", "2", "--resume"))
+    train_t2i.main(run("eps", "--max-steps", "1", "--prediction", "eps", "--text-encoder", "tiny-clip"))
+    train_t2i.main(run("eps", "--max-steps", "2", "--resume"))
     meta = load(tmp_path / "eps" / "ckpt-0000002.pt")["meta"]
     assert meta["prediction"] == "eps" and meta["text_encoder"] == "tiny-clip"
-    T.main(run("child", "--max-steps", "1", "--init-from", str(tmp_path / "eps")))
+    train_t2i.main(run("child", "--max-steps", "1", "--init-from", str(tmp_path / "eps")))
     assert load(tmp_path / "child" / "ckpt-0000001.pt")["meta"]["text_encoder"] == "tiny-clip"
 
 
 def test_qk_norm_is_inherited_and_older_checkpoints_still_load(tmp_path):
     """--qk-norm is stored in the config; a T2V child of a QK-norm parent gets it (its q/k gains copied);
     a checkpoint written before the field existed resumes as qk_norm=False."""
-    T.main(tiny(tmp_path / "qk", 1, "--qk-norm"))
+    train_t2i.main(tiny(tmp_path / "qk", 1, "--qk-norm"))
     parent = load(tmp_path / "qk" / "ckpt-0000001.pt")
     assert parent["config"]["qk_norm"] and "blocks.0.attn.q_norm.weight" in parent["model"]
-    V.main(tiny(tmp_path / "qk_t2v", 1, "--init-from", str(tmp_path / "qk"), "--num-frames", "2"))
+    train_t2v.main(tiny(tmp_path / "qk_t2v", 1, "--init-from", str(tmp_path / "qk"), "--num-frames", "2"))
     child = load(tmp_path / "qk_t2v" / "ckpt-0000001.pt")
     assert child["config"]["qk_norm"] and "blocks.0.temporal.attn.k_norm.weight" in child["model"]
-    T.main(tiny(tmp_path / "old", 1))
+    train_t2i.main(tiny(tmp_path / "old", 1))
     path = tmp_path / "old" / "ckpt-0000001.pt"
     old = load(path)
     del old["config"]["qk_norm"]
     torch.save(old, path)
-    T.main(tiny(tmp_path / "old", 2, "--resume"))
+    train_t2i.main(tiny(tmp_path / "old", 2, "--resume"))
     assert load(tmp_path / "old" / "ckpt-0000002.pt")["config"]["qk_norm"] is False
 
 
@@ -461,33 +460,33 @@ def test_qk_norm_is_inherited_and_older_checkpoints_still_load(tmp_path):
 
 def test_cached_features_and_null_caption(tmp_path, process_group):
     enc = load_text_encoder("tiny-clip+t5")
-    cache.build_cache(D.ShapesDataset(length=8), tmp_path / "cache", enc, D.PixelSpace(), progress=False)
-    hist = T.main(tiny(tmp_path / "run", 2, "--data", str(tmp_path / "cache"), "--caption-dropout", "0.5"))
+    cache.build_cache(ShapesDataset(length=8), tmp_path / "cache", enc, PixelSpace(), progress=False)
+    hist = train_t2i.main(tiny(tmp_path / "run", 2, "--data", str(tmp_path / "cache"), "--caption-dropout", "0.5"))
     # flags that disagree with what the cache was made with are refused, not ignored; so is an image cache for T2V
     with pytest.raises(ValueError, match="made with --resolution 32, not 64"):
-        T.main(tiny(tmp_path / "r64", 1, "--data", str(tmp_path / "cache"), "--resolution", "64"))
+        train_t2i.main(tiny(tmp_path / "r64", 1, "--data", str(tmp_path / "cache"), "--resolution", "64"))
     with pytest.raises(ValueError, match="is a cache of images; train_t2v.py needs one of videos"):
-        V.main(tiny(tmp_path / "v", 1, "--data", str(tmp_path / "cache"), "--from-scratch"))
-    cache.build_cache(D.MovingShapesDataset(num_frames=2, length=4), tmp_path / "vcache", enc, D.PixelSpace(),
+        train_t2v.main(tiny(tmp_path / "v", 1, "--data", str(tmp_path / "cache"), "--from-scratch"))
+    cache.build_cache(MovingShapesDataset(num_frames=2, length=4), tmp_path / "vcache", enc, PixelSpace(),
                       progress=False)
     with pytest.raises(ValueError, match="is a cache of videos; train_t2i.py needs one of images"):
-        T.main(tiny(tmp_path / "i", 1, "--data", str(tmp_path / "vcache")))
+        train_t2i.main(tiny(tmp_path / "i", 1, "--data", str(tmp_path / "vcache")))
     with pytest.raises(ValueError, match="must be a multiple of 4"):  # found before hours of encoding, not after
-        T.main(tiny(tmp_path / "r30", 1, "--cache", str(tmp_path / "c30"), "--resolution", "30", "--patch", "4"))
+        train_t2i.main(tiny(tmp_path / "r30", 1, "--cache", str(tmp_path / "c30"), "--resolution", "30", "--patch", "4"))
     assert not (tmp_path / "c30").exists()
     with pytest.raises(ValueError, match="is a cache already"):
-        T.main(tiny(tmp_path / "c2", 1, "--data", str(tmp_path / "cache"), "--cache", str(tmp_path / "cache2")))
+        train_t2i.main(tiny(tmp_path / "c2", 1, "--data", str(tmp_path / "cache"), "--cache", str(tmp_path / "cache2")))
     assert len(hist["loss"]) == 2 and all(0 < v < 2 for v in hist["loss"])
     assert load(tmp_path / "run" / "ckpt-0000002.pt")["meta"]["dataset"].startswith("shapes:train")
     # a cache of the built-in data ends like the online run: held-out samples and the oracle's scores
-    T.main(tiny(tmp_path / "end", 1, "--data", str(tmp_path / "cache"), "--num-samples", "2", "--eval-n", "1",
+    train_t2i.main(tiny(tmp_path / "end", 1, "--data", str(tmp_path / "cache"), "--num-samples", "2", "--eval-n", "1",
                 "--sample-steps", "2"))
     assert (tmp_path / "end" / "samples.png").exists()
     assert json.load(open(tmp_path / "end" / "oracle.json"))["n"]["single"] == 1
     # caption dropout swaps in the features of "" exactly (CFG's unconditional input)
-    data = S.cached_data(str(tmp_path / "cache"), process_group)
-    batch = D.collate([data.dataset[i] for i in range(3)])
-    cond = S.text_condition(batch, torch.tensor([True, False, True]), data, process_group)
+    data = train_data.cached_data(str(tmp_path / "cache"), process_group)
+    batch = collate([data.dataset[i] for i in range(3)])
+    cond = train_data.text_condition(batch, torch.tensor([True, False, True]), data, process_group)
     null = enc([""])
     first = real_tokens_first(null[1][0])  # its real tokens first, as data.collate cuts a batch's captions
     for k, ref in zip(("text", "text_mask", "pooled"), null):
@@ -495,9 +494,9 @@ def test_cached_features_and_null_caption(tmp_path, process_group):
         assert torch.equal(cond[k][0], ref) and torch.equal(cond[k][2], ref)
         assert torch.equal(cond[k][1], batch[k][1])
     # the online path (captions encoded each step) drops the same way: the dropped rows are the features of ""
-    online = S.online_data(D.ShapesDataset(length=4), "shapes", T.get_parser().parse_args(["--text-encoder", "tiny-clip+t5"]), process_group)
-    batch = D.collate([online.dataset[i] for i in range(3)])
-    cond = S.text_condition(batch, torch.tensor([True, False, True]), online, process_group)
+    online = train_data.online_data(ShapesDataset(length=4), "shapes", train_t2i.get_parser().parse_args(["--text-encoder", "tiny-clip+t5"]), process_group)
+    batch = collate([online.dataset[i] for i in range(3)])
+    cond = train_data.text_condition(batch, torch.tensor([True, False, True]), online, process_group)
     kept = enc([batch["caption"][1]])
     for k, ref, ref_kept in zip(("text", "text_mask", "pooled"), null, kept):
         same = lambda a, b: torch.allclose(a.float(), b.float(), atol=1e-5)  # encoded in another batch: rounding
@@ -519,13 +518,13 @@ def test_cached_batches_keep_only_the_positions_their_captions_need(process_grou
 
     items = [dict(zip(("text", "text_mask"), caption(*n)), x=torch.randn(3, 8, 8, generator=g), caption="c",
                   pooled=torch.randn(P, generator=g)) for n in ((12, 20), (30, 25), (5, 3))]
-    batch = D.collate(items)
+    batch = collate(items)
     assert batch["text"].shape == (3, 64, C) and batch["text_mask"].sum(1).tolist() == [32, 55, 8]
     null_text, null_mask = caption(2, 1)  # "": BOS + EOS, EOS
     first = real_tokens_first(null_mask)
-    data = S.Data(None, "test", "clip+t5", "pixel", 8, 3, 8, C, P, L,
+    data = train_data.Data(None, "test", "clip+t5", "pixel", 8, 3, 8, C, P, L,
                   null=(null_text[first], null_mask[first], torch.randn(P, generator=g)))
-    cond = S.text_condition(batch, torch.tensor([False, True, False]), data, process_group)
+    cond = train_data.text_condition(batch, torch.tensor([False, True, False]), data, process_group)
     full = {k: torch.stack([it[k] for it in items]) for k in ("text", "text_mask", "pooled")}
     full["text"][1], full["text_mask"][1], full["pooled"][1] = null_text, null_mask, data.null[2]
     torch.manual_seed(0)
@@ -540,8 +539,8 @@ def test_cached_batches_keep_only_the_positions_their_captions_need(process_grou
     # captions encoded during training (the online path) are cut the same way, "" included
     table = {"c": items[0], "": {"text": null_text, "text_mask": null_mask, "pooled": data.null[2]}}
     encoder = lambda caps: [torch.stack([table[c][k] for c in caps]) for k in ("text", "text_mask", "pooled")]
-    online = S.Data(None, "test", "clip+t5", "pixel", 8, 3, 8, C, P, L, encoder=encoder)
-    cond = S.text_condition({"caption": ["c", "c"]}, torch.tensor([False, True]), online, process_group)
+    online = train_data.Data(None, "test", "clip+t5", "pixel", 8, 3, 8, C, P, L, encoder=encoder)
+    cond = train_data.text_condition({"caption": ["c", "c"]}, torch.tensor([False, True]), online, process_group)
     assert cond["text"].shape == (2, 64, C) and cond["text_mask"].sum(1).tolist() == [32, 3]
     torch.testing.assert_close(cond["text"][1][cond["text_mask"][1]], null_text[null_mask])  # "" in its order
 
@@ -551,7 +550,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_leaves_no_partial_file(tmp_pa
     one line naming the file; no temp file stays, the earlier checkpoint is untouched, and a temp file left
     by a killed write is removed when the next run starts."""
     run = tmp_path / "a"
-    T.main(tiny(run, 1))
+    train_t2i.main(tiny(run, 1))
     real_save = torch.save
 
     def full_disk(obj, f, *args, **kwargs):
@@ -559,11 +558,11 @@ def test_a_failed_checkpoint_write_is_one_line_and_leaves_no_partial_file(tmp_pa
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 24472256 vs 24472144")
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(OSError, match=r"could not write .*ckpt-0000002.pt \(\[enforce fail.*already in .* are intact"):
-        T.main(tiny(run, 2, "--resume"))
+        train_t2i.main(tiny(run, 2, "--resume"))
     assert sorted(p.name for p in run.glob("ckpt-*")) == ["ckpt-0000001.pt"]
     monkeypatch.setattr(torch, "save", real_save)
     (run / "ckpt-0000002.pt.tmp").write_bytes(b"partial")  # as a kill -9 mid-write leaves it
-    T.main(tiny(run, 2, "--resume"))
+    train_t2i.main(tiny(run, 2, "--resume"))
     assert sorted(p.name for p in run.glob("ckpt-*")) == ["ckpt-0000001.pt", "ckpt-0000002.pt"]
 
 
@@ -597,7 +596,7 @@ def test_toy_cli_end_to_end(tmp_path):
 
 def test_scores_without_a_sample_grid(tmp_path):
     """--num-samples 0 drops the grid, not the oracle's scores (--eval-n)."""
-    T.main(tiny(tmp_path, 1, "--eval-n", "1", "--sample-steps", "2"))
+    train_t2i.main(tiny(tmp_path, 1, "--eval-n", "1", "--sample-steps", "2"))
     assert not (tmp_path / "samples.png").exists()
     assert json.load(open(tmp_path / "oracle.json"))["n"] == {"single": 1, "color": 1, "shape": 1, "spatial": 1}
 
