@@ -1,7 +1,8 @@
 """
 Throughput and MFU of GenTron: a training step (forward, backward, fused AdamW) and a sampling step: a
 forward pass over the CFG batch (prompts + null captions) with the captions' share encoded once before
-the steps, as sample.py runs it (GenTron.encode_text; an FSDP2-sharded model runs the whole forward). Both
+the steps, as sample.py runs it (fastpath: FusedGenTron.encode_text; --readable or an FSDP2-sharded model runs
+the whole forward). Both
 are timed with CUDA events over steps run back to back after warm-up. One device by
 default; with --fsdp (implied under torchrun) the model is built exactly as train_t2i.py trains it
 (fsdp.build_model): FSDP2 (--fsdp-unit blocks per unit) across ranks or with activation checkpointing (--ac: every
@@ -18,6 +19,7 @@ real shapes (SD-VAE latents, CLIP+T5 with `--text-len` tokens), so no weights or
     python bench.py --size XL --batch 64 --compile                # GenTron-XL/2, 256px
     python bench.py --size XL --batch 8 --frames 8 --compile      # T2V, 8-frame clips
     python bench.py --size XL --batch 16 --mode sample --cuda-graph  # sampling as sample.py runs it on a GPU
+    python bench.py --size XL --batch 64 --compile --readable     # model.py as written, compiled
     python bench.py --size XL --batch 64 --max-batch --mode train # the largest batch that fits
     torchrun --nproc_per_node 2 bench.py --size G --fsdp --ac 2 --compile --batch 96 --mode train
     python bench.py --size tiny --batch 2 --steps 2 --device cpu  # smoke test
@@ -35,6 +37,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flops import flops_per_sample
+import fastpath
 from fastpath.sampling import cast_matmul_weights, sampling_step
 from model import SIZES, GenTron, make_config
 # the model, optimizer and logging as training builds them
@@ -70,6 +73,13 @@ p.add_argument("--fsdp-unit", type=int, default=4, metavar="K",
 p.add_argument("--attention", default="auto", choices=["auto", *ATTENTION],
                help="SDPA backend for the timed steps (auto: PyTorch picks). flash also allows efficient, "
                     "because flash takes no mask: the masked cross-attention calls then run the efficient kernel")
+p.add_argument("--readable", action="store_true",
+               help="model.py's forwards as written: none of fastpath's pieces (default: all of them, as training and "
+                    "sample.py run on CUDA)")
+PIECES = ("pack", "gelu", "context", "bf16")
+p.add_argument("--without", default="", metavar="PIECES",
+               help="fastpath pieces to leave out, comma-separated: pack (temporal sequence packing), gelu (GELU in the "
+                    "GEMM epilogue), context (the caption's share encoded once per batch), bf16 (weights stored in bf16)")
 p.add_argument("--cuda-graph", action="store_true",
                help="sampling: replay each step as a CUDA graph, as sample.py does on CUDA (fastpath.sampling.CUDAGraphStep)")
 p.add_argument("--max-batch", action="store_true",
@@ -189,6 +199,13 @@ def main(args):
         p.error("--compile-mode applies to --compile without --fsdp (fsdp.build_model compiles in the default mode)")
     if args.cuda_graph and (args.compile or args.fsdp or "sample" not in args.mode):
         p.error("--cuda-graph records the eager sampling step: drop --compile, --fsdp and --mode train")
+    without = set(filter(None, args.without.split(",")))
+    if without - set(PIECES):
+        p.error(f"--without takes {', '.join(PIECES)}; got {args.without}")
+    if args.readable:
+        without = set(PIECES)
+    if args.cuda_graph and "context" in without:
+        p.error("--cuda-graph records a step given the captions' context: drop --readable / --without context")
     if args.fsdp_unit < 1:
         p.error(f"--fsdp-unit must be at least 1, got {args.fsdp_unit}")
     if args.fsdp:  # a 1-process group under plain python, so one code path for any number of GPUs
@@ -218,7 +235,12 @@ def main(args):
         p.error(f"--resolution {args.resolution} must be a multiple of {8 * cfg.patch} (SD-VAE downsampling 8 x patch {cfg.patch})")
 
     def build():  # (model, the callable that is timed); build_model compiles what it builds itself
-        model = build_model(cfg, device, args.ac, args.compile, unit=args.fsdp_unit) if args.fsdp else GenTron(cfg).to(device)
+        if args.fsdp:
+            model = build_model(cfg, device, args.ac, args.compile, unit=args.fsdp_unit, fast=not args.readable)
+        else:
+            model = GenTron(cfg).to(device)
+            if not args.readable:
+                fastpath.speed_up(model, pack="pack" not in without, gelu="gelu" not in without)
         return model, torch.compile(model, mode=args.compile_mode) if args.compile and not args.fsdp else model
 
     g = torch.Generator().manual_seed(rank)
@@ -240,7 +262,7 @@ def main(args):
             inp["motion_free"] = torch.zeros(n, dtype=torch.bool, device=device)
         if name == "sample":  # a denoising step as sample.py runs it: the captions encoded once, before the steps
             caption = {k: inp.pop(k) for k in ("text", "text_mask", "pooled")}
-            if not sharded:  # GenTron.encode_text; FSDP2 gathers a block's weights only inside its forward
+            if not sharded and "context" not in without:  # FSDP2 gathers a block's weights only inside its forward
                 with torch.no_grad(), amp:
                     inp["context"] = model.encode_text(**caption)
                 text = inp["context"].text  # the keys a step attends to (data.compact_caption)
@@ -248,6 +270,7 @@ def main(args):
                                               args.resolution // 8, caption=False)
             else:
                 inp.update(caption)
+                step_flops = flops
 
             if args.cuda_graph:
                 graphed = sampling_step(fwd, device)  # as sample.generate
@@ -259,7 +282,7 @@ def main(args):
                 def sample_step():
                     with torch.no_grad(), amp:
                         fwd(**inp)
-            return sample_step, n, flops if sharded else step_flops
+            return sample_step, n, step_flops
         noise = torch.randn_like(inp["x"])
 
         def train_step():
@@ -318,7 +341,7 @@ def main(args):
                 torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
         else:
             model.eval()
-            if not args.fsdp and device.type == "cuda":  # as sample.py loads it: weights in autocast's dtype
+            if not args.fsdp and device.type == "cuda" and "bf16" not in without:  # as sample.py loads it
                 cast_matmul_weights(model, torch.bfloat16)
         n, ran_out = len(rows), False
         # without --max-batch the limit leaves one try: --batch itself
@@ -350,7 +373,8 @@ def main(args):
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak_s = f"{peak:.0f} TFLOP/s" if peak else "n/a"
     built = (f" fsdp x{world} ac {args.ac}" if sharded else " as trained: unsharded x1") if args.fsdp else ""
-    setup = (f" ({args.compile_mode})" if args.compile_mode else "") + built \
+    pieces = "readable" if args.readable else "fastpath" + (f" without {','.join(sorted(without))}" if without else "")
+    setup = (f" ({args.compile_mode})" if args.compile_mode else "") + built + " " + pieces \
         + (" cuda-graph" if args.cuda_graph else "") \
         + (f" attention {args.attention}" if args.attention != "auto" else "")
     print0(f"GenTron-{args.size}/{cfg.patch} {cfg.conditioning} batch {args.batch}{'/GPU' if args.fsdp else ''} "

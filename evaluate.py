@@ -40,7 +40,7 @@ def attention_logit_max(model, *args, **kwargs):
     def record(name):
         def hook(attn, inputs, output):
             if isinstance(attn, CrossAttention):
-                q, k, _, mask = attn.heads_qkv(*inputs)
+                q, k, _, mask = attn.heads_qkv(*inputs[:3])  # (x, text, text_mask[, kv])
             else:  # self-attention: (x,) or (x, mask)
                 q, k, _ = attn.heads_qkv(inputs[0])
                 mask = inputs[1] if len(inputs) > 1 else None

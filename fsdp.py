@@ -27,6 +27,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm import tqdm
 
+import fastpath
 from model import GenTron
 
 # -----------------------------------------------------------------------------
@@ -92,19 +93,21 @@ def fresh_state(cfg, seed):
     return GenTron(cfg).state_dict()
 
 
-def build_model(cfg, device, ac=0, compile=False, init_state=None, seed=0, unit=4):
+def build_model(cfg, device, ac=0, compile=False, init_state=None, seed=0, unit=4, fast=False):
     """GenTron as training runs it: FSDP2 shards across ranks, and on one rank with activation checkpointing (memory:
     G/2); otherwise (one rank, no checkpointing) the plain model, to be run under `mixed_precision`.
     ac: activation checkpointing of every ac-th block (1: all, 2: every other, 0: none).
     unit: consecutive blocks per FSDP2 unit (one all-gather / reduce-scatter each).
     init_state: full state dict used on rank 0 (others ignore it); default: the seeded single-process init, so
-    the weights do not depend on the number of ranks."""
+    the weights do not depend on the number of ranks. fast: fastpath's fused forwards (the same math and parameters)."""
     # FSDP2 (torch >= 2.12) warns when a sharded module returns a view, since an in-place op on one would skip its
     # backward all-gather. Ours do (a block's gate is a slice of its adaLN output, a Linear's 3D output a view of its
     # 2D product), and nothing modifies them in place.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     with torch.device("meta"):
         model = GenTron(cfg)  # no memory yet: shapes only
+    if fast:
+        fastpath.speed_up(model)  # before the blocks' forwards are wrapped below
     # Units of `unit` blocks: only one unit's bf16 weights and gradients are unsharded at a time - needed across
     # ranks, and on one rank with activation checkpointing (memory-bound: G/2). FSDP2's hooks cost host time per
     # unit, which small per-GPU batches leave the GPU waiting for: units of 4 blocks trained G/2 (--ac, 32 per GPU,

@@ -15,6 +15,8 @@ from tqdm.auto import tqdm
 from checkpoint import build_config, read_checkpoint, resolve_checkpoint
 from data import load_latent_space
 from diffusion import Diffusion, guided_eps_fn, sample
+import fastpath
+from fastpath.blocks import FusedGenTron
 from fastpath.sampling import autocast, cast_matmul_weights, sampling_step
 from model import GenTron
 from text_encoders import load_text_encoder
@@ -56,14 +58,15 @@ def text_encoder(spec, device):
     return _ENCODERS[key]
 
 
-def load_model(path=None, ema=True, device="cpu", video=None):
+def load_model(path=None, ema=True, device="cpu", video=None, fast=True):
     """Load a GenTron for sampling -> (model in eval mode, meta).
 
     path: run dir, .pt or .safetensors; None = the bundled model (T2V if video else T2I). meta is the
     checkpoint's meta (kind, text_encoder, latent_space, resolution, num_frames, dataset) plus "config",
     "step", "ckpt" (the file read) and the loaded frozen parts that generate() uses: "encoder" (a
-    text_encoders.TextEncoder) and "latent" (a data.py latent space). On CUDA the Linear and Conv weights
-    are stored in bf16 (fastpath.sampling.cast_matmul_weights): run the model under bf16 autocast, as generate() does."""
+    text_encoders.TextEncoder) and "latent" (a data.py latent space). fast: with fastpath's fused forwards (the
+    same math; False: model.py's as written), and on CUDA with the Linear and Conv weights stored in bf16
+    (fastpath.sampling.cast_matmul_weights): run the model under bf16 autocast, as generate() does."""
     file = resolve_checkpoint(path) if path else bundled_path("t2v" if video else "t2i")
     state, config, meta, step = read_checkpoint(file, ema)
     meta = {**meta, "config": config, "step": step, "ckpt": os.path.abspath(file), "ema": ema}
@@ -76,8 +79,10 @@ def load_model(path=None, ema=True, device="cpu", video=None):
         raise ValueError(f"{file}: weights do not match its config ({len(missing)} missing, e.g. "
                          f"{missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]})")
     model = model.to(device).eval().requires_grad_(False)
-    if torch.device(device).type == "cuda":  # generate() runs it under bf16 autocast, which computes these in bf16
-        cast_matmul_weights(model, torch.bfloat16)
+    if fast:
+        fastpath.speed_up(model)
+        if torch.device(device).type == "cuda":  # generate() runs it under bf16 autocast, which computes these in bf16
+            cast_matmul_weights(model, torch.bfloat16)
     meta["encoder"] = text_encoder(meta["text_encoder"], device)
     meta["latent"] = load_latent_space(meta["latent_space"], device=device)
     enc, cfg = meta["encoder"], model.cfg
@@ -111,8 +116,9 @@ def generate(model, meta, prompts, *, seed=0, sampler="dpm++2m", steps=25, cfg=7
     video=None follows the model (temporal layers -> clips of `frames` or meta["num_frames"] frames). Sample i
     starts from noise drawn with sample_seed(seed, first_index + i). DDPM's per-step noise comes from one
     generator per batch, so DDPM samples repeat exactly only with the same batch_size (samples.json records
-    it). On CUDA each step's forward pass replays a CUDA graph (fastpath.sampling.CUDAGraphStep; cuda_graph=False: eager), with
-    the same outputs. meta needs the loaded "encoder" and "latent" (as load_model returns them) or their specs
+    it). A model with fastpath's forwards (load_model's default) encodes each batch's captions once, and on CUDA
+    replays each step's forward pass as a CUDA graph (fastpath.sampling.CUDAGraphStep; cuda_graph=False: eager),
+    with the same outputs. meta needs the loaded "encoder" and "latent" (as load_model returns them) or their specs
     "text_encoder" and "latent_space" (as a checkpoint's meta holds them)."""
     video = model.cfg.temporal if video is None else video
     check_mode(model.cfg.temporal, video, meta.get("ckpt", "this model"))
@@ -127,14 +133,21 @@ def generate(model, meta, prompts, *, seed=0, sampler="dpm++2m", steps=25, cfg=7
     null = [t.to(device) for t in enc([""])]  # the empty caption: the unconditional branch of CFG / MFG
 
     # bf16 autocast on CUDA; guidance arithmetic and the sampler stay in fp32
-    step = sampling_step(model, device, cuda_graph)
+    if isinstance(model, FusedGenTron):
+        step = sampling_step(model, device, cuda_graph)
 
-    def forward(x, t, context, motion_free=None):  # the captions come as context (encode)
-        return step(x, t, context, motion_free).float()
+        def forward(x, t, context, motion_free=None):  # the captions come as context (encode)
+            return step(x, t, context, motion_free).float()
 
-    def encode(**caption):  # the captions' share of every step, computed once per batch (GenTron.encode_text)
-        with autocast(device):
-            return model.encode_text(**caption)
+        def encode(**caption):  # the captions' share of every step, computed once per batch
+            with autocast(device):
+                return model.encode_text(**caption)
+    else:  # model.py as written: the whole forward pass at every step
+        def forward(x, t, **caption):
+            with autocast(device):
+                return model(x, t, **caption).float()
+
+        encode = None
 
     net = diffusion.eps_fn(forward)  # v-prediction -> eps; guidance (CFG / MFG) combines eps
 

@@ -15,7 +15,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 
-from model import TextContext
+from fastpath.blocks import TextContext
 
 
 def cast_matmul_weights(model, dtype=torch.bfloat16):

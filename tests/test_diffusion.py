@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+import fastpath
+
 from diffusion import Diffusion, cfg_combine, ddim_sample, ddpm_sample, guided_eps_fn, mfg_combine, sample
 from model import GenTron, make_config
 
@@ -205,10 +207,10 @@ def test_guided_eps_fn_is_eq6_from_one_batched_forward():
     ("cross_attn", 7.5, None, "eps"), ("cross_attn", 7.5, 1.2, "eps"), ("cross_attn", 1.0, None, "eps"),
     ("adaln", 7.5, 1.2, "eps"), ("cross_attn", 7.5, None, "v")])
 def test_guided_eps_fn_encodes_the_captions_once(conditioning, cfg_scale, mfg_scale, prediction):
-    # GenTron.encode_text: the captions' share of the forward pass (pooled-text MLP; with cross-attention the text
+    # fastpath's FusedGenTron.encode_text: the captions' share of the forward pass (pooled-text MLP; with cross-attention the text
     # projection and every block's keys and values) runs once per batch instead of once per step, and the
     # predictions stay exactly the same: CFG, MFG (Eq. 6), text only, adaLN-zero (Fig. 2a), v-prediction
-    model = _random_video_model(conditioning)
+    model = fastpath.speed_up(_random_video_model(conditioning))
     net = Diffusion(prediction=prediction).eps_fn(model)
     b, L = 2, 5
     g = torch.Generator().manual_seed(6)
