@@ -170,6 +170,37 @@ def _combine(xs):
 
 
 # -----------------------------------------------------------------------------
+# the encoded captions' padding
+
+
+def real_tokens_first(text_mask):
+    """(..., L) bool, True = real token -> the order of the L positions that puts each caption's real tokens
+    first, in their order, and its padding after them."""
+    return torch.sort((~text_mask).to(torch.uint8), dim=-1, stable=True).indices
+
+
+def compact_caption(text, text_mask, multiple=64):
+    """text (B, L, C), text_mask (B, L) -> each caption's real tokens first, then only as many of the L positions
+    as the longest caption in the batch needs, rounded up to `multiple` (at most L). Cross-attention is the tokens'
+    only use, and it treats them as a set with the padding masked out: the same attention over fewer keys (the
+    softmax sums the same terms, in another order). A sampler's prompts are short next to CLIP + T5's padded 77 +
+    120 tokens. Rounding keeps the shapes, and so the recorded CUDA graphs (fastpath.sampling.CUDAGraphStep), to a few.
+    On a GPU one host sync, so a sampler runs it once per batch (FusedGenTron.encode_text, fastpath/blocks.py), never
+    inside a step. Training runs it on cached features on the CPU, in the data loader's workers (data.collate), and on
+    the captions it encodes after the encoder, whose own check of the masks syncs anyway (train_data.text_condition).
+    The kept length depends on the batch, so a prompt's sample can differ in its last bits with the prompts it is
+    batched with."""
+    if text_mask is None or text_mask.shape[1] <= multiple:  # nothing to cut (and no sync)
+        return text, text_mask
+    keep = min(text_mask.shape[1], -(-int(text_mask.sum(1).max()) // multiple) * multiple)
+    if keep == text_mask.shape[1]:
+        return text, text_mask
+    order = real_tokens_first(text_mask)[:, :keep]
+    return text.gather(1, order[..., None].expand(-1, -1, text.shape[-1])), text_mask.gather(1, order)
+
+
+
+# -----------------------------------------------------------------------------
 # tiny offline encoders (random weights, real tokenizers on the synthetic captions' words)
 
 COLOURS = "red green blue yellow purple orange cyan white black gray pink brown".split()

@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 
 import cache
-from data import CACHED_KEYS, compact_caption, load_latent_space, real_tokens_first
+from data import CACHED_KEYS, load_latent_space
 from fsdp import master_process
-from text_encoders import load_text_encoder
+from text_encoders import compact_caption, load_text_encoder, real_tokens_first
 
 
 @dataclasses.dataclass

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-import data
 import model
+import text_encoders
 
 try:
     from fastpath import kernels  # Triton comes with CUDA builds of PyTorch
@@ -155,7 +155,7 @@ class FusedGenTron(model.GenTron):
         gathered its weights, and keeps its captions' shape (no host sync in a compiled step)."""
         p = self.pooled_embedder(pooled) if self.pooled_embedder is not None else None
         if keys_values and self.text_proj is not None:
-            text, text_mask = data.compact_caption(text, text_mask)
+            text, text_mask = text_encoders.compact_caption(text, text_mask)
         text = self.text_proj(text) if self.text_proj is not None else None  # (B, L, D)
         kv = [block.cross_attn.keys_values(text) for block in self.blocks] if text is not None and keys_values else None
         return TextContext(p, text, kv, text_mask)

@@ -19,9 +19,9 @@ import train_data
 import train_t2i
 import train_t2v
 from diffusion import Diffusion
-from data import JointImageVideoDataset, MovingShapesDataset, PixelSpace, ShapesDataset, collate, real_tokens_first
+from data import JointImageVideoDataset, MovingShapesDataset, PixelSpace, ShapesDataset, collate
 from model import GenTron, GenTronConfig, make_config
-from text_encoders import load_text_encoder
+from text_encoders import load_text_encoder, real_tokens_first
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CKPT_KEYS = {"model", "ema", "optimizer", "step", "rng", "data", "config", "meta", "args"}
@@ -506,7 +506,7 @@ def test_cached_features_and_null_caption(tmp_path, process_group):
 
 def test_cached_batches_keep_only_the_positions_their_captions_need(process_group):
     # data.collate cuts cached CLIP + T5 features (77 + 120 positions; a caption fills a few of each) to what the
-    # batch's longest caption needs, rounded up to 64 (data.compact_caption), and a dropped caption becomes the
+    # batch's longest caption needs, rounded up to 64 (text_encoders.compact_caption), and a dropped caption becomes the
     # null caption cut the same way: the predictions are those of the full features (Fig. 2b, CFG's dropout).
     g = torch.Generator().manual_seed(0)
     L, C, P = 197, 24, 16
