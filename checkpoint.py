@@ -15,6 +15,7 @@ import re
 import textwrap
 
 import torch
+import torch.distributed as dist
 
 from model import GenTron, GenTronConfig
 
@@ -183,29 +184,15 @@ def remove_partial_checkpoints(out):
             os.remove(os.path.join(out, name))
 
 
-def gather_weights(model, opt, ema):
-    """{"model": ..., "ema": ...}: the model's weights and its EMA as full CPU state dicts in memory of their own on
-    rank 0, with None for every tensor elsewhere (a collective where the model is sharded: every rank calls it).
-    opt: fsdp.ShardedAdamW; ema: this rank's EMA shards."""
-    from fsdp import full_cpu_on_master  # FSDP2's DTensor shards gathered; a plain model's weights as they are
-
-    weights = {k: full_cpu_on_master(v.detach()) for k, v in model.state_dict().items()}
-    return {"model": weights, "ema": opt.gather(ema)}
-
-
-def save_checkpoint(out, step, model, opt, ema, pos, cfg, meta, args, keep):
-    """All ranks gather the full state dicts onto rank 0, which writes ckpt-{step}.pt atomically (temp file + rename)
-    and keeps the last `keep`. opt: fsdp.ShardedAdamW; ema: this rank's EMA shards, in its parameter order.
-    Returns the checkpoint dict on rank 0 (None elsewhere)."""
-    # training-only imports: sample.py reads checkpoints without loading the distributed stack
-    import torch.distributed as dist
-
-    from fsdp import master_process
-
-    ckpt = {**gather_weights(model, opt, ema), "optimizer": opt.full_state_dict(), "step": step,
+def save_checkpoint(out, step, weights, optimizer, pos, cfg, meta, args, keep):
+    """Every rank calls it with the full state dicts gathered onto rank 0 (weights: fsdp.gather_weights; optimizer:
+    fsdp.ShardedAdamW.full_state_dict; None for every tensor on the other ranks). Rank 0 writes ckpt-{step}.pt
+    atomically (temp file + rename) and keeps the last `keep`. Returns the checkpoint dict on rank 0 (None elsewhere)."""
+    ckpt = {**weights, "optimizer": optimizer, "step": step,
             "rng": {"torch": torch.get_rng_state()}, "data": {"epoch": pos[0], "offset": pos[1]},
             "config": dataclasses.asdict(cfg), "meta": meta, "args": vars(args)}
-    if master_process():
+    master = not dist.is_initialized() or dist.get_rank() == 0
+    if master:
         path = os.path.join(out, f"ckpt-{step:07d}.pt")
         try:  # atomic: a crash never leaves a half-written newest checkpoint
             atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
@@ -214,7 +201,7 @@ def save_checkpoint(out, step, model, opt, ema, pos, cfg, meta, args, keep):
         for old in checkpoints(out)[:-keep]:
             os.remove(old)
     dist.barrier()
-    return ckpt if master_process() else None
+    return ckpt if master else None
 
 
 def export(ckpt, out, dtype="fp32"):
@@ -271,9 +258,8 @@ def check_init(config, cfg, path):
 def load_init(path, cfg, seed):
     """(model, EMA) full state dicts of another run for a new run. Same architecture: any resolution (sin-cos
     positions are computed in forward, so a new grid needs nothing else; Sec. 4.1 256 -> 512). A T2I checkpoint
-    into a T2V model: shared weights copied, new temporal layers keep their zero-output init (Sec. 3.3.1)."""
-    from fsdp import print0
-
+    into a T2V model: shared weights copied, new temporal layers keep their zero-output init (Sec. 3.3.1).
+    Training runs it on rank 0 only."""
     path = init_file(path)
     if path.endswith(".safetensors"):  # an export (sample.py --export) holds EMA weights only: start both from them
         weights, config, _, step = read_checkpoint(path)
@@ -286,8 +272,8 @@ def load_init(path, cfg, seed):
         torch.manual_seed(seed)
         m = GenTron(cfg)
         new = m.load_t2i_weights(ckpt["model"])
-        print0(f"init from T2I {path}: {len(new)} new temporal weights, {len(ckpt['model'])} copied")
+        print(f"init from T2I {path}: {len(new)} new temporal weights, {len(ckpt['model'])} copied")
         model_sd = m.state_dict()
         return model_sd, {**model_sd, **ckpt["ema"]}
-    print0(f"init from {path}: model and EMA weights of step {ckpt['step']}")
+    print(f"init from {path}: model and EMA weights of step {ckpt['step']}")
     return ckpt["model"], ckpt["ema"]

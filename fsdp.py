@@ -176,6 +176,14 @@ def full_cpu_on_master(t):
     return full.to("cpu", copy=True) if master_process() else None  # a copy even where t is on the CPU (1 rank)
 
 
+def gather_weights(model, opt, ema):
+    """{"model": ..., "ema": ...}: the model's weights and its EMA as full CPU state dicts in memory of their own on
+    rank 0, with None for every tensor elsewhere (a collective where the model is sharded: every rank calls it).
+    opt: ShardedAdamW; ema: this rank's EMA shards, in its parameter order."""
+    weights = {k: full_cpu_on_master(v.detach()) for k, v in model.state_dict().items()}  # a plain model's as they are
+    return {"model": weights, "ema": opt.gather(ema)}
+
+
 def _checkpointed(forward):
     def checkpointed_forward(*args):
         # a block draws no random numbers: no RNG state to save and restore around the recompute

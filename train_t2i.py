@@ -29,12 +29,12 @@ from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
 import cache
-from checkpoint import (check_init, checkpoints, config_dict, gather_weights, load_init, load_pt,
-                        remove_partial_checkpoints, save_checkpoint, stored_settings, write_json)
+from checkpoint import (check_init, checkpoints, config_dict, load_init, load_pt, remove_partial_checkpoints,
+                        save_checkpoint, stored_settings, write_json)
 from diffusion import Diffusion
 from flops import flops_per_sample
-from fsdp import (DistributedBatches, ShardedAdamW, build_model, load_full_state, master_process, matmul_peak_tflops,
-                  mixed_precision, next_position, print0, setup_distributed, step_draws)
+from fsdp import (DistributedBatches, ShardedAdamW, build_model, gather_weights, load_full_state, master_process,
+                  matmul_peak_tflops, mixed_precision, next_position, print0, setup_distributed, step_draws)
 from data import ImageTextFolder, collate, latent_spec
 from model import SIZES, GenTron, GenTronConfig
 from oracle import oracle_eval, oracle_table
@@ -439,7 +439,8 @@ def _train(args, make_data, make_config, kind, rank, world, device):
                 torch.cuda.reset_peak_memory_stats(device)
         if save:
             writing = time.perf_counter()
-            final, saved = save_checkpoint(out, step, model, opt, ema, pos, cfg, meta, args, args.keep), step
+            weights, optimizer = gather_weights(model, opt, ema), opt.full_state_dict()  # collectives
+            final, saved = save_checkpoint(out, step, weights, optimizer, pos, cfg, meta, args, args.keep), step
             t0 += time.perf_counter() - writing  # samples/s and MFU count training, not checkpoint writes
         if args.time_limit is None:
             continue
@@ -447,7 +448,8 @@ def _train(args, make_data, make_config, kind, rank, world, device):
         dist.all_reduce(late)  # the ranks' clocks differ: all stop at the same step, or none does
         if late.item():
             if not save:
-                final, saved = save_checkpoint(out, step, model, opt, ema, pos, cfg, meta, args, args.keep), step
+                weights, optimizer = gather_weights(model, opt, ema), opt.full_state_dict()  # collectives
+                final, saved = save_checkpoint(out, step, weights, optimizer, pos, cfg, meta, args, args.keep), step
             print0(f"--time-limit {args.time_limit} min reached: stopped at step {step} of {args.max_steps}")
             break
     bar.close()
