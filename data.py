@@ -21,10 +21,6 @@ import torch
 from einops import rearrange
 from PIL import Image, ImageOps
 
-from synthetic import (  # noqa: F401  (re-exported: data.ShapesDataset etc.)
-    BACKGROUND, CATEGORIES, COLORS, HELDOUT_PAIRS, SHAPES, TRAIN_PAIRS,
-    MovingShapesDataset, ShapesDataset, heldout_prompts, render,
-)
 from text_encoders import compact_caption
 
 # -----------------------------------------------------------------------------

@@ -19,8 +19,9 @@ import train_data
 import train_t2i
 import train_t2v
 from diffusion import Diffusion
-from data import JointImageVideoDataset, MovingShapesDataset, PixelSpace, ShapesDataset, collate
+from data import JointImageVideoDataset, PixelSpace, collate
 from model import GenTron, GenTronConfig, make_config
+from synthetic import MovingShapesDataset, ShapesDataset
 from text_encoders import load_text_encoder, real_tokens_first
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
