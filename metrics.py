@@ -8,6 +8,7 @@ and CLIP score, frame consistency and FID (Table 4).
 import json
 import os
 import re
+import textwrap
 
 import numpy as np
 import torch
@@ -34,9 +35,10 @@ def load_hf(cls_name, name, device="cpu"):
     try:
         processor = transformers.AutoProcessor.from_pretrained(name)
         model = getattr(transformers, cls_name).from_pretrained(name)
-    except Exception as e:  # offline / not cached / wrong folder
-        raise FileNotFoundError(f"could not load {name!r} as {cls_name} ({type(e).__name__}); download it once "
-                                f"with `huggingface-cli download {name}` or pass a local folder") from None
+    except Exception as e:  # offline / not cached / wrong folder: keep the cause, on one line
+        cause = textwrap.shorten(f"{type(e).__name__}: {e}", 200)
+        raise FileNotFoundError(f"could not load {name!r} as {cls_name} ({cause}); download it once with "
+                                f"`hf download {name} --local-dir DIR` and pass DIR") from None
     return model.to(device).eval().requires_grad_(False), processor
 
 

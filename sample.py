@@ -79,13 +79,13 @@ def save_samples(samples, records, out_dir, cols):
 
 
 
-def run(settings, prompts, out_dir, only=None, progress=True, cuda_graph=True):
+def run(settings, prompts, out_dir, only=None, progress=True, cuda_graph=True, fast=True):
     """Generate samples for a flat prompt list (index i = position) with `settings`, write them and
     samples.json. only = a list of indices to write (the batches that hold them are regenerated).
-    cuda_graph: as generate's (the samples are the same either way, so samples.json does not record it)."""
+    cuda_graph: as generate's; fast: as load_model's (the same math either way, so samples.json records neither)."""
     s = settings
     check_settings(s, out_dir)
-    model, meta = load_model(s["ckpt"], ema=s["ema"], device=s["device"], video=s["video"])
+    model, meta = load_model(s["ckpt"], ema=s["ema"], device=s["device"], video=s["video"], fast=fast)
     if s.get("step") is not None and s["step"] != meta["step"]:  # a replay (--from-json) of another checkpoint
         raise ValueError(f"the run sampled step {s['step']} ({s.get('ckpt_file')}), but {meta['ckpt']} is step "
                          f"{meta['step']}: the recorded checkpoint is gone, so the samples cannot be remade")
@@ -169,6 +169,8 @@ def main(argv=None):
                    "an earlier run); a folder that holds an earlier run's samples.json is refused")
     p.add_argument("--eager", action="store_true", help="CUDA: launch each step's kernels from Python instead of "
                    "replaying a CUDA graph (the same samples, slower; for a model changed to sync with the host)")
+    p.add_argument("--readable", action="store_true", help="run model.py's forwards as written, without fastpath's "
+                   "fused ones and CUDA graphs (the same math, slower)")
     p.add_argument("--device", help="default: cuda if available, else cpu (--from-json: the recorded device)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: PyTorch's); 1 is fastest for the "
                    "toy models on a busy machine")
@@ -231,7 +233,7 @@ def main(argv=None):
         if args.device:
             settings["device"] = args.device  # numerics differ across devices: exact only on the recorded one
         out = args.out or free_dir(os.path.join(os.path.dirname(args.from_json) or ".", "from_json"))
-        _, records = run(settings, prompts, out, only=args.index, cuda_graph=not args.eager)
+        _, records = run(settings, prompts, out, only=args.index, cuda_graph=not args.eager, fast=not args.readable)
     else:
         settings = dict(ckpt=args.ckpt, ema=not args.no_ema, video=args.video, sampler=args.sampler,
                         steps=args.steps, cfg=args.cfg, mfg=args.mfg, seed=args.seed, frames=args.frames,
@@ -239,7 +241,7 @@ def main(argv=None):
                         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         prompts = [q for q in read_prompts(args) for _ in range(args.n_per_prompt)]
         out = args.out or free_dir("out")
-        _, records = run(settings, prompts, out, cuda_graph=not args.eager)
+        _, records = run(settings, prompts, out, cuda_graph=not args.eager, fast=not args.readable)
     print(f"wrote {len(records)} sample(s), grid.png and samples.json to {out}")
 
 

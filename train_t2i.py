@@ -29,6 +29,7 @@ from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
 import cache
+import fastpath
 from checkpoint import (check_init, checkpoints, config_dict, load_init, load_pt, remove_partial_checkpoints,
                         save_checkpoint, stored_settings, write_json)
 from diffusion import Diffusion
@@ -114,6 +115,9 @@ def get_parser():
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (each block when sharded, on CUDA); the first compile of a "
                         "large model takes minutes")
+    p.add_argument("--readable", action="store_true",
+                   help="CUDA: train model.py's forwards as written instead of fastpath's fused ones (the same math; "
+                        "the CPU always runs model.py's)")
     p.add_argument("--num-workers", type=bounded(int, 0), default=None, help="DataLoader workers (default 4 on GPU, 0 on CPU)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     # run folder, logs, checkpoints
@@ -188,6 +192,8 @@ def final_samples(cfg, weights, data, meta, out, args, device):
 
     model = GenTron(cfg).to(device).eval()
     model.load_state_dict(weights)
+    if not args.readable:
+        fastpath.speed_up(model)  # as sample.py loads a model: the captions encoded once, CUDA graphs on a GPU
     meta = {**meta, "encoder": data.encoder, "latent": data.latents}  # the run's meta, encoders already loaded
     kw = dict(seed=args.seed, steps=args.sample_steps, cfg=args.cfg_scale, mfg=getattr(args, "mfg_scale", 1.0),
               device=device, progress=False)
@@ -322,7 +328,8 @@ def _train(args, make_data, make_config, kind, rank, world, device):
         if master_process():
             model_sd, ema_sd = load_init(args.init_from, cfg, args.seed)
     # The EMA weights go through the model first: build with them, copy the shards, then load the weights.
-    model = build_model(cfg, device, ac, args.compile, ema_sd, args.seed, args.fsdp_unit)
+    model = build_model(cfg, device, ac, args.compile, ema_sd, args.seed, args.fsdp_unit,
+                        fast=device.type == "cuda" and not args.readable)
     opt = ShardedAdamW(model, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
     with torch.no_grad():
         ema = [s.clone() for s in opt.shards]  # this rank's EMA shards, next to its parameter shards
