@@ -12,7 +12,7 @@ norm on the shards (fsdp.ShardedAdamW).
 MFU = model FLOP/s / the bf16 matmul peak measured in the same run (an 8192^3 product), with model
 FLOPs from flops.flops_per_sample: 3x forward for a training step (recompute not counted), 1x for
 sampling, less the captions' share where it is encoded once, at the text positions the step keeps
-(data.compact_caption; all --text-len of them in training, where the captions come as given). With --fsdp, --batch is per GPU, samples/s is global (summed over ranks), TFLOP/s and MFU
+(text_encoders.compact_caption; all --text-len of them in training, where the captions come as given). With --fsdp, --batch is per GPU, samples/s is global (summed over ranks), TFLOP/s and MFU
 are per GPU and memory is the largest over ranks. Inputs are random latents and text features of the
 real shapes (SD-VAE latents, CLIP+T5 with `--text-len` tokens), so no weights or data are needed.
 
@@ -265,7 +265,7 @@ def main(args):
             if not sharded and "context" not in without:  # FSDP2 gathers a block's weights only inside its forward
                 with torch.no_grad(), amp:
                     inp["context"] = model.encode_text(**caption)
-                text = inp["context"].text  # the keys a step attends to (data.compact_caption)
+                text = inp["context"].text  # the keys a step attends to (text_encoders.compact_caption)
                 step_flops = flops_per_sample(cfg, args.text_len if text is None else text.shape[1], args.frames,
                                               args.resolution // 8, caption=False)
             else:

@@ -12,7 +12,7 @@ on); parameter names, state dicts and checkpoints stay those of model.py. The pi
 - GELU in the first MLP GEMM's epilogue (cuBLASLt) when sampling on CUDA.
 - the caption's share of a step (pooled-text MLP, text projection, every block's cross-attention keys and values)
   computed once per batch of prompts (`FusedGenTron.encode_text`) instead of at every denoising step, with the
-  padding the prompts share dropped first (data.compact_caption).
+  padding the prompts share dropped first (text_encoders.compact_caption).
 tests/test_fastpath.py pins every piece to the readable model, outputs and gradients.
 """
 
@@ -150,7 +150,7 @@ class FusedFinalLayer(model.FinalLayer):
 class FusedGenTron(model.GenTron):
     def encode_text(self, text=None, text_mask=None, pooled=None, keys_values=True):
         """What a forward pass computes from the caption alone, which a sampler runs once for all its steps
-        (diffusion.guided_eps_fn's `encode`), after dropping the padding its captions share (data.compact_caption,
+        (diffusion.guided_eps_fn's `encode`), after dropping the padding its captions share (text_encoders.compact_caption,
         one host sync). Training leaves the keys and values to each block (keys_values=False), where FSDP2 has
         gathered its weights, and keeps its captions' shape (no host sync in a compiled step)."""
         p = self.pooled_embedder(pooled) if self.pooled_embedder is not None else None
