@@ -34,7 +34,7 @@ from oracle import oracle_eval, oracle_table, table
 def attention_logit_max(model, *args, **kwargs):
     """The largest attention logit |q.k| / sqrt(Dh) of every attention layer during model(*args, **kwargs),
     masked positions excluded -> {"self": [per block], "cross": [...], "temporal": [...]}. Their growth is
-    the instability that qk_norm prevents (README, "Bundled models"); evaluate.py --attention-logits."""
+    the instability that qk_norm prevents (docs/bundled-models.md, "Why QK-norm"); evaluate.py --attention-logits."""
     found, hooks = {}, []
 
     def record(name):
@@ -66,7 +66,8 @@ def attention_logit_max(model, *args, **kwargs):
 
 def attention_logits(model, meta, n=64, seed=0, device="cpu"):
     """attention_logit_max on n training samples of the built-in data, noised at t ~ U{0..999}: the
-    attention-logit growth that diverged our long toy runs shows up here first (README, "Bundled models")."""
+    attention-logit growth that diverged our long toy runs shows up here first (docs/bundled-models.md,
+    "Why QK-norm")."""
     from diffusion import Diffusion
     from synthetic import MovingShapesDataset, ShapesDataset
 

@@ -40,7 +40,7 @@ PAPER_ARMS = {  # name -> extra train_t2i.py flags (the first arm is the baselin
     "cross-attn, no pooled": ["--no-pooled-text"],
 }
 # every arm --t2i-arms accepts: the paper's, and ours that run only when named (not in the paper)
-T2I_ARMS = {**PAPER_ARMS, "cross-attn, QK-norm": ["--qk-norm"]}  # README, "Bundled models"
+T2I_ARMS = {**PAPER_ARMS, "cross-attn, QK-norm": ["--qk-norm"]}  # docs/bundled-models.md, "Why QK-norm"
 SCALE_ARMS = {"size toy": ["--size", "toy"], "size S": ["--size", "S"]}  # cross-attn, at the scale budget
 T2V_ARMS = {"MFG (p_mf=0.5)": ["--p-motion-free", "0.5"], "no motion-free (p_mf=0)": ["--p-motion-free", "0"]}
 # Eq. 6 at lambda_M = 1 is plain CFG; above 1 it needs e(0, 0) with the identity temporal mask, which a p_mf = 0
@@ -153,7 +153,7 @@ def phase_t2i(args, results, t0):
     baseline = runs[("conditioning", args.t2i_arms[0], args.seeds[0])]
     if not os.path.exists(parent_path(args)):  # the first call's baseline: T2V arms trained later start from it too
         export(baseline, parent_path(args))  # fp32 EMA weights: the T2V phase starts from them
-    if args.export_assets:  # the quick start's bundled models (README): EMA weights in fp16, < 20 MB together
+    if args.export_assets:  # the bundled models (docs/bundled-models.md): EMA weights in fp16, < 20 MB together
         export(baseline, "assets/gentron_t2i.safetensors", dtype="fp16")
 
 
@@ -208,7 +208,7 @@ def main(args):
 
 
 def write(results, args, t0):
-    """results.json and results.md (the README tables) in --out; printed too."""
+    """results.json and results.md (the tables of docs/experiments.md) in --out; printed too."""
     results.setdefault("seconds", {})[args.phase] = time.time() - t0
     results.setdefault("device", {})[args.phase] = (torch.cuda.get_device_name() if torch.device(args.device).type
                                                     == "cuda" else "cpu")

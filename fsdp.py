@@ -111,10 +111,11 @@ def build_model(cfg, device, ac=0, compile=False, init_state=None, seed=0, unit=
     # Units of `unit` blocks: only one unit's bf16 weights and gradients are unsharded at a time - needed across
     # ranks, and on one rank with activation checkpointing (memory-bound: G/2). FSDP2's hooks cost host time per
     # unit, which small per-GPU batches leave the GPU waiting for: units of 4 blocks trained G/2 (--ac, 32 per GPU,
-    # 4 H100s) 28% faster than units of 1 (README, "GenTron-G/2 with FSDP2"). The math is the same either way.
+    # 4 H100s) 28% faster than units of 1 (docs/performance.md, "GenTron-G/2 with FSDP2"). The math is the same
+    # either way.
     # One rank without checkpointing shards nothing: FSDP2 there only copies every weight in and out of its
     # all-gather buffer and every gradient through its reduce-scatter. The plain model trained XL/2 4.7% faster
-    # on an H100 and 19% on an H200 (README, "How we got here").
+    # on an H100 and 19% on an H200 (docs/performance.md, "Optimisations in the code").
     sharded = dist.get_world_size() > 1 or ac
     for i, block in enumerate(model.blocks):
         # Replacing forward on the instance (rather than wrapping the module) keeps GenTron's parameter
@@ -122,9 +123,9 @@ def build_model(cfg, device, ac=0, compile=False, init_state=None, seed=0, unit=
         forward = block.forward
         if ac and i % ac == 0:  # Sec. 4.1: activation checkpointing for G/2 - keep the block's input, recompute
             forward = _checkpointed(forward)  # the rest in backward; every 2nd block: half the memory saving
-            # for half the recompute (README, "GenTron-G/2 with FSDP2")
+            # for half the recompute (docs/performance.md, "GenTron-G/2 with FSDP2")
         # CPU: Inductor's vectorised C++ for a compiled block gave gradients ~0.2% off in torch 2.13 (the eager and
-        # aot_eager backends are exact; a bug of that code generator, found by review 2026-11-27), so blocks run
+        # aot_eager backends are exact; a bug of that code generator), so blocks run
         # eagerly there. CUDA compiles them (its norms are the Triton kernel); so does one CPU rank without --ac.
         if compile and sharded and device.type == "cuda":
             forward = torch.compile(forward)
@@ -254,9 +255,9 @@ class ShardedAdamW:
     Why not torch.optim.AdamW(model.parameters()): in torch 2.11 the fused kernel on DTensor parameters keeps
     one DTensorSpec per parameter per step alive (pytorch/pytorch#188174; 160 a step for the toy model, measured),
     host memory that grows for as long as the run lasts; and every optimizer and clipping call on DTensors
-    pays DTensor dispatch on the host (about 15 ms of the toy model's synchronised step; README, "Throughput
-    and MFU"). AdamW is elementwise, so stepping the shards is the same update; only the gradient norm needs
-    the other ranks (one all-reduce)."""
+    pays DTensor dispatch on the host (about 15 ms of the toy model's synchronised step, measured). AdamW is
+    elementwise, so stepping the shards is the same update; only the gradient norm needs the other ranks (one
+    all-reduce)."""
 
     def __init__(self, model, **hparams):
         self.model = model

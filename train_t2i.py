@@ -85,7 +85,7 @@ def get_parser():
                    help="add the pooled text embedding to the time embedding (Sec. 3.2.1)")
     p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None,
                    help="RMSNorm on attention queries and keys: not in the paper, off by default; it keeps long toy "
-                        "runs stable (README). A resumed or --init-from run keeps its parent's")
+                        "runs stable (docs/bundled-models.md). A resumed or --init-from run keeps its parent's")
     # optimisation
     p.add_argument("--prediction", default=None, choices=["eps", "v"],
                    help="network output (diffusion.py): default eps (the paper, latents), v in pixel space; "
@@ -289,7 +289,7 @@ def _train(args, make_data, make_config, kind, rank, world, device):
         args.qk_norm = parent[0].get("qk_norm", False) if args.qk_norm is None else args.qk_norm
         args.prediction = args.prediction or was["prediction"]
     elif args.patch is None and args.size == "toy" and device.type == "cpu":
-        args.patch = 4  # the no-argument CPU demo: 64 tokens train ~4x faster than the row's 2x2 (README)
+        args.patch = 4  # the no-argument CPU demo: 64 tokens train ~4x faster than the row's 2x2 (docs/deviations.md)
     cfg = make_config(args, data)
     down = data.latents.downsample if data.latents is not None else 1 if data.latent_space == "pixel" else 8
     if data.resolution % (down * cfg.patch):

@@ -11,8 +11,8 @@ For the temporal layer (model.py, Eq. 3-5) branch or h may instead be in the (B 
 each row is read or written at its place there, so that no pass of its own regroups the tokens.
 
 Why: Inductor's LayerNorm + modulate + residual kernels for XL/2 (D = 1152) ran at a third to a half of the H100's
-HBM bandwidth (README, "Throughput and MFU"). Each row here is read once, normalised in registers and written once:
-2.2-2.7 TB/s by our count, and an XL/2 training step on one H100 went from 162.3 to 154.4 ms.
+HBM bandwidth (docs/performance.md, "Where the time goes"). Each row here is read once, normalised in registers
+and written once: 2.2-2.7 TB/s by our count, and an XL/2 training step on one H100 went from 162.3 to 154.4 ms.
 The backward kernel recomputes the normalised row from r and the saved mean / rstd, and reduces the per-group
 gradients of gate, scale and shift in two steps (a partial sum per block of rows, then a sum over blocks).
 """

@@ -5,7 +5,7 @@ as a CUDA graph. sample.py (and through it evaluate.py and the end of a training
 - `cast_matmul_weights`: the Linear and Conv weights stored in bf16, which autocast computes them in anyway.
 - `CUDAGraphStep`: the step recorded once and replayed. Eagerly, an XL/2 step at sample.py's default batch (16
   prompts, CFG batch 32) is bound by launching its ~500 kernels from Python; replayed it ran 3.3x faster on an
-  H100, with the same kernels and so the same samples (README, "Throughput and MFU").
+  H100, with the same kernels and so the same samples (docs/performance.md, "Optimisations in the code").
 - `sampling_step`: the step itself, under bf16 autocast on CUDA, replayed or not.
 """
 
@@ -21,8 +21,8 @@ from fastpath.blocks import TextContext
 def cast_matmul_weights(model, dtype=torch.bfloat16):
     """Store every Linear's and Conv2d's weight and bias in `dtype`, for inference under autocast to `dtype`.
     Autocast computes these layers in `dtype` anyway, so the outputs are the same; it just no longer casts
-    every fp32 weight on every forward pass (2.6% of an XL/2 sampling pass on an H100: README, "Throughput
-    and MFU"). Norm gains stay fp32, as autocast runs norms in fp32. In place; returns the model."""
+    every fp32 weight on every forward pass (2.6% of an XL/2 sampling pass on an H100: docs/performance.md,
+    "Optimisations in the code"). Norm gains stay fp32, as autocast runs norms in fp32. In place; returns the model."""
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             m.to(dtype)

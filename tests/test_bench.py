@@ -48,7 +48,7 @@ def test_largest_batch_doubles_until_the_first_failure():
 
 
 def test_kernel_families_sum_a_profile_by_kind():
-    # names as they appear in an H100 profile of the compiled XL/2 step (README, "Throughput and MFU")
+    # names as they appear in an H100 profile of the compiled XL/2 step (docs/performance.md, "Where the time goes")
     ev = lambda key, us, n: SimpleNamespace(key=key, self_device_time_total=us, count=n)
     events = [ev("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN", 25_000, 196),
               ev("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16", 13_000, 56),

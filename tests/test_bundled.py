@@ -1,7 +1,7 @@
-"""The bundled models (assets/) do what README says they do: a quick CPU version of their oracle scores
-on held-out compositions, with fixed seeds, must stay at or above the floor README reports.
+"""The bundled models (assets/) do what docs/bundled-models.md says they do: a quick CPU version of their
+oracle scores on held-out compositions, with fixed seeds, must stay at or above the floors it reports.
 
-README reports these exact protocols (CPU, fp32, noise seed 0, CFG 7.5; T2I: 8 held-out prompts per
+docs/bundled-models.md ("Scores") reports these exact protocols (CPU, fp32, noise seed 0, CFG 7.5; T2I: 8 held-out prompts per
 category, 25 DPM-Solver++ steps; T2V: 8 held-out clips, 12 steps, lambda_M 1.2 - a T2V step costs 24 frame
 passes on the CPU). The floors sit a little below the measured values, so a change that breaks
 sampling, the conditioning path or the bundled weights fails here, while a last-bit numerical

@@ -181,8 +181,9 @@ def test_oracle_eval_runs_generation(tmp_path):
 
 
 def test_attention_logits_cli(tmp_path):
-    # The README's stability table comes from this command: one value per block and attention kind, and
-    # the T2V model's temporal layers too (the properties of the measure itself: test_model.py)
+    # The attention-logit table of docs/bundled-models.md ("Why QK-norm") comes from this command: one value per
+    # block and attention kind, and the T2V model's temporal layers too (the properties of the measure itself:
+    # test_model.py)
     make_checkpoint(str(tmp_path / "v" / "ckpt-0000001.pt"), temporal=True)
     out = str(tmp_path / "logits.json")
     evaluate.main(["--attention-logits", "--video", "--ckpt", str(tmp_path / "v"), "--n", "3", "--json", out])
@@ -432,8 +433,8 @@ def test_experiments_refuse_bad_settings_before_training(tmp_path, capsys):
 
 
 def test_experiments_keep_every_calls_settings(tmp_path, monkeypatch):
-    """A second call into the same --out (e.g. the README's second seed) adds its flags; the first call's, which
-    made the rows already there, stay."""
+    """A second call into the same --out (e.g. docs/experiments.md's second seed) adds its flags; the first
+    call's, which made the rows already there, stay."""
     import experiments
     monkeypatch.setattr(experiments, "phase_t2i", lambda args, results, t0: experiments.write(results, args, t0))
     for seed in ("0", "1"):

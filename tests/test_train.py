@@ -428,7 +428,7 @@ def test_cpu_toy_uses_patch_4_and_children_keep_their_parents_settings(tmp_path)
     train_t2v.main(run("t2v", "--max-steps", "1", "--init-from", str(tmp_path / "t2i"), "--num-frames", "2"))
     assert load(tmp_path / "t2v" / "ckpt-0000001.pt")["config"]["patch"] == 4
     # likewise the prediction (an eps run in pixel space, not the default there) and the text encoder: a resumed
-    # run and a child run (--init-from) keep the parent's, so the README's stage-2 and T2V commands need no flag
+    # run and a child run (--init-from) keep the parent's, so the full-scale stage-2 and T2V commands need no flag
     train_t2i.main(run("eps", "--max-steps", "1", "--prediction", "eps", "--text-encoder", "tiny-clip"))
     train_t2i.main(run("eps", "--max-steps", "2", "--resume"))
     meta = load(tmp_path / "eps" / "ckpt-0000002.pt")["meta"]
