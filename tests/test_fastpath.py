@@ -337,3 +337,22 @@ def test_fused_add_norm_on_cuda_compiled_bf16():
         unfused = ns["run"](ns["reference"], *args, branch_frames=8, h_frames=8)
         for i, (f, u) in enumerate(zip(fused, unfused)):
             assert f.shape == u.shape and ((f.float() - u.float()).abs().max() / u.float().abs().max()).item() < 2e-2, (name, i)
+
+
+@pytest.mark.parametrize("video", [False, True])
+def test_bundled_models_load_into_both_and_sample_the_same(video):
+    """The bundled checkpoints hold model.py's parameter names: they load strictly into the readable model and
+    into the fused one, and both sample the same pictures (8-bit pixels; the fused path sums the same terms in
+    another order, so a pixel may move by one level)."""
+    from pipeline import generate, load_model
+
+    prompts = ["a red circle moving right", "a blue square moving down"] if video else \
+        ["a red circle to the left of a blue square", "a green triangle and a yellow diamond"]
+    out = {}
+    for fast in (False, True):
+        model, meta = load_model(None, device="cpu", video=video, fast=fast)
+        assert isinstance(model, blocks.FusedGenTron) == fast
+        out[fast] = generate(model, meta, prompts, steps=6, progress=False).int()
+    diff = (out[True] - out[False]).abs()
+    assert out[True].float().std() > 10  # real pictures, not a blank
+    assert diff.max() <= 2 and diff.float().mean() < 0.05, (diff.max().item(), diff.float().mean().item())
