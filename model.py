@@ -171,14 +171,6 @@ def frame_positions(frames, motion_free, x):
     return pos[:, None].to(x.dtype)
 
 
-def identity_mask(motion_free, frames, tokens):
-    """Sec. 3.3.2, Fig. 3: the temporal attention mask (B N, 1, T, T). A motion-free clip attends with the identity
-    (each frame sees only itself: temporal modelling off for that sample); any other clip attends over all frames."""
-    eye = torch.eye(frames, dtype=torch.bool, device=motion_free.device)  # (T, T)
-    free = motion_free.repeat_interleave(tokens)[:, None, None, None]  # (B N, 1, 1, 1): each sequence's clip
-    return eye | ~free
-
-
 class TemporalAttention(nn.Module):
     """TempSelfAttn (Sec. 3.3.1, Eq. 3-5): each patch position attends across the T frames of its clip."""
 
@@ -194,7 +186,11 @@ class TemporalAttention(nn.Module):
         if frames > 1:  # one frame has no order to tell
             h = h + frame_positions(frames, motion_free, x)
         h = rearrange(h, "(b t) n d -> (b n) t d", t=frames)  # Eq. 3: a sequence of T frames per patch position
-        mask = None if motion_free is None else identity_mask(motion_free, frames, n)  # (B N, 1, T, T)
+        mask = None
+        if motion_free is not None:  # Sec. 3.3.2, Fig. 3: a motion-free clip attends with the identity mask, so each
+            # frame sees only itself and temporal modelling is off for that sample; the other clips see all frames
+            free = motion_free.repeat_interleave(n)[:, None, None, None]  # (B N, 1, 1, 1): each sequence's clip
+            mask = torch.eye(frames, dtype=torch.bool, device=x.device) | ~free  # (B N, 1, T, T)
         h = self.attn(h, mask)  # Eq. 4's TempSelfAttn
         return rearrange(h, "(b n) t d -> (b t) n d", n=n)  # Eq. 5: back to frames of N tokens
 

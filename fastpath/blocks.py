@@ -105,7 +105,7 @@ class FusedTemporalAttention(model.TemporalAttention):
         pack = self.pack_size(h.shape[0], frames)
         i = torch.arange(pack * frames, device=h.device)
         mask = (i[:, None] // frames) == (i[None, :] // frames)  # (pack T, pack T): same sequence
-        if motion_free is not None:  # Sec. 3.3.2: the identity mask for motion-free clips (model.identity_mask)
+        if motion_free is not None:  # Sec. 3.3.2: the identity mask for motion-free clips
             free = motion_free.repeat_interleave(h.shape[0] // len(motion_free) * frames)  # each query's clip
             mask = (mask & ((i[:, None] == i[None, :]) | ~free.view(-1, pack * frames, 1)))[:, None]
         elif pack == 1:
