@@ -12,6 +12,7 @@ images are (3, H, W) and videos (T, 3, H, W), floats in [-1, 1].
 
 import json
 import math
+import multiprocessing
 import os
 import textwrap
 import warnings
@@ -120,30 +121,46 @@ def _list_pairs(root, exts, key):
     return entries
 
 
+REFILL_DRAWS = 8  # random replacements tried for an unreadable file before a scan of the whole folder
+
+
 class _MediaTextDataset(torch.utils.data.Dataset):
     """Shared logic: listing, captions, and skipping bad files so that a long run never dies on one.
 
-    A file that cannot be decoded (unreadable, truncated, wrong format) is skipped: the item of the
-    next index is returned instead, the file is counted in self.num_bad, and a single warning with
-    the running count is issued at 1, 10, 100, ... bad files rather than one warning per file.
+    A file that cannot be decoded (unreadable, truncated, wrong format) is skipped and its slot refilled with
+    another readable file, drawn from the index (so a resumed run reads the same). Why refill instead of dropping
+    the item: every step trains on a global batch of exactly B items, split evenly over ranks, with noise drawn
+    for B (fsdp.py); a dropped item would leave one rank a short micro-batch and break a resumed run's exactness.
+    The price is one duplicate per bad file per epoch: a few in a million for a real dataset, no measurable
+    bias. The replacement is random rather than the next file, so a run of bad files (a broken sub-folder) is
+    spread over the dataset instead of repeating its one neighbour as many times.
 
-    A dataset whose items should change from epoch to epoch (a clip's start in its video) sets per_epoch:
-    training then asks for index epoch * len + i (fsdp.DistributedBatches), which load() gets split.
+    The count is exact across DataLoader workers (separate processes, fork or spawn): one flag per file and the
+    counters live in shared memory behind one lock, so each bad file is counted once, by whichever process met
+    it first. One warning at 1, 10, 100, ... bad files, and once per epoch (when its last item is served, or the
+    next epoch begins) one line with the total, while it is not 0.
+
+    per_epoch: training asks for index epoch * len + i (fsdp.DistributedBatches), which __getitem__ splits: a
+    video's clip start is drawn per epoch (VideoTextFolder.load), and the epochs are what the report counts.
     """
 
-    exts, key, per_epoch = (), "", False
+    exts, key, per_epoch = (), "", True
 
     def __init__(self, root):
         self.root = root
         self.entries = _list_pairs(root, self.exts, self.key)
-        self.bad = set()  # indices known to be bad (per process; each DataLoader worker has its own)
+        # shared with the DataLoader's workers: which files are bad, and [bad files, newest epoch asked for, its items
+        # begun, its items served, newest epoch reported, the epoch before the newest, its items still in flight]
+        self._bad = torch.zeros(len(self.entries), dtype=torch.bool).share_memory_()
+        self._state = torch.tensor([0, -1, 0, 0, -1, -1, 0]).share_memory_()
+        self._lock = multiprocessing.get_context("spawn").Lock()  # spawn's: shareable with forked workers too
 
     def __len__(self):
         return len(self.entries)
 
     @property
     def num_bad(self):
-        return len(self.bad)
+        return int(self._state[0])
 
     def caption(self, i):
         kind, v = self.entries[i][1]
@@ -152,23 +169,60 @@ class _MediaTextDataset(torch.utils.data.Dataset):
         with open(v, encoding="utf-8-sig", errors="replace") as f:  # a BOM is not caption text
             return f.read().strip()  # an empty file -> "" -> the null caption
 
-    def __getitem__(self, i):
+    def __getitem__(self, index):
         n = len(self)
-        epoch, i = divmod(i, n)  # epoch > 0 only for per_epoch datasets in training
-        for k in range(n):
-            j = (i + k) % n
-            if j in self.bad:
+        epoch, i = divmod(index, n)  # epoch > 0 in training (per_epoch)
+        self._served(epoch, 0)
+        rng = np.random.default_rng([n, i])  # i, then REFILL_DRAWS random files, then all of them in order
+        for j in [i, *rng.integers(n, size=REFILL_DRAWS).tolist(), *range(n)]:
+            if self._bad[j]:
                 continue
             try:
                 x, caption = self.load(self.entries[j][0], j, epoch), self.caption(j)
             except Exception as e:  # noqa: BLE001 - any decoder error means "bad file"
-                self.bad.add(j)
-                if math.log10(len(self.bad)).is_integer():  # 1, 10, 100, ... bad files
-                    warnings.warn(f"{type(self).__name__}({self.root}): skipped {len(self.bad)} unreadable "
-                                  f"file(s) so far, latest {self.entries[j][0]}: {e!r}")
+                self._flag_bad(j, e)
                 continue
+            self._served(epoch, 1)
             return {"x": x, "caption": caption, "meta": None}
-        raise ValueError(f"no readable files in {self.root} ({len(self.bad)} bad)")
+        raise ValueError(f"no readable files in {self.root} ({self.num_bad} bad)")
+
+    def _flag_bad(self, j, error):
+        """Count file j once (over all workers); warn at 1, 10, 100, ... bad files."""
+        with self._lock:
+            if self._bad[j]:  # another worker met it first
+                return
+            self._bad[j] = True
+            self._state[0] += 1
+            count = int(self._state[0])
+        if math.log10(count).is_integer():
+            warnings.warn(f"{type(self).__name__}({self.root}): skipped {count} unreadable file(s) so far (each "
+                          f"slot refilled with another file), latest {self.entries[j][0]}: {error!r}")
+
+    def _served(self, epoch, k):
+        """k = 0: an item of epoch begins, k = 1: it is served. An epoch is reported once: when all its items are
+        served, or, once a later epoch has begun (the last partial batch is dropped), when its items in flight in
+        other workers are done, so the count includes every file the epoch met."""
+        with self._lock:
+            _, newest, started, done, reported, prev, pending = self._state.tolist()
+            report = None
+            if epoch > newest:  # a new epoch: the newest one so far is over once its items in flight are done
+                prev, pending = newest, started - done
+                started, done, newest = 0, 0, epoch
+                report = prev if pending == 0 else None
+            if epoch == newest:
+                started, done = started + (k == 0), done + k
+                report = epoch if done == len(self) else report
+            elif epoch == prev and k:
+                pending -= 1
+                report = prev if pending == 0 else None
+            if report is not None and report <= reported:
+                report = None
+            reported = report if report is not None else reported
+            self._state[1:] = torch.tensor([newest, started, done, reported, prev, pending])
+            count = int(self._state[0])
+        if report is not None and report >= 0 and count:
+            warnings.warn(f"{type(self).__name__}({self.root}): epoch {report}: {count} unreadable file(s) "
+                          "skipped in all so far, each slot refilled with another file")
 
 
 class ImageTextFolder(_MediaTextDataset):
@@ -268,7 +322,7 @@ class VideoTextFolder(_MediaTextDataset):
     uses PyAV or imageio-ffmpeg (optional).
     """
 
-    exts, key, per_epoch = VIDEO_EXTS, "video", True
+    exts, key = VIDEO_EXTS, "video"
 
     def __init__(self, root, size=256, num_frames=8, target_fps=4, seed=0):
         super().__init__(root)
@@ -318,7 +372,9 @@ class JointImageVideoDataset(torch.utils.data.Dataset):
             rng = np.random.default_rng([self.seed, epoch, i])
             mf = bool(rng.random() < self.p)
             video = epoch * len(self.videos) + i if getattr(self.videos, "per_epoch", False) else i
-            sources.append((mf, int(rng.integers(len(self.images))) if mf else video))
+            image = int(rng.integers(len(self.images)))
+            image += epoch * len(self.images) if getattr(self.images, "per_epoch", False) else 0
+            sources.append((mf, image if mf else video))
         out = [None] * len(indices)
         for motion_free, ds in ((True, self.images), (False, self.videos)):
             pos = [k for k, (mf, _) in enumerate(sources) if mf == motion_free]

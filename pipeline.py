@@ -6,6 +6,7 @@ paper Sec. 3.3.2, Eq. 6). sample.py is its command line; evaluate.py and the end
 
 import math
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -120,6 +121,8 @@ def generate(model, meta, prompts, *, seed=0, sampler="dpm++2m", steps=25, cfg=7
     replays each step's forward pass as a CUDA graph (fastpath.sampling.CUDAGraphStep; cuda_graph=False: eager),
     with the same outputs. meta needs the loaded "encoder" and "latent" (as load_model returns them) or their specs
     "text_encoder" and "latent_space" (as a checkpoint's meta holds them)."""
+    for name, scale in (("cfg", cfg), ("mfg", mfg)):  # the CLIs refuse bad scales earlier (check_settings)
+        check_guidance(scale, name, warn=True)
     video = model.cfg.temporal if video is None else video
     check_mode(model.cfg.temporal, video, meta.get("ckpt", "this model"))
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -130,6 +133,7 @@ def generate(model, meta, prompts, *, seed=0, sampler="dpm++2m", steps=25, cfg=7
     if video:
         shape = (frames or meta.get("num_frames") or c.num_frames, *shape)  # (T, C, h, w)
     diffusion = Diffusion(prediction=meta.get("prediction", "eps"))  # checkpoints before v-prediction: eps
+    enc.check_prompts(prompts)  # one warning line for unknown words, one for prompts cut at the token limit
     null = [t.to(device) for t in enc([""])]  # the empty caption: the unconditional branch of CFG / MFG
 
     # bf16 autocast on CUDA; guidance arithmetic and the sampler stay in fp32
@@ -198,6 +202,24 @@ def grid_image(samples, cols):
     return make_grid([upscale(t) for t in tiles], cols if samples.ndim == 4 else 1)
 
 
+# Guidance scales. The paper samples at lambda_T = 7.5 and lambda_M = 1.2 (Sec. 3.3.2); common practice stays
+# within ~1-15. Eq. 6 extrapolates eps by the scale: by ~20 samples saturate, and at 100 and beyond the step's
+# eps is so far off that the sample is noise, returned as success. So: refuse |scale| > 100 (or non-finite) as a
+# typo, warn above 20. Negative and small scales stay allowed: guiding away from a prompt is a real use.
+MAX_GUIDANCE, WARN_GUIDANCE = 100.0, 20.0
+
+
+def check_guidance(scale, name="cfg", warn=False):
+    """A one-line error for a non-finite or |scale| > MAX_GUIDANCE guidance scale; warn: a warning above WARN_GUIDANCE."""
+    if not math.isfinite(scale):
+        raise ValueError(f"{name} must be a finite number, got {scale}")
+    if abs(scale) > MAX_GUIDANCE:
+        raise ValueError(f"{name} must be in [-{MAX_GUIDANCE:g}, {MAX_GUIDANCE:g}], got {scale:g} (beyond it the "
+                         "samples are noise; the paper samples at 7.5 for text, 1.2 for motion)")
+    if warn and abs(scale) > WARN_GUIDANCE:
+        warnings.warn(f"{name} {scale:g} is far outside the usual 1-15: expect saturated, broken samples", stacklevel=3)
+
+
 def check_settings(s, out_dir, flags=None):
     """A one-line error for each setting (flags or a samples.json's) that would fail, before any work is done.
     flags: the command-line name of a setting where it is not --key (e.g. {"out": "--json"})."""
@@ -211,8 +233,7 @@ def check_settings(s, out_dir, flags=None):
     if s["seed"] < 0:
         raise ValueError(f"{flag('seed')} must be >= 0, got {s['seed']}")
     for key in ("cfg", "mfg"):
-        if not math.isfinite(s[key]):
-            raise ValueError(f"{flag(key)} must be a finite number, got {s[key]}")
+        check_guidance(s[key], flag(key))
     try:
         device = torch.device(s["device"])
     except RuntimeError:

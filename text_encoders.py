@@ -13,6 +13,7 @@ import math
 import os
 import string
 import textwrap
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -150,6 +151,42 @@ class TextEncoder(torch.nn.Module):
             self.memo.update(zip(chunk, zip(*feats)))  # caption -> its (tokens, mask, pooled) rows, padding freed
         return tuple(torch.stack(rows) for rows in zip(*(self.memo[c] for c in captions)))
 
+    def check_prompts(self, prompts):
+        """Warn, one line per kind, about prompts this encoder misreads: words it does not know and tokens past its
+        limit (cut). Sampling calls it (pipeline.generate); training does not, or a caption set warns every step."""
+        unknown = list(dict.fromkeys(w for p in prompts for w in self.unknown_words(p)))
+        if unknown:
+            hint = (f"; the bundled tiny encoders know only the synthetic captions' words: {' '.join(TINY_VOCAB)}"
+                    if self.spec.startswith("tiny-") else " (its tokenizer maps them to <unk>)")
+            warnings.warn(f"text encoder {self.spec} does not know the word(s) {', '.join(unknown)}{hint}", stacklevel=2)
+        cut = [(p, t) for p in prompts if (t := self.truncated(p))]
+        if cut:
+            limit = dict(zip(self.kinds, self.lengths))
+            said = "; ".join(f"{textwrap.shorten(p, 40, placeholder='...')!r} loses "
+                             + " and ".join(f"{n} token(s) past {k}'s {limit[k]}" for k, n in t.items())
+                             for p, t in cut[:3])
+            warnings.warn(f"{len(cut)} prompt(s) are longer than the text encoder's limit and are cut: {said}"
+                          + (" ..." if len(cut) > 3 else ""), stacklevel=2)
+
+    def unknown_words(self, caption):
+        """The words of caption this encoder does not know: those its tokenizer maps to <unk>, and for the bundled
+        tiny encoders (a vocabulary of the synthetic captions' words) any word it spells in pieces, letter by letter."""
+        out = []
+        for word in caption.split():
+            word = word.strip(string.punctuation)
+            for tok in self.tokenizers if word else ():
+                ids = tok(word, add_special_tokens=False)["input_ids"]
+                if tok.unk_token_id in ids or (self.spec.startswith("tiny-") and len(ids) > 1):
+                    out.append(word)
+                    break
+        return out
+
+    def truncated(self, caption):
+        """{kind: how many of caption's tokens (specials included) fall past that encoder's limit}, where any do."""
+        counts = {k: len(tok(caption, verbose=False)["input_ids"]) - L
+                  for k, tok, L in zip(self.kinds, self.tokenizers, self.lengths)}
+        return {k: n for k, n in counts.items() if n > 0}
+
     def _forward(self, captions):
         feats = [self._encode(*a, list(captions)) for a in zip(self.kinds, self.tokenizers, self.models, self.lengths)]
         masks = [f[1] for f in feats]
@@ -207,6 +244,7 @@ COLOURS = "red green blue yellow purple orange cyan white black gray pink brown"
 SHAPES = "circle square triangle star cross heart diamond ring".split()
 WORDS = ("a an and the to of left right above below on top moving up down striped dotted plain checkered "
          "with next in front behind big small").split()
+TINY_VOCAB = COLOURS + SHAPES + WORDS  # the tiny encoders' whole words (TextEncoder.check_prompts lists them)
 CHARS = list(string.ascii_letters + string.digits + string.punctuation)  # unseen words still tokenize, char by char
 TINY_LENGTH = 32  # the toy captions are short
 
@@ -238,7 +276,7 @@ def tiny_tokenizers():
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import CLIPTokenizer, T5Tokenizer
 
-    words = COLOURS + SHAPES + WORDS
+    words = TINY_VOCAB
     merges = learn_bpe(words)
     alphabet = sorted(ByteLevel.alphabet())  # 256 byte symbols, as in CLIP's vocab.json
     symbols = alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in merges]

@@ -301,26 +301,70 @@ def _folder_with_bad_files(root):
     return colors
 
 
+def _colour_index(x, colors):
+    """Which of colors the (3, H, W) item shows, every pixel of it (the crop keeps exactly the centre square)."""
+    rgb = ((x + 1) * 127.5).round().permute(1, 2, 0).reshape(-1, 3)
+    hits = [k for k, c in enumerate(colors) if (rgb == torch.tensor(c, dtype=rgb.dtype)).all()]
+    assert len(hits) == 1
+    return hits[0]
+
+
 def test_image_folder_skips_and_counts_bad_files(tmp_path):
+    """The three bad files (truncated PNG, text named .jpg, zero bytes) are counted, 3, not 1; the warning comes
+    at 1 bad file and the epoch's line, at its last item, gives the total."""
     colors = _folder_with_bad_files(tmp_path)
     ds = data.ImageTextFolder(str(tmp_path), size=32)
     assert len(ds) == 6
     with pytest.warns(UserWarning) as rec:
         items = [ds[i] for i in range(len(ds))]
-    assert len(rec) == 1 and "skipped 1" in str(rec[0].message)  # one warning, not one per file
+    msgs = [str(r.message) for r in rec]
+    assert len(msgs) == 2 and "skipped 1 unreadable" in msgs[0] and "b_trunc.png" in msgs[0], msgs
+    assert "epoch 0: 3 unreadable file(s) skipped in all" in msgs[1], msgs
     assert ds.num_bad == 3
-    # bad indices return the next good item; the crop keeps exactly the centre square
-    want = [0, 1, 1, 2, 2, 2]  # a, (b->c), c, (d->f), (e->f), f
-    for it, k in zip(items, want):
-        x = it["x"]
-        assert x.shape == (3, 32, 32)
-        rgb = ((x + 1) * 127.5).round().permute(1, 2, 0).reshape(-1, 3)
-        assert (rgb == torch.tensor(colors[k], dtype=rgb.dtype)).all()
+    # good files are their own items; a bad file's slot is refilled with a readable one, the same every time
+    got = [_colour_index(it["x"], colors) for it in items]
+    assert [got[k] for k in (0, 2, 5)] == [0, 1, 2]
+    with pytest.warns(UserWarning):
+        again = data.ImageTextFolder(str(tmp_path), size=32)
+        assert got == [_colour_index(again[i]["x"], colors) for i in range(6)]
     assert items[0]["caption"] == "caption a.png" and items[5]["caption"] == ""  # empty file -> null caption
     assert items[2]["meta"] is None
     with warnings_as_errors():  # known-bad files are not re-counted or re-warned
         ds[1]
     assert ds.num_bad == 3
+
+
+def _print_warnings(worker_id):
+    """A forked worker inherits pytest's warning recorder, whose records never reach the test: print them."""
+    import warnings
+    warnings.simplefilter("always")
+    warnings.showwarning = lambda msg, *a, **k: print(msg, file=sys.stderr, flush=True)
+
+
+def test_bad_files_counted_exactly_over_workers_and_reported_per_epoch(tmp_path, capfd):
+    """Two DataLoader workers (separate processes) over 12 bad files: the main process sees 12, the warnings
+    say 1 and 10 once each, and every epoch ends with one line of the total."""
+    colors = _folder_with_bad_files(tmp_path)
+    for k in range(9):  # 3 + 9 = 12 bad files
+        (tmp_path / f"z{k}.png").write_bytes(b"")
+        (tmp_path / f"z{k}.txt").write_text("z")
+    ds = data.ImageTextFolder(str(tmp_path), size=8)
+    n = len(ds)
+    sampler = fsdp.DistributedBatches(n, 5, 1, 0, 1, seed=0, pos=(0, 0), per_epoch=ds.per_epoch)
+    loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=2, collate_fn=data.collate,
+                                              worker_init_fn=_print_warnings))
+    capfd.readouterr()
+    for _ in range(3 * (n // 5)):  # three epochs (the last partial batch of each is dropped)
+        batch = next(loader)
+        assert batch["x"].shape == (5, 3, 8, 8)
+    del loader
+    err = capfd.readouterr().err
+    assert ds.num_bad == 12
+    assert err.count("skipped 1 unreadable") == 1 and err.count("skipped 10 unreadable") == 1, err
+    assert "skipped 12 unreadable" not in err  # between the powers of ten: no warning
+    for e in (0, 1):  # the third epoch is reported once the fourth begins
+        assert err.count(f"epoch {e}: 12 unreadable file(s) skipped in all") == 1, err
+    assert len(colors) == 3
 
 
 class warnings_as_errors:

@@ -234,6 +234,8 @@ def test_clear_errors(ckpts, tmp_path, monkeypatch):
     (tmp_path / "afile").write_text("")
     no_gpu = "cuda:99"  # more GPUs than any machine has
     for argv, message in ((["--seed", "-1"], "--seed must be >= 0"), (["--cfg", "nan"], "--cfg must be a finite"),
+                          (["--cfg", "1e30"], r"--cfg must be in \[-100, 100\], got 1e\+30"),
+                          (["--mfg", "-150"], r"--mfg must be in \[-100, 100\], got -150"),
                           (["--steps", "0"], r"--steps must be in \[1, 1000\], got 0"),
                           (["--device", "bogus"], "'bogus' is not a device"), (["--device", no_gpu], "CUDA GPUs"),
                           (["--out", str(tmp_path / "afile")], "afile is a file, not a folder"),
@@ -313,3 +315,22 @@ def test_cuda_graph_step_passes_out_of_memory_through():
     context = TextContext(torch.ones(2, 3, device="cuda"), None, None, None)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         fastpath.sampling.CUDAGraphStep(grows)(torch.ones(2, 4, device="cuda"), torch.zeros(2, device="cuda"), context)
+
+
+def test_guidance_scales_are_bounded():
+    """Beyond |100| (or non-finite) a guidance scale is refused in one line before any work; above 20 it warns
+    (samples saturate); the paper's 7.5 and negative scales (guiding away from a prompt) pass silently."""
+    import warnings
+
+    from pipeline import check_guidance
+    with pytest.raises(ValueError, match=r"^cfg must be in \[-100, 100\], got 1e\+30 \(beyond it"):
+        pipeline.generate(None, {}, ["a red circle"], cfg=1e30)  # refused before the model is touched
+    with pytest.raises(ValueError, match="mfg must be a finite number, got inf"):
+        check_guidance(float("inf"), "mfg")
+    for scale in (25.0, -100.0):  # allowed, with a warning
+        with pytest.warns(UserWarning, match=f"cfg {scale:g} is far outside the usual 1-15"):
+            check_guidance(scale, "cfg", warn=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for scale in (7.5, 1.2, -3.0, 20.0):
+            check_guidance(scale, "cfg", warn=True)

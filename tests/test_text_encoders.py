@@ -201,3 +201,28 @@ def test_memoized_features_match():
     for x, y in zip(memo(b), plain(b)):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
     assert len(memo.memo) == 3
+
+
+def test_prompts_it_misreads_are_warned_about(enc):
+    """Words outside the tiny encoders' vocabulary (spelled letter by letter) and tokens past the limit (cut) each
+    give one warning line, naming the words and the vocabulary, or the prompt and how many tokens it loses."""
+    import warnings
+
+    from text_encoders import TINY_VOCAB
+    e = enc["tiny-clip+t5"]
+    assert e.unknown_words("a red circle, above a big blue star.") == []  # known words; punctuation is not a word
+    assert e.unknown_words("a zebra next to 42 circles") == ["zebra", "42", "circles"]  # plural: not a known word
+    assert e.unknown_words("Red circle") == ["Red"]  # tiny-t5 is case-sensitive: it spells "Red" R-e-d
+    with pytest.warns(UserWarning) as rec:
+        e.check_prompts(["a zebra next to a giraffe", "a red circle", "a zebra"])
+    (msg,) = [str(r.message) for r in rec]
+    assert "\n" not in msg and "zebra, giraffe" in msg and " ".join(TINY_VOCAB) in msg
+    long = " ".join(["red circle"] * 20)  # 40 words: 42 CLIP tokens with BOS/EOS, 41 T5 tokens with EOS
+    assert e.truncated(long) == {"clip": 42 - TINY_LENGTH, "t5": 41 - TINY_LENGTH} and e.truncated("a red circle") == {}
+    with pytest.warns(UserWarning) as rec:
+        e.check_prompts([long, "a red circle"])
+    (msg,) = [str(r.message) for r in rec]
+    assert "\n" not in msg and msg.startswith("1 prompt(s) are longer") and "loses 10 token(s) past clip's 32" in msg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        e.check_prompts(["a red circle to the left of a blue square", ""])  # nothing to say
