@@ -1,18 +1,22 @@
 """
 Checkpoint files, the two formats every script reads:
 - a training run's `RUN/ckpt-NNNNNNN.pt`: plain types only (loads with weights_only=True) - model, EMA and
-  optimizer state, step, data position, RNG state, the model config and the run's meta and flags;
+  optimizer state, step, data position, RNG state, the model config and the run's meta and flags, and a CRC-32
+  of every tensor's bytes, checked on every load;
 - a `.safetensors` export (`sample.py --export`): EMA weights, with the config, meta and step as metadata.
-Here: finding them, reading them, writing them (atomically), exporting, and starting a new run from one
+Here: finding them, reading and verifying them, writing them (atomically; a full disk is one line that says
+how much is needed and free), exporting, and starting a new run from one
 (`--init-from`: same model at any resolution, or T2I weights into a T2V model, Sec. 3.3.1).
 """
 
 import dataclasses
+import errno
 import json
 import os
-import pickle
 import re
+import shutil
 import textwrap
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -25,22 +29,80 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # writing any file atomically (checkpoints, cache shards, score and result JSONs)
 
 
-def atomic_write(path, write):
+def atomic_write(path, write, size=None):
     """write(tmp) to a temp file beside path, then rename it to path: a killed run never leaves a
     complete-looking partial file. The file's bytes reach the disk before the rename and the rename before
     this returns (fsync), so a machine that loses power keeps the old file or the whole new one, and a caller
     may then delete older files (save_checkpoint's --keep). A failed write (a full disk) removes the temp file
-    and is one OSError."""
+    and is one OSError; size() -> the bytes the file needs, for that message (default: what was written)."""
     tmp = f"{path}.tmp{os.getpid()}"
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free  # before: the failed write's own share
     try:
         write(tmp)
         fsync(tmp)
     except (OSError, RuntimeError) as e:  # RuntimeError: torch.save's zip writer on a full disk
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise OSError(f"could not write {path} ({str(e).splitlines()[0]})") from None
+        cause = f"could not write {path} ({str(e).splitlines()[0]})"
+        raise OSError(f"{cause}: {space_report(path, size, written, free)}" if out_of_space(e) else cause) from None
     os.replace(tmp, path)
     fsync(os.path.dirname(os.path.abspath(path)))  # the folder's entry: the rename itself
+
+
+def out_of_space(e):
+    """Whether a failed write ran out of room: a full disk or quota, a file-size limit, or torch.save's zip writer
+    reporting a short write ("unexpected pos", which hides the errno)."""
+    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or "unexpected pos" in str(e)
+
+
+def space_report(path, size=None, written=0, free=None):
+    """Why a file did not fit, in a few words: the bytes it needs (size(), else more than the `written`), the free
+    space on its disk before the write (shutil.disk_usage; default: now) and the process's file-size limit
+    (`ulimit -f`) where that stopped it."""
+    if free is None:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    try:
+        need = size() if size else None
+    except Exception:  # the count is a courtesy: never let it hide the write's own failure
+        need = None
+    needs = f"needs {human(need)}" if need else f"needs more than the {human(written)} written"
+    try:
+        import resource  # POSIX only
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        limit = None if limit == resource.RLIM_INFINITY else limit
+    except ImportError:
+        limit = None
+    if limit is not None and (need or written + 1) > limit:
+        return f"the file {needs} but this process may write files of at most {human(limit)} (ulimit -f)"
+    return f"the disk is full: the file {needs} and {human(free)} was free there"
+
+
+def human(n):
+    """Bytes as a short size: 812.0 KiB, 23.4 MiB, 1.6 GiB."""
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}"
+
+
+def saved_size(obj):
+    """The bytes torch.save(obj) writes (to a stream: a file's are within a few hundred), counted without
+    writing them, for space_report."""
+    class Counter:
+        n = 0
+
+        def write(self, b):
+            self.n += len(b)
+            return len(b)
+
+        def flush(self):
+            pass
+
+    counter = Counter()
+    torch.save(obj, counter)
+    return counter.n
 
 
 def fsync(path):
@@ -69,6 +131,35 @@ def free_name(base, taken=os.path.exists):
         k += 1
         name = f"{stem}-{k}{ext}"
     return name
+
+
+def check_writable(folder, flag="--out"):
+    """A one-line ValueError now, before any model is loaded, if files cannot be written into folder (a read-only
+    or pseudo file system such as /proc, no permission, a full disk): make it and its missing parents, write a
+    probe file there, then remove the probe and every folder made here. A write can still fail later (the disk
+    fills up meanwhile); atomic_write reports that."""
+    made, f = [], os.path.abspath(folder)
+    while not os.path.exists(f):
+        made.append(f)
+        f = os.path.dirname(f)
+    made.reverse()  # parents first
+    probe = os.path.join(folder, f".write-probe{os.getpid()}")
+    try:
+        for d in made:
+            os.mkdir(d)
+        with open(probe, "wb") as fh:
+            fh.write(b"\0" * 4096)  # a few blocks: a disk with no room left refuses them
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as e:
+        where = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else e
+        raise ValueError(f"{flag} {folder}: cannot write there ({where})") from None
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
+        for d in reversed(made):
+            if os.path.isdir(d):
+                os.rmdir(d)
 
 
 def write_json(path, obj, **kwargs):
@@ -109,19 +200,89 @@ def resolve_checkpoint(path):
 
 
 def load_pt(path, mmap=False):
-    """A ckpt-*.pt file's dict, plain types only (STYLE.md: never unpickle arbitrary objects); a file that is
-    not one (truncated, another format) is a one-line ValueError naming it."""
+    """A ckpt-*.pt file's dict, plain types only (STYLE.md: never unpickle arbitrary objects), its tensors checked
+    against the checksums it was written with (verify); a file that is not one (truncated, another format, junk)
+    or whose bytes changed is a one-line ValueError naming it."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+    except Exception as e:  # junk fails anywhere in torch's reader: UnpicklingError, RuntimeError, KeyError, ...
         # torch's weights_only refusal opens with a long preamble; its reason follows "WeightsUnpickler error:".
         cause = textwrap.shorten(f"{type(e).__name__}: {str(e).split('WeightsUnpickler error:')[-1]}", 200)
-        raise ValueError(f"{path} is not a readable GenTron checkpoint ({cause}); "
-                         "if it is a run's newest, move it away to resume from the one before") from None
+        raise ValueError(f"{path} is not a readable GenTron checkpoint ({cause})") from None
     missing = [k for k in ("model", "config", "meta") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ValueError(f"{path} is not a GenTron checkpoint: missing {', '.join(missing)}")
+    verify(ckpt, path)
     return ckpt
+
+
+# -----------------------------------------------------------------------------
+# checksums: a checkpoint whose bytes changed on the disk (bit rot, a bad copy, an overwrite) is refused, not
+# trained on; torch.load itself checks nothing of a tensor's bytes
+
+
+def tensors(obj, prefix=""):
+    """(name, tensor) of every tensor in nested dicts and lists, named by their keys: "model.final.linear.weight"."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, (dict, list, tuple)):
+        for k, v in obj.items() if isinstance(obj, dict) else enumerate(obj):
+            yield from tensors(v, f"{prefix}.{k}" if prefix else str(k))
+
+
+def crc(t):
+    """CRC-32 of a tensor's bytes (zlib, ~1 GB/s): any changed byte changes it, unlike a sum of the values."""
+    return zlib.crc32(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def checksums(ckpt):
+    """{tensor name: CRC-32} of every tensor of a checkpoint dict (plain ints: it loads with weights_only=True)."""
+    return {name: crc(t) for name, t in tensors({k: v for k, v in ckpt.items() if k != "checksums"})}
+
+
+def verify(ckpt, path):
+    """Raise a one-line ValueError unless every tensor's bytes are those save_checkpoint wrote. A checkpoint from
+    before checksums has only its weights checked, for NaN and inf (what a save would never hold)."""
+    found = dict(tensors({k: v for k, v in ckpt.items() if k != "checksums"}))
+    if "checksums" not in ckpt:
+        bad = next((n for n, t in tensors({"model": ckpt["model"], "ema": ckpt.get("ema")})
+                    if t.is_floating_point() and not torch.isfinite(t).all()), None)
+        if bad:
+            raise ValueError(f"{path} is corrupt: {bad} holds NaN or inf")
+        return
+    stored = ckpt["checksums"]
+    if stored.keys() != found.keys():
+        diff = sorted(stored.keys() ^ found.keys())
+        raise ValueError(f"{path} is corrupt: {len(diff)} tensor(s) missing or unexpected, e.g. {diff[0]}")
+    for name, t in found.items():
+        if crc(t) != stored[name]:
+            raise ValueError(f"{path} is corrupt: the bytes of {name} are not those written (CRC-32 mismatch)")
+
+
+def newest_good(found, say=print, flag="--resume"):
+    """The newest of a run's checkpoints (checkpoints() order) that reads and verifies -> (path, ckpt), after one
+    line each, through say(), for the newer ones that do not; none that does is one ValueError. Nothing is moved
+    or deleted: a bad file stays for a look (a resumed run that reaches its step writes a good one in its place)."""
+    bad = []
+    for path in reversed(found):
+        try:
+            ckpt = load_pt(path, mmap=True)
+        except ValueError as e:
+            bad.append(str(e))
+            continue
+        for reason in bad:
+            say(f"{flag}: skipping {reason}")
+        return path, ckpt
+    raise ValueError(f"none of the {len(found)} checkpoint(s) in {os.path.dirname(found[0])} reads and verifies "
+                     f"(the newest: {bad[0]})")
+
+
+def last_good_checkpoint(run_dir):
+    """The newest checkpoint of a run that reads and verifies (the NaN guard names it), else "none"."""
+    try:
+        return newest_good(checkpoints(run_dir), say=lambda line: None)[0]
+    except (ValueError, IndexError):
+        return "none"
 
 
 def export_metadata(path):
@@ -142,8 +303,9 @@ def export_metadata(path):
     return json.loads(md["config"]), json.loads(md["meta"]), step
 
 
-def read_checkpoint(path, ema=True):
-    """-> (state dict, config dict, meta dict, step) of a .pt checkpoint or a .safetensors export."""
+def read_checkpoint(path, ema=True, ckpt=None):
+    """-> (state dict, config dict, meta dict, step) of a .pt checkpoint or a .safetensors export (ckpt: the .pt's
+    dict, where it was read already)."""
     if path.endswith(".safetensors"):
         config, meta, step = export_metadata(path)
         if not ema:
@@ -151,7 +313,7 @@ def read_checkpoint(path, ema=True):
         from safetensors.torch import load_file
 
         return load_file(path), config, meta, step
-    ckpt = load_pt(path)
+    ckpt = ckpt or load_pt(path)
     weights = ckpt.get("ema") if ema else ckpt["model"]
     if weights is None:
         raise ValueError(f"{path} has no EMA weights; pass --no-ema to sample with the raw weights")
@@ -187,18 +349,22 @@ def remove_partial_checkpoints(out):
 def save_checkpoint(out, step, weights, optimizer, pos, cfg, meta, args, keep):
     """Every rank calls it with the full state dicts gathered onto rank 0 (weights: fsdp.gather_weights; optimizer:
     fsdp.ShardedAdamW.full_state_dict; None for every tensor on the other ranks). Rank 0 writes ckpt-{step}.pt
-    atomically (temp file + rename) and keeps the last `keep`. Returns the checkpoint dict on rank 0 (None elsewhere)."""
+    atomically (temp file + rename), with the checksums load_pt verifies, and keeps the last `keep`. Returns the checkpoint dict on rank 0 (None elsewhere)."""
     ckpt = {**weights, "optimizer": optimizer, "step": step,
             "rng": {"torch": torch.get_rng_state()}, "data": {"epoch": pos[0], "offset": pos[1]},
             "config": dataclasses.asdict(cfg), "meta": meta, "args": vars(args)}
     master = not dist.is_initialized() or dist.get_rank() == 0
     if master:
+        ckpt["checksums"] = checksums(ckpt)  # load_pt checks them
         path = os.path.join(out, f"ckpt-{step:07d}.pt")
         try:  # atomic: a crash never leaves a half-written newest checkpoint
-            atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+            atomic_write(path, lambda tmp: torch.save(ckpt, tmp), size=lambda: saved_size(ckpt))
         except OSError as e:
             raise OSError(f"{e}; the checkpoints already in {out} are intact") from None
-        for old in checkpoints(out)[:-keep]:
+        # keep the newest `keep` up to this step; later steps (a newer checkpoint that --resume found corrupt and
+        # skipped) are left alone until this run reaches and rewrites them
+        older = [p for p in checkpoints(out) if checkpoint_step(p) < step] if keep else []  # --keep 0: all
+        for old in older[:max(0, len(older) - (keep - 1))]:
             os.remove(old)
     dist.barrier()
     return ckpt if master else None

@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from checkpoint import free_name, write_json
+from checkpoint import check_writable, free_name, write_json
 from metrics import (BLIP_VQA, CLIP_B32, CLIP_L14, COMPBENCH, DETECTOR, clip_eval, compbench,
                      compbench_generate, fid)
 from model import CrossAttention
@@ -144,6 +144,13 @@ def main(argv=None):
         p.error(str(e))
     if args.json and os.path.exists(args.json):  # scores never replace a file (a samples.json, earlier scores)
         p.error(f"--json {args.json} exists: choose another path")
+    # where the scores (and --compbench --ckpt's images) will go: writable, before any model is loaded or run
+    if args.json:
+        check_writable(os.path.dirname(os.path.abspath(args.json)), "--json")
+    elif args.oracle or args.attention_logits:
+        check_writable("out", "the default score folder")
+    if args.compbench and args.ckpt and args.images:
+        check_writable(args.images, "--images")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # progress bars of our own loops only

@@ -13,7 +13,7 @@ import torch
 from einops import rearrange
 from tqdm.auto import tqdm
 
-from checkpoint import build_config, read_checkpoint, resolve_checkpoint
+from checkpoint import build_config, checkpoints, newest_good, read_checkpoint, resolve_checkpoint
 from data import load_latent_space
 from diffusion import Diffusion, guided_eps_fn, sample
 import fastpath
@@ -69,7 +69,10 @@ def load_model(path=None, ema=True, device="cpu", video=None, fast=True):
     same math; False: model.py's as written), and on CUDA with the Linear and Conv weights stored in bf16
     (fastpath.sampling.cast_matmul_weights): run the model under bf16 autocast, as generate() does."""
     file = resolve_checkpoint(path) if path else bundled_path("t2v" if video else "t2i")
-    state, config, meta, step = read_checkpoint(file, ema)
+    ckpt = None
+    if path and os.path.isdir(path):  # a run folder: its newest checkpoint that verifies (as --resume takes)
+        file, ckpt = newest_good(checkpoints(path), flag="--ckpt")
+    state, config, meta, step = read_checkpoint(file, ema, ckpt)
     meta = {**meta, "config": config, "step": step, "ckpt": os.path.abspath(file), "ema": ema}
     check_mode(config.get("temporal", False), video, file)
     with torch.device("meta"):  # no init work or memory for weights that are overwritten anyway

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from checkpoint import DTYPES, export, free_name, write_json
+from checkpoint import DTYPES, check_writable, export, free_name, out_of_space, space_report, write_json
 from diffusion import SAMPLERS
 from pipeline import check_settings, generate, grid_image, load_model, sample_seed, upscale
 
@@ -85,6 +85,7 @@ def run(settings, prompts, out_dir, only=None, progress=True, cuda_graph=True, f
     cuda_graph: as generate's; fast: as load_model's (the same math either way, so samples.json records neither)."""
     s = settings
     check_settings(s, out_dir)
+    check_writable(out_dir)  # before minutes of sampling: --out /proc/x, a read-only or full disk
     model, meta = load_model(s["ckpt"], ema=s["ema"], device=s["device"], video=s["video"], fast=fast)
     if s.get("step") is not None and s["step"] != meta["step"]:  # a replay (--from-json) of another checkpoint
         raise ValueError(f"the run sampled step {s['step']} ({s.get('ckpt_file')}), but {meta['ckpt']} is step "
@@ -110,7 +111,15 @@ def run(settings, prompts, out_dir, only=None, progress=True, cuda_graph=True, f
                                 "noise_seed": sample_seed(s["seed"], b0 + j)})
     samples = torch.stack(samples)
     cols = s["n_per_prompt"] if s["n_per_prompt"] > 1 else min(8, len(records))
-    save_samples(samples, records, out_dir, cols)
+    try:
+        save_samples(samples, records, out_dir, cols)
+    except OSError as e:  # the disk filled up while sampling
+        if not out_of_space(e):
+            raise
+        k = upscale(np.zeros(samples.shape[-3:], np.uint8)).shape[0] // samples.shape[-3]  # the viewing upscale
+        need = lambda: samples.numel() * (1 + 2 * k * k)  # at most: native PNGs, the grid and GIFs, uncompressed
+        raise OSError(f"could not write the samples to {out_dir}: "
+                      f"{space_report(os.path.join(out_dir, 'grid.png'), need)}") from None
     write_json(os.path.join(out_dir, "samples.json"), {"settings": s, "num_samples": len(prompts), "samples": records})
     return samples, records
 

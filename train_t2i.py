@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 import cache
 import fastpath
-from checkpoint import (check_init, checkpoints, config_dict, load_init, load_pt, remove_partial_checkpoints,
-                        save_checkpoint, stored_settings, write_json)
+from checkpoint import (check_init, checkpoints, config_dict, last_good_checkpoint, load_init, newest_good,
+                        remove_partial_checkpoints, save_checkpoint, stored_settings, write_json)
 from diffusion import Diffusion
 from flops import flops_per_sample
 from fsdp import (DistributedBatches, ShardedAdamW, build_model, gather_weights, load_full_state, master_process,
@@ -264,7 +264,7 @@ def _train(args, make_data, make_config, kind, rank, world, device):
         remove_partial_checkpoints(out)
     torch.manual_seed(args.seed)
 
-    ckpt = load_pt(found[-1], mmap=True) if found else None  # --resume
+    resumed, ckpt = newest_good(found, print0) if found else (None, None)  # --resume: the newest that verifies
     # A resumed run or a child run (--init-from) keeps its parent's text encoder, latent space, patch size, QK-norm
     # and prediction unless told otherwise
     parent = (ckpt["config"], ckpt["meta"]) if ckpt else stored_settings(args.init_from) if args.init_from else None
@@ -275,7 +275,7 @@ def _train(args, make_data, make_config, kind, rank, world, device):
     for key, value in was.items():  # a resumed run trains the same target from the same features
         given = getattr(args, key)
         if ckpt and given is not None and value is not None and given != value:
-            raise ValueError(f"{found[-1]} was trained with --{key.replace('_', '-')} {value}; "
+            raise ValueError(f"{resumed} was trained with --{key.replace('_', '-')} {value}; "
                              f"a resumed run keeps it (got {given})")
     args.text_encoder = args.text_encoder or was.get("text_encoder")
     args.latent_space = args.latent_space or was.get("latent_space")
@@ -302,13 +302,13 @@ def _train(args, make_data, make_config, kind, rank, world, device):
             "resolution": data.resolution, "num_frames": data.frames, "dataset": data.spec,
             "prediction": args.prediction}
     if ckpt and not same_dataset(ckpt["meta"].get("dataset"), data.spec):  # its data position means nothing here
-        raise ValueError(f"{found[-1]} was trained on {ckpt['meta'].get('dataset')}, not {data.spec}: resume with "
+        raise ValueError(f"{resumed} was trained on {ckpt['meta'].get('dataset')}, not {data.spec}: resume with "
                          f"its --data (and --seed, --p-motion-free), or train into another --out")
     ac = args.ac if args.ac is not None else int(args.size == "G")
 
     # model, optimizer, EMA - from the newest checkpoint (--resume), another run (--init-from) or a fresh init
     if ckpt and config_dict(ckpt["config"]) != dataclasses.asdict(cfg):
-        raise ValueError(f"{found[-1]} was trained with another model config {ckpt['config']}; use the same flags")
+        raise ValueError(f"{resumed} was trained with another model config {ckpt['config']}; use the same flags")
     if args.init_from and not ckpt:
         check_init(parent[0], cfg, args.init_from)  # on every rank: a mismatch stops all of them
     if args.cache:  # after the checks above: encode the whole dataset once on rank 0, then train from it
@@ -340,7 +340,7 @@ def _train(args, make_data, make_config, kind, rank, world, device):
         opt.load_full_state_dict(ckpt["optimizer"])
         step, pos = ckpt["step"], (ckpt["data"]["epoch"], ckpt["data"]["offset"])
         torch.set_rng_state(ckpt["rng"]["torch"])
-        print0(f"resumed {found[-1]} at step {step}")
+        print0(f"resumed {resumed} at step {step}")
         was = ckpt.get("args", {})
         for k in ("lr", "lr_schedule", "betas", "weight_decay", "clip", "ema", "seed", "batch_size", "grad_accum"):
             if k in was and was[k] != getattr(args, k):
@@ -422,7 +422,7 @@ def _train(args, make_data, make_config, kind, rank, world, device):
         done, pending = torch.stack(pending).tolist(), []
         for k, (loss_val, norm_val) in enumerate(done, start=step - len(done) + 1):
             if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
-                last_good = (checkpoints(out) or ["none"])[-1]
+                last_good = last_good_checkpoint(out)  # the newest that reads and verifies
                 raise SystemExit(f"step {k}: non-finite loss {loss_val} (grad norm {norm_val}); stopped at step "
                                  f"{step} without saving. Last good checkpoint: {last_good}")
         history["loss"] += [v[0] for v in done]

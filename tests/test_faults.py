@@ -1,0 +1,221 @@
+"""Faults and bad input (CPU, ~30 s): checkpoints whose bytes changed on the disk, folders of junk, a full disk
+and an output folder that cannot be written. Each ends in one line, and a corrupt newest checkpoint is skipped
+for the newest one that verifies."""
+import argparse
+import os
+import subprocess
+import sys
+import textwrap
+import types
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub are imported
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import pytest
+import torch
+
+import checkpoint
+import evaluate
+import sample
+import train_t2i
+from model import make_config
+
+
+def tiny(out, steps, *extra):
+    """argv of a tiny run: GenTron-tiny on shapes, 4 images per step, no sample grid, no oracle scores."""
+    return ["--size", "tiny", "--batch-size", "4", "--max-steps", str(steps), "--log-every", "1",
+            "--num-samples", "0", "--eval-n", "0", "--device", "cpu", "--lr", "1e-3", "--out", str(out), *extra]
+
+
+def overwrite(path, name, values):
+    """Overwrite the bytes of tensor `name` (as checkpoint.tensors names it) inside the file, in place, with
+    values of its dtype: the damage a bad disk or copy does, which torch.load itself never notices."""
+    t = dict(checkpoint.tensors(torch.load(path, weights_only=True)))[name]
+    data = open(path, "rb").read()
+    at = data.index(t.numpy().tobytes())  # where torch.save put its bytes (only there: asserted)
+    assert data.find(t.numpy().tobytes(), at + 1) == -1
+    new = values(t).to(t.dtype).numpy().tobytes()
+    assert len(new) == t.nbytes and new != t.numpy().tobytes()
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(new)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 4-step tiny run with checkpoints at steps 2 and 4, and its per-step losses."""
+    out = tmp_path_factory.mktemp("run") / "a"
+    losses = train_t2i.main(tiny(out, 4, "--ckpt-every", "2", "--keep", "0"))["loss"]
+    return out, losses
+
+
+# -----------------------------------------------------------------------------
+# checksums
+
+
+def test_every_tensor_has_a_checksum_and_the_checkpoint_stays_plain(run):
+    ckpt = torch.load(run[0] / "ckpt-0000004.pt", weights_only=True)  # plain types only
+    names = dict(checkpoint.tensors({k: v for k, v in ckpt.items() if k != "checksums"}))
+    assert set(ckpt["checksums"]) == set(names) and all(isinstance(v, int) for v in ckpt["checksums"].values())
+    assert any(n.startswith("optimizer.state.") for n in names) and "rng.torch" in names
+    # a real hash: swapping two values (the same sum) or a sign flip changes it
+    t = ckpt["model"]["blocks.0.attn.qkv.weight"].clone()
+    swapped = t.flatten().clone()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    assert checkpoint.crc(swapped.view_as(t)) != checkpoint.crc(t) != checkpoint.crc(-t)
+    assert checkpoint.crc(t.bfloat16()) == checkpoint.crc(t.bfloat16().clone())  # any dtype (bf16 has no numpy)
+
+
+@pytest.mark.parametrize("garbage", ["finite", "nan"])
+def test_a_corrupt_newest_checkpoint_is_skipped_by_resume_and_the_nan_guard(run, tmp_path, capsys, garbage):
+    """Finite garbage used to train on silently; NaNs were named "last good checkpoint" by the NaN guard. Now
+    --resume says in one line that the newest is corrupt, continues from the one before exactly as the
+    uninterrupted run did, and moves or deletes nothing; the NaN guard names the checkpoint that verifies."""
+    out = tmp_path / "a"
+    out.mkdir()
+    for name in ("ckpt-0000002.pt", "ckpt-0000004.pt"):
+        (out / name).write_bytes((run[0] / name).read_bytes())
+    newest = out / "ckpt-0000004.pt"
+    values = (lambda t: torch.rand_like(t.float()) - 0.5) if garbage == "finite" else (lambda t: torch.full_like(t, float("nan")))
+    overwrite(newest, "model.blocks.0.attn.qkv.weight", values)
+    damaged = newest.read_bytes()
+    with pytest.raises(ValueError, match=r"ckpt-0000004.pt is corrupt: the bytes of model.blocks.0.attn.qkv.weight are not"):
+        checkpoint.load_pt(str(newest))
+    capsys.readouterr()
+
+    # resume to step 3: starts from step 2, with the uninterrupted run's step-3 loss; the corrupt file stays as it was
+    losses = train_t2i.main(tiny(out, 3, "--ckpt-every", "2", "--keep", "1", "--resume"))["loss"]
+    said = capsys.readouterr().out.splitlines()
+    skip = [line for line in said if "ckpt-0000004.pt" in line]
+    assert len(skip) == 1 and skip[0].startswith("--resume: skipping ") and "is corrupt" in skip[0]
+    assert any(line.endswith("ckpt-0000002.pt at step 2") for line in said)
+    assert losses == run[1][2:3]  # bit for bit
+    # --keep 1 removed ckpt-2 (older than the new ckpt-3) but left the corrupt later file alone
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt-0000003.pt", "ckpt-0000004.pt", "log.txt"]
+    assert newest.read_bytes() == damaged
+
+    # a NaN loss at step 4 names ckpt-3, the newest that verifies, not the corrupt ckpt-4
+    with pytest.raises(SystemExit, match=r"non-finite loss .* Last good checkpoint: .*ckpt-0000003.pt$"):
+        train_t2i.main(tiny(out, 4, "--resume", "--debug-nan-at-step", "4"))
+    # sample.py and evaluate.py take a run folder's newest good checkpoint too, and say which they skipped
+    model, meta = sample.load_model(str(out), fast=False)
+    assert meta["step"] == 3 and "--ckpt: skipping" in capsys.readouterr().out
+
+
+def test_checkpoints_without_checksums_still_load_and_nan_weights_are_refused(run, tmp_path):
+    ckpt = torch.load(run[0] / "ckpt-0000002.pt", weights_only=True)
+    del ckpt["checksums"]  # as written before checksums
+    torch.save(ckpt, tmp_path / "ckpt-0000002.pt")
+    assert checkpoint.load_pt(str(tmp_path / "ckpt-0000002.pt"))["step"] == 2
+    ckpt["ema"]["blocks.0.attn.qkv.bias"][0] = float("nan")
+    torch.save(ckpt, tmp_path / "ckpt-0000004.pt")
+    with pytest.raises(ValueError, match=r"ckpt-0000004.pt is corrupt: ema.blocks.0.attn.qkv.bias holds NaN or inf"):
+        checkpoint.load_pt(str(tmp_path / "ckpt-0000004.pt"))
+    assert checkpoint.newest_good(checkpoint.checkpoints(tmp_path), say=lambda line: None)[0].endswith("2.pt")
+    assert checkpoint.last_good_checkpoint(str(tmp_path)).endswith("ckpt-0000002.pt")
+
+
+# -----------------------------------------------------------------------------
+# junk, unwritable folders, full disks
+
+JUNK = {"hello": b"hello world\n",  # pickle opcode 'h' then 'e': torch raised KeyError: 101
+        "random": bytes(range(256)) * 20, "empty": b"", "json": b'{"model": 1}',
+        "zip": b"PK\x03\x04" + bytes(100)}
+
+
+def test_junk_checkpoints_are_one_line_errors(tmp_path):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    for i, data in enumerate(JUNK.values()):
+        (junk / f"ckpt-{i:07d}.pt").write_bytes(data)
+        with pytest.raises(ValueError, match="is not a readable GenTron checkpoint") as e:
+            checkpoint.load_pt(str(junk / f"ckpt-{i:07d}.pt"))
+        assert "\n" not in str(e.value)
+    (junk / "notes.txt").write_bytes(JUNK["hello"])
+    with pytest.raises(ValueError, match=r"none of the 5 checkpoint\(s\) in .*junk reads and verifies") as e:
+        sample.main(["a red circle", "--ckpt", str(junk), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert "\n" not in str(e.value) and not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match=r"ckpt-0000000.pt is not a readable GenTron checkpoint \(KeyError: 101\)"):
+        evaluate.main(["--oracle", "--ckpt", str(junk / "ckpt-0000000.pt"), "--json", str(tmp_path / "s.json")])
+
+
+def test_the_command_lines_print_one_line(tmp_path):
+    """As a user sees it: a junk folder and an unwritable --out through sample.py's entry point, one line each."""
+    (tmp_path / "ckpt-0000001.pt").write_bytes(JUNK["hello"])
+    for argv in (["sample.py", "x", "--ckpt", str(tmp_path), "--out", str(tmp_path / "o")],
+                 ["sample.py", "x", "--out", "/proc/x"]):
+        r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), (argv, r.stderr)
+
+
+def test_an_unwritable_output_is_refused_before_any_model_is_loaded(tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded a model before checking the output folder")
+    monkeypatch.setattr(sample, "load_model", no_loading)
+    (tmp_path / "file").write_text("")
+    for out, cause in [("/proc/x", r"cannot write there \(No such file or directory: /proc/x\)"),
+                       (str(tmp_path / "file" / "x"), "is a file, not a folder")]:
+        with pytest.raises(ValueError, match=f"--out {out}: .*{cause}"):
+            sample.main(["a red circle", "--out", out, "--device", "cpu"])
+    with pytest.raises(ValueError, match="--json /proc/x: cannot write there"):
+        evaluate.main(["--oracle", "--json", "/proc/x/scores.json"])
+    # a folder that does not exist yet passes the check and is not left behind by it
+    checkpoint.check_writable(str(tmp_path / "new" / "deeper"))
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+SAVE_ARGS = """
+import argparse, torch
+from model import make_config
+cfg = make_config("tiny", in_channels=3, input_size=16, text_dim=128, pooled_dim=64)
+w = {"w": torch.randn(256, 640)}  # 640 KiB; model and EMA: 1.3 MiB
+save_args = (OUT, 5, {"model": w, "ema": {"w": w["w"].clone()}}, {}, (0, 0), cfg, {}, argparse.Namespace(), 3)
+"""
+
+
+def save_args(out):
+    """save_checkpoint's arguments for a checkpoint of 1.3 MiB (SAVE_ARGS, also run in a subprocess)."""
+    scope = {"OUT": str(out)}
+    exec(SAVE_ARGS, scope)
+    return scope["save_args"]
+
+
+def test_a_file_size_limit_is_one_line_with_what_the_file_needs(tmp_path):
+    """A real short write: RLIMIT_FSIZE (ulimit -f) with SIGXFSZ ignored, so the write fails as on a full disk
+    (torch.save: "[enforce fail at inline_container.cc:672] ... unexpected pos")."""
+    code = textwrap.dedent(f"""
+        import resource, signal, sys
+        sys.path.insert(0, {ROOT!r})
+        import checkpoint
+        OUT = {str(tmp_path)!r}
+        exec({SAVE_ARGS!r})
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        try:
+            checkpoint.save_checkpoint(*save_args)
+        except OSError as e:
+            print(e)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    msg = r.stdout.strip()
+    assert "\n" not in msg and msg.startswith(f"could not write {tmp_path}/ckpt-0000005.pt ([enforce fail"), msg
+    assert "the file needs 1.3 MiB but this process may write files of at most 256.0 KiB (ulimit -f)" in msg, msg
+    assert msg.endswith(f"the checkpoints already in {tmp_path} are intact") and os.listdir(tmp_path) == []
+
+
+def test_a_full_disk_says_how_much_is_needed_and_free(tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if not isinstance(f, str):  # saved_size's counting stream
+            return real_save(obj, f, *args, **kwargs)
+        open(f, "wb").write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 24472256 vs 24472144")
+    monkeypatch.setattr(torch, "save", full_disk)
+    usage = types.SimpleNamespace(total=10 * 2**30, used=10 * 2**30 - 300 * 1024, free=300 * 1024)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage)
+    with pytest.raises(OSError, match=r"ckpt-0000005.pt \(\[enforce fail.*\): the disk is full: the file needs 1.3 MiB "
+                                      r"and 300.0 KiB was free there; the checkpoints already in .* are intact$"):
+        checkpoint.save_checkpoint(*save_args(tmp_path))
+    assert os.listdir(tmp_path) == []
