@@ -22,34 +22,10 @@ import model as readable_model
 from fastpath.blocks import linear_gelu, readable, speed_up
 from fastpath.sampling import cast_matmul_weights
 from flops import flops_per_sample
-from model import MLP, GenTron, make_config
+from model import MLP, GenTron
+from test_model import L, TEXT_DIM, build, inputs  # the same small random-weight models and inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEXT_DIM, POOLED_DIM, L = 24, 16, 7
-
-
-def build(size="tiny", seed=0, randomize=True, **kw):
-    """A small readable model with random weights everywhere (no zero-init: every branch contributes)."""
-    torch.manual_seed(seed)
-    kw = {"in_channels": 3, "text_dim": TEXT_DIM, "pooled_dim": POOLED_DIM, **kw}
-    net = GenTron(make_config(size, **kw)).eval()
-    if randomize:
-        with torch.no_grad():
-            for p in net.parameters():
-                p.add_(0.1 * torch.randn_like(p))
-    return net
-
-
-def inputs(b=2, frames=None, size=16, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    shape = (b, 3, size, size) if frames is None else (b, frames, 3, size, size)
-    mask = torch.ones(b, L, dtype=torch.bool)
-    mask[0, 4:] = False  # first caption is shorter: 3 padded tokens
-    return dict(x=torch.randn(shape, generator=g), t=torch.randint(0, 1000, (b,), generator=g),
-                text=torch.randn(b, L, TEXT_DIM, generator=g), text_mask=mask,
-                pooled=torch.randn(b, POOLED_DIM, generator=g))
-
-
 def outputs_and_grads(net, batch):
     """The prediction and every parameter's gradient of a training-like loss, in parameter order."""
     net.zero_grad()
