@@ -19,8 +19,11 @@ import dataclasses
 import functools
 import math
 import os
+import re
 import resource
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -30,8 +33,8 @@ from tqdm import tqdm
 
 import cache
 import fastpath
-from checkpoint import (check_init, checkpoints, config_dict, last_good_checkpoint, load_init, newest_good,
-                        remove_partial_checkpoints, save_checkpoint, stored_settings, write_json)
+from checkpoint import (atomic_write, check_init, checkpoints, config_dict, last_good_checkpoint, load_init,
+                        newest_good, remove_partial_checkpoints, save_checkpoint, stored_settings, write_json)
 from diffusion import Diffusion
 from flops import flops_per_sample
 from fsdp import (DistributedBatches, ShardedAdamW, build_model, gather_weights, load_full_state, master_process,
@@ -48,7 +51,10 @@ from train_data import bench_batches, bench_data, builtin, cached_data, online_d
 
 LR = 1e-4  # constant learning rate with AdamW, paper Sec. 4.1 (XL/2 and G/2 at batch 2048)
 TOY_LR = 1e-3  # toy / tiny models at batch 32: learn in minutes (1e-4 leaves a CPU toy run at noise)
-TIME_CHECK_EVERY = 50  # steps: --time-limit is checked this often too (one host sync), not only when logging
+# steps: --time-limit and SIGTERM / SIGINT are checked this often too (one host sync), not only when logging. A
+# scheduler's grace period between SIGTERM and SIGKILL (30 s by default in SLURM and Kubernetes) must cover this
+# many steps and one checkpoint write.
+STOP_CHECK_EVERY = 10
 
 
 def bounded(kind, lo=None, hi=None, open_hi=False):
@@ -103,7 +109,7 @@ def get_parser():
     p.add_argument("--max-steps", type=bounded(int, 1), default=800)  # the toy: ~7 min on 2 CPU cores; Sec. 4.1: 500K + 300K
     p.add_argument("--time-limit", type=bounded(float, 0), default=None,
                    help="minutes from start (set-up included): stop cleanly (checkpoint, samples, scores) at the first "
-                        f"log or checkpoint step past it, or the next multiple of {TIME_CHECK_EVERY} steps")
+                        f"log or checkpoint step past it, or the next multiple of {STOP_CHECK_EVERY} steps")
     p.add_argument("--seed", type=bounded(int, 0), default=0, help="seeds the data order, noise and init")
     # system
     p.add_argument("--ac", type=bounded(int, 0), nargs="?", const=1, default=None, metavar="N",
@@ -231,6 +237,76 @@ def same_dataset(a, b):
     return a is None or norm(a) == norm(b)
 
 
+class StopSignals:
+    """SIGTERM (what SLURM and Kubernetes send a job before they kill it) and SIGINT (Ctrl-C) while `with
+    StopSignals() as stop` holds. In the training loop (phase "training") the first one only sets stop.signum: the
+    loop reads it at its next check step, where all ranks agree to stop (an all-reduce, as for --time-limit), write
+    a checkpoint and exit. A second signal exits at once; so does one during the set-up (nothing is trained yet)
+    or the final samples (training is over)."""
+    SAME = 1.0  # s: a repeat this soon is the same request, not a second one: torchrun passes on the terminal's
+                # Ctrl-C that its workers got too, and scancel signals torchrun and its workers alike
+
+    def __init__(self):
+        self.signum, self.at, self.phase, self.told, self.previous = 0, 0.0, "set-up", False, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python runs signal handlers there only
+            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.signum and time.monotonic() - self.at < self.SAME:
+            return
+        if self.phase == "training" and not self.signum:
+            self.signum, self.at = signum, time.monotonic()
+            return
+        name = signal.Signals(signum).name
+        why = {"set-up": f"{name} during the set-up: exited before training",
+               "training": f"{name} again: exited at once, without a checkpoint of the steps since the last one",
+               "sampling": f"{name} during the final samples: exited (training had finished)"}[self.phase]
+        try:  # the log lines printed so far; the signal may have interrupted a write to stdout itself
+            sys.stdout.flush()
+        except (OSError, RuntimeError):
+            pass
+        if int(os.environ.get("RANK", 0)) == 0:
+            os.write(2, (why + "\n").encode())  # not print(): no buffer that the interrupted code may hold
+        os._exit(exit_status(signum))
+
+
+def exit_status(signum):
+    """The exit status of a run stopped by a signal: 128 + N, that of a process the signal killed (143 for SIGTERM,
+    130 for SIGINT). Not 0: a Kubernetes Job (restartPolicy OnFailure) or a SLURM requeue must see an unfinished
+    run and start it again (with --resume), where 0 would mark it done; scripts that already read 143 as
+    "preempted" keep working."""
+    return 128 + signum
+
+
+def truncate_log(path, step):
+    """Keep log.txt's lines up to and including `step`: a run resumed from an older checkpoint trains the steps
+    after it again, which would otherwise be logged twice, out of order. Atomic (temp file + rename): a kill
+    leaves the old log or the new one. Returns how many lines were dropped."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    keep = 0
+    for line in lines:  # "step N | ..." lines; a line cut short by a kill ends the log too
+        m = re.match(r"step (\d+) ", line)
+        if not (m and line.endswith("\n") and int(m.group(1)) <= step):
+            break
+        keep += 1
+    if keep < len(lines):
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.writelines(lines[:keep])
+        atomic_write(path, write)
+    return len(lines) - keep
+
+
 def due(step, every, last):
     """Log / checkpoint at every `every` steps (0: never) and at the last step."""
     return bool(every) and (step % every == 0 or step == last)
@@ -240,15 +316,16 @@ def train(args, make_data=make_data_t2i, make_config=model_config, kind="t2i"):
     """Train the model make_config(args, data) -> GenTronConfig on the data from make_data(args, device) -> Data.
     Returns {"loss": [...], "grad_norm": [...]} (per step, averaged over ranks) on every rank. train_t2v.py
     passes its own make_data and make_config; kind is what the checkpoints' meta records ("t2i" / "t2v")."""
-    rank, world, device, created = setup_distributed(args.device)
-    try:
-        return _train(args, make_data, make_config, kind, rank, world, device)
-    finally:
-        if created:
-            dist.destroy_process_group()
+    with StopSignals() as stop:
+        rank, world, device, created = setup_distributed(args.device)
+        try:
+            return _train(args, make_data, make_config, kind, rank, world, device, stop)
+        finally:
+            if created:
+                dist.destroy_process_group()
 
 
-def _train(args, make_data, make_config, kind, rank, world, device):
+def _train(args, make_data, make_config, kind, rank, world, device, stop):
     started = time.perf_counter()  # --time-limit counts the set-up too: encoders, model, a --cache build
     out, B, A = args.out, args.batch_size, args.grad_accum
     if args.lr is None:  # resolved, so checkpoints record it
@@ -340,7 +417,8 @@ def _train(args, make_data, make_config, kind, rank, world, device):
         opt.load_full_state_dict(ckpt["optimizer"])
         step, pos = ckpt["step"], (ckpt["data"]["epoch"], ckpt["data"]["offset"])
         torch.set_rng_state(ckpt["rng"]["torch"])
-        print0(f"resumed {resumed} at step {step}")
+        print0(f"resumed {resumed} at step {step}"  # --resume --init-from: a job script that is started again
+               + (f" (--init-from {args.init_from} counts only before the first checkpoint)" if args.init_from else ""))
         was = ckpt.get("args", {})
         for k in ("lr", "lr_schedule", "betas", "weight_decay", "clip", "ema", "seed", "batch_size", "grad_accum"):
             if k in was and was[k] != getattr(args, k):
@@ -348,7 +426,12 @@ def _train(args, make_data, make_config, kind, rank, world, device):
                        + ("; the noise and data order from here are not the uninterrupted run's)"
                           if k in ("seed", "batch_size") else ")"))
     elif args.resume:
-        print0(f"--resume: no checkpoint in {out}; starting from scratch")
+        print0(f"--resume: no checkpoint in {out}; starting from "
+               + (f"--init-from {args.init_from}" if args.init_from else "scratch"))
+    if master_process():
+        dropped = truncate_log(os.path.join(out, "log.txt"), step)
+        if dropped:
+            print0(f"{out}/log.txt: dropped {dropped} line(s) past step {step}, the steps this run trains again")
 
     # data loader from the saved position; every rank reads only its slices of each global batch
     if data.dataset is None:
@@ -370,9 +453,11 @@ def _train(args, make_data, make_config, kind, rank, world, device):
            f"{f'FSDP2 units of {args.fsdp_unit} block(s)' if isinstance(model, FSDPModule) else 'unsharded (one rank)'}, "
            f"compile {args.compile}")
     if args.data == "shapes" and args.size == "toy" and device.type == "cpu":
-        print0(f"toy run on the CPU at patch {cfg.patch} (the bar shows the time left): {args.max_steps} steps; then "
-               f"{out}/samples.png shows held-out prompts as blobs of mostly the right colour with rough shapes, and "
-               "the oracle scores follow (single objects in the tens of %, colour pairs near 0 this early)")
+        then = ([f"{out}/samples.png shows held-out prompts as blobs of mostly the right colour with rough shapes"]
+                if args.num_samples else []) + (["the oracle scores follow (single objects in the tens of %, colour "
+                                                  "pairs near 0 this early)"] if args.eval_n else [])
+        print0(f"toy run on the CPU at patch {cfg.patch} (the bar shows the time left): {args.max_steps} steps"
+               + (f"; then {', and '.join(then)}" if then else " (--num-samples 0 --eval-n 0: no samples, no scores)"))
 
     amp = mixed_precision(model, device)  # bf16: FSDP2's policy, or autocast on one rank
     history = {"loss": [], "grad_norm": []}
@@ -383,6 +468,7 @@ def _train(args, make_data, make_config, kind, rank, world, device):
     t0, seen, work, final = time.perf_counter(), 0, 0.0, ckpt if master_process() else None
     saved = step  # the step of the newest checkpoint (the loaded one, or the step this run starts at)
     deadline = started + 60 * (args.time_limit or 0)
+    stop.phase, stopped_by = "training", 0  # from here a signal stops at the next check step (StopSignals)
     for step in range(step + 1, args.max_steps + 1):
         t, noise, drop = step_draws(args.seed, step, B, sample_shape, device, args.caption_dropout)
         loss_sum = torch.zeros((), device=device)
@@ -413,9 +499,13 @@ def _train(args, make_data, make_config, kind, rank, world, device):
         pos = (epoch, offset + B)  # data position after this step, saved in checkpoints
         seen += B
         bar.update()
+        if stop.signum and not stop.told:  # a Python attribute: no host sync
+            stop.told = True
+            print0(f"{signal.Signals(stop.signum).name}: stopping with a checkpoint within {STOP_CHECK_EVERY} steps "
+                   f"(again: exit at once)")
 
         log, save = due(step, args.log_every, args.max_steps), due(step, args.ckpt_every, args.max_steps)
-        clock = args.time_limit is not None and step % TIME_CHECK_EVERY == 0  # also with --log/--ckpt-every 0
+        clock = step % STOP_CHECK_EVERY == 0  # --time-limit and signals, also with --log/--ckpt-every 0
         if not (log or save or clock or step == args.max_steps):  # the last step: check every loss, even untimed
             continue  # no host sync: the GPU runs ahead of Python between log and checkpoint steps
         # One sync for all pending steps; a non-finite loss stops the run before any checkpoint is written.
@@ -449,17 +539,24 @@ def _train(args, make_data, make_config, kind, rank, world, device):
             weights, optimizer = gather_weights(model, opt, ema), opt.full_state_dict()  # collectives
             final, saved = save_checkpoint(out, step, weights, optimizer, pos, cfg, meta, args, args.keep), step
             t0 += time.perf_counter() - writing  # samples/s and MFU count training, not checkpoint writes
-        if args.time_limit is None:
-            continue
-        late = torch.tensor(float(time.perf_counter() > deadline), device=device)
-        dist.all_reduce(late)  # the ranks' clocks differ: all stop at the same step, or none does
-        if late.item():
+        # The ranks' clocks differ, and a signal may reach some ranks only, or later: all stop at this step, or
+        # none does. The larger signal number wins, so that all ranks exit with the same status.
+        late = args.time_limit is not None and time.perf_counter() > deadline
+        flags = torch.tensor([float(late), float(stop.signum)], device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        late, stopped_by = (int(v) for v in flags.tolist())
+        if late or stopped_by:
             if not save:
                 weights, optimizer = gather_weights(model, opt, ema), opt.full_state_dict()  # collectives
                 final, saved = save_checkpoint(out, step, weights, optimizer, pos, cfg, meta, args, args.keep), step
-            print0(f"--time-limit {args.time_limit} min reached: stopped at step {step} of {args.max_steps}")
+            why = signal.Signals(stopped_by).name if stopped_by else f"--time-limit {args.time_limit} min reached"
+            print0(f"{why}: stopped at step {step} of {args.max_steps} with {out}/ckpt-{step:07d}.pt"
+                   + ("; --resume continues" if stopped_by else ""))
             break
     bar.close()
+    if stopped_by:  # no samples or scores: the grace period is for the checkpoint (--resume writes them at the end)
+        raise SystemExit(exit_status(stopped_by))
+    stop.phase = "sampling"
 
     if builtin(data.spec) and (args.num_samples or args.eval_n):
         if saved != step:  # the last step has no checkpoint (--ckpt-every 0): gather its weights (a collective)

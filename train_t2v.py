@@ -76,6 +76,8 @@ def model_config_t2v(args, data):
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
+    if args.init_from and args.from_scratch:  # one of them would be ignored
+        raise ValueError(f"--init-from {args.init_from} and --from-scratch contradict each other: pass one of them")
     if not (args.init_from or args.from_scratch or (args.resume and checkpoints(args.out))):
         raise SystemExit("train_t2v.py starts from a T2I checkpoint (Sec. 3.3.1): pass --init-from RUN/ckpt-N.pt "
                          f"(or --from-scratch){'; --resume found no checkpoint in ' + args.out if args.resume else ''}")

@@ -147,10 +147,10 @@ def test_time_limit_stops_with_a_checkpoint_and_resumes_exactly(tmp_path):
 
 
 def test_time_limit_without_log_or_checkpoint_steps_and_final_samples_without_checkpoints(tmp_path, monkeypatch):
-    """--time-limit is checked every TIME_CHECK_EVERY steps even with --log-every 0 --ckpt-every 0 (it was never
+    """--time-limit is checked every STOP_CHECK_EVERY steps even with --log-every 0 --ckpt-every 0 (it was never
     checked: the run went on to --max-steps); and a run that writes no checkpoint samples its trained weights
     (it sampled none, and after --resume the loaded checkpoint's)."""
-    monkeypatch.setattr(train_t2i, "TIME_CHECK_EVERY", 3)
+    monkeypatch.setattr(train_t2i, "STOP_CHECK_EVERY", 3)
     train_t2i.main(tiny(tmp_path / "a", 7, "--log-every", "0", "--ckpt-every", "0", "--time-limit", "0"))
     assert sorted(os.listdir(tmp_path / "a")) == ["ckpt-0000003.pt"]  # stopped at the first check, with a checkpoint
     sampled = {}
