@@ -136,12 +136,11 @@ class _MediaTextDataset(torch.utils.data.Dataset):
     spread over the dataset instead of repeating its one neighbour as many times.
 
     The count is exact across DataLoader workers (separate processes, fork or spawn): one flag per file and the
-    counters live in shared memory behind one lock, so each bad file is counted once, by whichever process met
-    it first. One warning at 1, 10, 100, ... bad files, and once per epoch (when its last item is served, or the
-    next epoch begins) one line with the total, while it is not 0.
+    count live in shared memory behind one lock, so each bad file is counted once, by whichever process met it
+    first. One warning at 1, 10, 100, ... bad files; the training loop prints the total once per epoch.
 
     per_epoch: training asks for index epoch * len + i (fsdp.DistributedBatches), which __getitem__ splits: a
-    video's clip start is drawn per epoch (VideoTextFolder.load), and the epochs are what the report counts.
+    video's clip start is drawn per epoch (VideoTextFolder.load).
     """
 
     exts, key, per_epoch = (), "", True
@@ -149,10 +148,9 @@ class _MediaTextDataset(torch.utils.data.Dataset):
     def __init__(self, root):
         self.root = root
         self.entries = _list_pairs(root, self.exts, self.key)
-        # shared with the DataLoader's workers: which files are bad, and [bad files, newest epoch asked for, its items
-        # begun, its items served, newest epoch reported, the epoch before the newest, its items still in flight]
+        # shared with the DataLoader's workers: which files are bad, and how many
         self._bad = torch.zeros(len(self.entries), dtype=torch.bool).share_memory_()
-        self._state = torch.tensor([0, -1, 0, 0, -1, -1, 0]).share_memory_()
+        self._count = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._lock = multiprocessing.get_context("spawn").Lock()  # spawn's: shareable with forked workers too
 
     def __len__(self):
@@ -160,7 +158,7 @@ class _MediaTextDataset(torch.utils.data.Dataset):
 
     @property
     def num_bad(self):
-        return int(self._state[0])
+        return int(self._count[0])
 
     def caption(self, i):
         kind, v = self.entries[i][1]
@@ -172,7 +170,6 @@ class _MediaTextDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         n = len(self)
         epoch, i = divmod(index, n)  # epoch > 0 in training (per_epoch)
-        self._served(epoch, 0)
         rng = np.random.default_rng([n, i])  # i, then REFILL_DRAWS random files, then all of them in order
         for j in [i, *rng.integers(n, size=REFILL_DRAWS).tolist(), *range(n)]:
             if self._bad[j]:
@@ -182,7 +179,6 @@ class _MediaTextDataset(torch.utils.data.Dataset):
             except Exception as e:  # noqa: BLE001 - any decoder error means "bad file"
                 self._flag_bad(j, e)
                 continue
-            self._served(epoch, 1)
             return {"x": x, "caption": caption, "meta": None}
         raise ValueError(f"no readable files in {self.root} ({self.num_bad} bad)")
 
@@ -192,37 +188,11 @@ class _MediaTextDataset(torch.utils.data.Dataset):
             if self._bad[j]:  # another worker met it first
                 return
             self._bad[j] = True
-            self._state[0] += 1
-            count = int(self._state[0])
+            self._count += 1
+            count = int(self._count[0])
         if math.log10(count).is_integer():
             warnings.warn(f"{type(self).__name__}({self.root}): skipped {count} unreadable file(s) so far (each "
                           f"slot refilled with another file), latest {self.entries[j][0]}: {error!r}")
-
-    def _served(self, epoch, k):
-        """k = 0: an item of epoch begins, k = 1: it is served. An epoch is reported once: when all its items are
-        served, or, once a later epoch has begun (the last partial batch is dropped), when its items in flight in
-        other workers are done, so the count includes every file the epoch met."""
-        with self._lock:
-            _, newest, started, done, reported, prev, pending = self._state.tolist()
-            report = None
-            if epoch > newest:  # a new epoch: the newest one so far is over once its items in flight are done
-                prev, pending = newest, started - done
-                started, done, newest = 0, 0, epoch
-                report = prev if pending == 0 else None
-            if epoch == newest:
-                started, done = started + (k == 0), done + k
-                report = epoch if done == len(self) else report
-            elif epoch == prev and k:
-                pending -= 1
-                report = prev if pending == 0 else None
-            if report is not None and report <= reported:
-                report = None
-            reported = report if report is not None else reported
-            self._state[1:] = torch.tensor([newest, started, done, reported, prev, pending])
-            count = int(self._state[0])
-        if report is not None and report >= 0 and count:
-            warnings.warn(f"{type(self).__name__}({self.root}): epoch {report}: {count} unreadable file(s) "
-                          "skipped in all so far, each slot refilled with another file")
 
 
 class ImageTextFolder(_MediaTextDataset):

@@ -496,6 +496,10 @@ def _train(args, make_data, make_config, kind, rank, world, device, stop):
         with torch.no_grad():  # EMA: ema <- decay ema + (1 - decay) params, on the shards (no communication)
             torch._foreach_lerp_(ema, opt.shards, 1.0 - args.ema)
         epoch, offset = next_position(pos, B, len(data.dataset) if data.dataset is not None else math.inf)
+        if offset == 0 and epoch > 0 and getattr(data.dataset, "num_bad", 0):  # once per epoch: the skipped files
+            # (data._MediaTextDataset counts them over this rank's loader workers; other ranks read other files)
+            print0(f"epoch {epoch - 1}: {data.dataset.num_bad} unreadable file(s) skipped so far"
+                   + (" on rank 0" if world > 1 else "") + ", each slot refilled with another file")
         pos = (epoch, offset + B)  # data position after this step, saved in checkpoints
         seen += B
         bar.update()

@@ -158,3 +158,20 @@ def test_truncate_log_keeps_whole_lines_up_to_the_step(tmp_path):
     path.write_text("step 1 | a\nstep 2 | cut sho")  # a line a kill cut short goes, whatever its step
     assert train_t2i.truncate_log(str(path), 5) == 1 and path.read_text() == "step 1 | a\n"
     assert train_t2i.truncate_log(str(tmp_path / "none.txt"), 3) == 0 and not (tmp_path / "none.txt").exists()
+
+
+def test_a_run_over_bad_files_reports_their_count_once_per_epoch(tmp_path, capsys):
+    """A folder of 3 readable and 3 unreadable images (truncated PNG, text named .jpg, zero bytes), 4 images a step:
+    each step is a new epoch, and each epoch's line gives the exact total, 3."""
+    from test_data import _folder_with_bad_files
+    import warnings
+
+    (tmp_path / "imgs").mkdir()
+    _folder_with_bad_files(tmp_path / "imgs")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the dataset's own warning at the 1st bad file
+        train_t2i.main(tiny(tmp_path / "run", 3, "--data", str(tmp_path / "imgs"), "--resolution", "32",
+                            "--latent-space", "pixel", "--num-workers", "0"))
+    out = capsys.readouterr().out
+    for epoch in (0, 1):
+        assert out.count(f"epoch {epoch}: 3 unreadable file(s) skipped so far") == 1, out
