@@ -443,3 +443,25 @@ def load_init(path, cfg, seed):
         return model_sd, {**model_sd, **ckpt["ema"]}
     print(f"init from {path}: model and EMA weights of step {ckpt['step']}")
     return ckpt["model"], ckpt["ema"]
+
+
+def truncate_log(path, step):
+    """Keep log.txt's lines up to and including `step`: a run resumed from an older checkpoint trains the steps
+    after it again, which would otherwise be logged twice, out of order. Atomic (temp file + rename): a kill
+    leaves the old log or the new one. Returns how many lines were dropped."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    keep = 0
+    for line in lines:  # "step N | ..." lines; a line cut short by a kill ends the log too
+        m = re.match(r"step (\d+) ", line)
+        if not (m and line.endswith("\n") and int(m.group(1)) <= step):
+            break
+        keep += 1
+    if keep < len(lines):
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.writelines(lines[:keep])
+        atomic_write(path, write)
+    return len(lines) - keep

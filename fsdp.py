@@ -14,6 +14,10 @@ sharding); its bf16 GEMMs are FSDP2's, and the norm gains stay fp32 where FSDP2 
 """
 
 import os
+import signal
+import sys
+import threading
+import time
 import warnings
 from contextlib import nullcontext
 
@@ -333,3 +337,55 @@ def _shard(full, like):
         return full.to(like.device, copy=True)
     shard = distribute_tensor(full.to(like.device), like.device_mesh, like.placements)  # rank 0's copy, scattered
     return shard.to_local().clone()  # its own memory: the optimizer updates it in place
+
+
+# -----------------------------------------------------------------------------
+# preemption: SIGTERM / SIGINT stop a run at a step all ranks agree on (train_t2i.py)
+
+
+class StopSignals:
+    """SIGTERM (what SLURM and Kubernetes send a job before they kill it) and SIGINT (Ctrl-C) while `with
+    StopSignals() as stop` holds. In the training loop (phase "training") the first one only sets stop.signum: the
+    loop reads it at its next check step, where all ranks agree to stop (an all-reduce, as for --time-limit), write
+    a checkpoint and exit. A second signal exits at once; so does one during the set-up (nothing is trained yet)
+    or the final samples (training is over)."""
+    SAME = 1.0  # s: a repeat this soon is the same request, not a second one: torchrun passes on the terminal's
+                # Ctrl-C that its workers got too, and scancel signals torchrun and its workers alike
+
+    def __init__(self):
+        self.signum, self.at, self.phase, self.told, self.previous = 0, 0.0, "set-up", False, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python runs signal handlers there only
+            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.signum and time.monotonic() - self.at < self.SAME:
+            return
+        if self.phase == "training" and not self.signum:
+            self.signum, self.at = signum, time.monotonic()
+            return
+        name = signal.Signals(signum).name
+        why = {"set-up": f"{name} during the set-up: exited before training",
+               "training": f"{name} again: exited at once, without a checkpoint of the steps since the last one",
+               "sampling": f"{name} during the final samples: exited (training had finished)"}[self.phase]
+        try:  # the log lines printed so far; the signal may have interrupted a write to stdout itself
+            sys.stdout.flush()
+        except (OSError, RuntimeError):
+            pass
+        if int(os.environ.get("RANK", 0)) == 0:
+            os.write(2, (why + "\n").encode())  # not print(): no buffer that the interrupted code may hold
+        os._exit(exit_status(signum))
+
+
+def exit_status(signum):
+    """The exit status of a run stopped by a signal: 128 + N, that of a process the signal killed (143 for SIGTERM,
+    130 for SIGINT). Not 0: a Kubernetes Job (restartPolicy OnFailure) or a SLURM requeue must see an unfinished
+    run and start it again (with --resume), where 0 would mark it done; scripts that already read 143 as
+    "preempted" keep working."""
+    return 128 + signum

@@ -19,11 +19,9 @@ import dataclasses
 import functools
 import math
 import os
-import re
 import resource
 import signal
 import sys
-import threading
 import time
 
 import torch
@@ -33,12 +31,13 @@ from tqdm import tqdm
 
 import cache
 import fastpath
-from checkpoint import (atomic_write, check_init, checkpoints, config_dict, last_good_checkpoint, load_init,
-                        newest_good, remove_partial_checkpoints, save_checkpoint, stored_settings, write_json)
+from checkpoint import (check_init, checkpoints, config_dict, last_good_checkpoint, load_init, newest_good,
+                        remove_partial_checkpoints, save_checkpoint, stored_settings, truncate_log, write_json)
 from diffusion import Diffusion
 from flops import flops_per_sample
-from fsdp import (DistributedBatches, ShardedAdamW, build_model, gather_weights, load_full_state, master_process,
-                  matmul_peak_tflops, mixed_precision, next_position, print0, setup_distributed, step_draws)
+from fsdp import (DistributedBatches, ShardedAdamW, StopSignals, build_model, exit_status, gather_weights,
+                  load_full_state, master_process, matmul_peak_tflops, mixed_precision, next_position, print0,
+                  setup_distributed, step_draws)
 from data import ImageTextFolder, collate, latent_spec
 from model import SIZES, GenTron, GenTronConfig
 from oracle import oracle_eval, oracle_table
@@ -237,76 +236,6 @@ def same_dataset(a, b):
     return a is None or norm(a) == norm(b)
 
 
-class StopSignals:
-    """SIGTERM (what SLURM and Kubernetes send a job before they kill it) and SIGINT (Ctrl-C) while `with
-    StopSignals() as stop` holds. In the training loop (phase "training") the first one only sets stop.signum: the
-    loop reads it at its next check step, where all ranks agree to stop (an all-reduce, as for --time-limit), write
-    a checkpoint and exit. A second signal exits at once; so does one during the set-up (nothing is trained yet)
-    or the final samples (training is over)."""
-    SAME = 1.0  # s: a repeat this soon is the same request, not a second one: torchrun passes on the terminal's
-                # Ctrl-C that its workers got too, and scancel signals torchrun and its workers alike
-
-    def __init__(self):
-        self.signum, self.at, self.phase, self.told, self.previous = 0, 0.0, "set-up", False, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # Python runs signal handlers there only
-            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def handle(self, signum, frame):
-        if self.signum and time.monotonic() - self.at < self.SAME:
-            return
-        if self.phase == "training" and not self.signum:
-            self.signum, self.at = signum, time.monotonic()
-            return
-        name = signal.Signals(signum).name
-        why = {"set-up": f"{name} during the set-up: exited before training",
-               "training": f"{name} again: exited at once, without a checkpoint of the steps since the last one",
-               "sampling": f"{name} during the final samples: exited (training had finished)"}[self.phase]
-        try:  # the log lines printed so far; the signal may have interrupted a write to stdout itself
-            sys.stdout.flush()
-        except (OSError, RuntimeError):
-            pass
-        if int(os.environ.get("RANK", 0)) == 0:
-            os.write(2, (why + "\n").encode())  # not print(): no buffer that the interrupted code may hold
-        os._exit(exit_status(signum))
-
-
-def exit_status(signum):
-    """The exit status of a run stopped by a signal: 128 + N, that of a process the signal killed (143 for SIGTERM,
-    130 for SIGINT). Not 0: a Kubernetes Job (restartPolicy OnFailure) or a SLURM requeue must see an unfinished
-    run and start it again (with --resume), where 0 would mark it done; scripts that already read 143 as
-    "preempted" keep working."""
-    return 128 + signum
-
-
-def truncate_log(path, step):
-    """Keep log.txt's lines up to and including `step`: a run resumed from an older checkpoint trains the steps
-    after it again, which would otherwise be logged twice, out of order. Atomic (temp file + rename): a kill
-    leaves the old log or the new one. Returns how many lines were dropped."""
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        lines = f.readlines()
-    keep = 0
-    for line in lines:  # "step N | ..." lines; a line cut short by a kill ends the log too
-        m = re.match(r"step (\d+) ", line)
-        if not (m and line.endswith("\n") and int(m.group(1)) <= step):
-            break
-        keep += 1
-    if keep < len(lines):
-        def write(tmp):
-            with open(tmp, "w") as f:
-                f.writelines(lines[:keep])
-        atomic_write(path, write)
-    return len(lines) - keep
-
-
 def due(step, every, last):
     """Log / checkpoint at every `every` steps (0: never) and at the last step."""
     return bool(every) and (step % every == 0 or step == last)
@@ -468,7 +397,7 @@ def _train(args, make_data, make_config, kind, rank, world, device, stop):
     t0, seen, work, final = time.perf_counter(), 0, 0.0, ckpt if master_process() else None
     saved = step  # the step of the newest checkpoint (the loaded one, or the step this run starts at)
     deadline = started + 60 * (args.time_limit or 0)
-    stop.phase, stopped_by = "training", 0  # from here a signal stops at the next check step (StopSignals)
+    stop.phase, stopped_by = "training", 0  # from here a signal stops at the next check step (fsdp.StopSignals)
     for step in range(step + 1, args.max_steps + 1):
         t, noise, drop = step_draws(args.seed, step, B, sample_shape, device, args.caption_dropout)
         loss_sum = torch.zeros((), device=device)

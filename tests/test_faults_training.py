@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import checkpoint
+import fsdp
 import train_t2i
 import train_t2v
 from test_train import REPO, _free_port, tiny
@@ -44,7 +46,7 @@ def signalled_run(out, steps, signum, after_step, *extra):
 
 def test_sigterm_stops_with_a_checkpoint_and_resume_repeats_the_uninterrupted_run(tmp_path):
     rc, stdout, stderr = signalled_run(tmp_path / "cut", 12, signal.SIGTERM, after_step=2)
-    # 143 = 128 + SIGTERM: a scheduler sees an unfinished run (train_t2i.exit_status); one line says where it stopped
+    # 143 = 128 + SIGTERM: a scheduler sees an unfinished run (fsdp.exit_status); one line says where it stopped
     assert rc == 143 and "Traceback" not in stderr, stderr[-2000:]
     stopped = [name for name in os.listdir(tmp_path / "cut") if name.startswith("ckpt-")]
     assert len(stopped) == 1, stopped  # --ckpt-every 100 would have written none before step 12
@@ -96,10 +98,10 @@ def test_ranks_agree_on_the_stopping_step(tmp_path):
 def test_a_second_signal_exits_at_once_and_set_up_is_not_deferred(monkeypatch, capfd):
     exits = []
     monkeypatch.setattr(os, "_exit", exits.append)  # what the handler would end the process with
-    stop = train_t2i.StopSignals()
+    stop = fsdp.StopSignals()
     stop.handle(signal.SIGINT, None)  # during the set-up: nothing trained yet, nothing to save
     assert exits == [130] and capfd.readouterr().err == "SIGINT during the set-up: exited before training\n"
-    stop, exits[:] = train_t2i.StopSignals(), []
+    stop, exits[:] = fsdp.StopSignals(), []
     stop.phase = "training"
     stop.handle(signal.SIGTERM, None)
     stop.handle(signal.SIGTERM, None)  # the same request twice at once (torchrun passes signals on): no exit
@@ -153,11 +155,11 @@ def test_resuming_an_older_checkpoint_cuts_the_log_to_its_step(tmp_path, capsys)
 def test_truncate_log_keeps_whole_lines_up_to_the_step(tmp_path):
     path = tmp_path / "log.txt"
     path.write_text("step 1 | a\nstep 2 | b\nstep 3 | c\nstep 2 | d\nstep 3 | e\nstep 4 | f\nstep 5 | cut sho")
-    assert train_t2i.truncate_log(str(path), 2) == 5 and path.read_text() == "step 1 | a\nstep 2 | b\n"
-    assert train_t2i.truncate_log(str(path), 2) == 0 and path.read_text() == "step 1 | a\nstep 2 | b\n"
+    assert checkpoint.truncate_log(str(path), 2) == 5 and path.read_text() == "step 1 | a\nstep 2 | b\n"
+    assert checkpoint.truncate_log(str(path), 2) == 0 and path.read_text() == "step 1 | a\nstep 2 | b\n"
     path.write_text("step 1 | a\nstep 2 | cut sho")  # a line a kill cut short goes, whatever its step
-    assert train_t2i.truncate_log(str(path), 5) == 1 and path.read_text() == "step 1 | a\n"
-    assert train_t2i.truncate_log(str(tmp_path / "none.txt"), 3) == 0 and not (tmp_path / "none.txt").exists()
+    assert checkpoint.truncate_log(str(path), 5) == 1 and path.read_text() == "step 1 | a\n"
+    assert checkpoint.truncate_log(str(tmp_path / "none.txt"), 3) == 0 and not (tmp_path / "none.txt").exists()
 
 
 def test_a_run_over_bad_files_reports_their_count_once_per_epoch(tmp_path, capsys):
