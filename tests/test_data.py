@@ -350,9 +350,9 @@ def test_bad_files_counted_exactly_over_workers(tmp_path, capfd):
     ds = data.ImageTextFolder(str(tmp_path), size=8)
     n = len(ds)
     sampler = fsdp.DistributedBatches(n, 5, 1, 0, 1, seed=0, pos=(0, 0), per_epoch=ds.per_epoch)
+    capfd.readouterr()  # before the workers start: they load (and warn) as soon as the iterator exists
     loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=2, collate_fn=data.collate,
                                               worker_init_fn=_print_warnings))
-    capfd.readouterr()
     for _ in range(3 * (n // 5)):  # three epochs (the last partial batch of each is dropped)
         batch = next(loader)
         assert batch["x"].shape == (5, 3, 8, 8)
