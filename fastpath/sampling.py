@@ -1,6 +1,6 @@
 """
 How a trained GenTron runs for sampling: one denoising step's forward pass, on a GPU stored in bf16 and replayed
-as a CUDA graph. sample.py (and through it evaluate.py and the end of a training run) and bench.py run it so.
+as a CUDA graph. pipeline.generate (sample.py, evaluate.py, the end of a training run) and bench.py run it so.
 
 - `cast_matmul_weights`: the Linear and Conv weights stored in bf16, which autocast computes them in anyway.
 - `CUDAGraphStep`: the step recorded once and replayed. Eagerly, an XL/2 step at sample.py's default batch (16
