@@ -370,9 +370,6 @@ def _fetch(ds, indices):
 # -----------------------------------------------------------------------------
 # latent spaces: pixels for the synthetic data, Stable Diffusion's VAE for real data (Sec. 4.1)
 
-VAE_SCALE = 0.18215  # SD VAE latent scaling so latents have ~unit variance (the one place it is written)
-
-
 def _fold(fn, x):
     # videos (B, T, C, H, W) go through an image codec frame by frame: fold T into B
     if x.dim() == 5:
@@ -403,10 +400,25 @@ def latent_spec(name):
     return "sd-vae" if name == SD_VAE else name
 
 
-class SDVAE:
-    """Stable Diffusion's AutoencoderKL (diffusers, optional): 3xHxW in [-1, 1] <-> 4x(H/8)x(W/8) latents."""
+def vae_layout(config, name):
+    """(scale, shift, channels, downsample) of a diffusers AutoencoderKL from its config, so SD's (0.18215, 4
+    channels, /8), SDXL's (0.13025) and 16-channel VAEs (SD3 / FLUX, with a shift) each get their own; a VAE
+    whose config does not say them, or that normalises each channel separately, is refused."""
+    config = dict(config or {})  # diffusers' FrozenDict, or a plain dict
+    scale, channels, blocks = (config.get(k) for k in ("scaling_factor", "latent_channels", "block_out_channels"))
+    if not isinstance(scale, (int, float)) or not isinstance(channels, int) or not blocks:
+        raise ValueError(f"VAE {name!r} has no scaling_factor, latent_channels and block_out_channels in its config: "
+                         "expected a diffusers AutoencoderKL")
+    if config.get("latents_mean") is not None or config.get("latents_std") is not None:
+        raise ValueError(f"VAE {name!r} normalises its latents per channel (latents_mean / latents_std), which "
+                         "this latent space does not implement: use a VAE with one scaling_factor")
+    # z = (mean - shift) * scale gives latents of ~unit variance; each block after the first halves H and W
+    return float(scale), float(config.get("shift_factor") or 0.0), channels, 2 ** (len(blocks) - 1)
 
-    channels, downsample = 4, 8
+
+class SDVAE:
+    """A diffusers AutoencoderKL (optional; Stable Diffusion's by default): 3xHxW in [-1, 1] <-> CxhxW latents
+    with the channels, downsampling and scaling its config gives (vae_layout)."""
 
     def __init__(self, name=SD_VAE, device="cpu", dtype=torch.float32, sample=False, vae=None):
         self.spec, self.device, self.dtype, self.sample = latent_spec(name), torch.device(device), dtype, sample
@@ -420,9 +432,12 @@ class SDVAE:
             except Exception as e:  # offline / wrong name: say which model, why (one line) and how to provide it
                 cause = textwrap.shorten(f"{type(e).__name__}: {e}", 200)
                 hint = ("expected an AutoencoderKL saved with save_pretrained()" if os.path.isdir(name) else
+                        "no such folder: if it moved, pass its new path with --latent-space"
+                        if os.path.isabs(name) or name.startswith((".", "~")) else
                         f"run once with network access to cache it, or `hf download {name} --local-dir DIR` "
                         "and pass --latent-space DIR")
                 raise OSError(f"could not load VAE {name!r} ({cause}); {hint}") from None
+        self.scale, self.shift, self.channels, self.downsample = vae_layout(getattr(vae, "config", None), name)
         self.vae = vae.to(self.device, dtype).eval().requires_grad_(False)
 
     @torch.no_grad()
@@ -430,17 +445,19 @@ class SDVAE:
         def enc(x):
             dist = self.vae.encode(x.to(self.device, self.dtype)).latent_dist
             z = dist.sample() if self.sample else dist.mean  # mean: deterministic, cacheable
-            return z.float() * VAE_SCALE
+            return (z.float() - self.shift) * self.scale
         return _fold(enc, x)
 
     @torch.no_grad()
     def decode(self, z):
-        dec = lambda z: self.vae.decode(z.to(self.device, self.dtype) / VAE_SCALE).sample.float().clamp(-1, 1)
+        def dec(z):
+            z = z.to(self.device, self.dtype) / self.scale + self.shift
+            return self.vae.decode(z).sample.float().clamp(-1, 1)
         return _fold(dec, z)
 
 
 def load_latent_space(spec="pixel", device="cpu", dtype=torch.float32):
-    """'pixel' | 'sd-vae' (stabilityai/sd-vae-ft-ema) | any diffusers AutoencoderKL name or local path."""
+    """'pixel' | 'sd-vae' (stabilityai/sd-vae-ft-ema) | any diffusers AutoencoderKL hub name or local folder."""
     if spec == "pixel":
         return PixelSpace()
     return SDVAE(SD_VAE if spec == "sd-vae" else spec, device=device, dtype=dtype)

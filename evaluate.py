@@ -125,6 +125,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--text-encoder", metavar="SPEC", help="with --ckpt: replaces its text encoder (sample.py --text-encoder)")
+    p.add_argument("--latent-space", metavar="NAME_OR_DIR", help="with --ckpt: replaces its latent space: sd-vae, a "
+                   "diffusers AutoencoderKL hub name or local folder (sample.py --latent-space)")
     p.add_argument("--eager", action="store_true", help="CUDA: sample without CUDA graphs (sample.py --eager)")
     p.add_argument("--readable", action="store_true", help="model.py's forwards as written (sample.py --readable)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -158,7 +161,7 @@ def main(argv=None):
     if args.oracle or args.attention_logits:
         from pipeline import load_model
         model, meta = load_model(args.ckpt, ema=not args.no_ema, device=args.device, video=args.video or None,
-                                 fast=not args.readable)
+                                 fast=not args.readable, text_encoder=args.text_encoder, latent_space=args.latent_space)
     if args.oracle:
         scores = oracle_eval(model, meta, args.n, args.seed, args.sampler, args.steps, args.cfg, args.mfg,
                              args.device, args.batch_size, video=args.video, cuda_graph=not args.eager)
@@ -176,7 +179,8 @@ def main(argv=None):
         if args.ckpt:
             from pipeline import load_model
 
-            model, meta = load_model(args.ckpt, ema=not args.no_ema, device=args.device, fast=not args.readable)
+            model, meta = load_model(args.ckpt, ema=not args.no_ema, device=args.device, fast=not args.readable,
+                                     text_encoder=args.text_encoder, latent_space=args.latent_space)
             compbench_generate(model, meta, args.compbench, args.images, cats, args.n_per_prompt, args.max_prompts,
                                seed=args.seed, sampler=args.sampler, steps=args.steps, cfg=args.cfg,
                                batch_size=args.batch_size, cuda_graph=not args.eager)

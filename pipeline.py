@@ -4,6 +4,7 @@ and generate images or videos from prompts with classifier-free guidance (for vi
 paper Sec. 3.3.2, Eq. 6). sample.py is its command line; evaluate.py and the end of a training run call it too.
 """
 
+import dataclasses
 import math
 import os
 import warnings
@@ -14,7 +15,7 @@ from einops import rearrange
 from tqdm.auto import tqdm
 
 from checkpoint import build_config, checkpoints, newest_good, read_checkpoint, resolve_checkpoint
-from data import load_latent_space
+from data import latent_spec, load_latent_space
 from diffusion import Diffusion, guided_eps_fn, sample
 import fastpath
 from fastpath.blocks import FusedGenTron
@@ -52,22 +53,40 @@ def check_mode(temporal, video, source="this model"):
 _ENCODERS = {}  # (spec, device) -> frozen TextEncoder: loaded once per process, shared by every model
 
 
-def text_encoder(spec, device):
+def _text_encoder(spec, device):
     key = (spec, str(device))
     if key not in _ENCODERS:
         _ENCODERS[key] = load_text_encoder(spec, device=device)
     return _ENCODERS[key]
 
 
-def load_model(path=None, ema=True, device="cpu", video=None, fast=True):
+def check_parts(config, resolution, encoder, latent, source="this model"):
+    """A text encoder and latent space for a model (its own, or --text-encoder / --latent-space given after the
+    folders moved) must have the shapes it was trained with: text_dim / pooled_dim, and latent channels and
+    downsampling (resolution / input_size). config: the model's config as a dict; latent None: not checked."""
+    if (encoder.text_dim, encoder.pooled_dim) != (config["text_dim"], config["pooled_dim"]):
+        raise ValueError(f"{source}: text encoder {encoder.spec!r} gives text_dim={encoder.text_dim}, pooled_dim="
+                         f"{encoder.pooled_dim}; the model was trained with text_dim={config['text_dim']}, "
+                         f"pooled_dim={config['pooled_dim']}")
+    if latent is None:
+        return
+    down = resolution // config["input_size"] if resolution else latent.downsample  # unrecorded: not checked
+    if (latent.channels, latent.downsample) != (config["in_channels"], down):
+        raise ValueError(f"{source}: latent space {latent.spec!r} gives {latent.channels} channels at 1/"
+                         f"{latent.downsample} size; the model was trained on {config['in_channels']} at 1/{down}")
+
+
+def load_model(path=None, ema=True, device="cpu", video=None, fast=True, text_encoder=None, latent_space=None):
     """Load a GenTron for sampling -> (model in eval mode, meta).
 
     path: run dir, .pt or .safetensors; None = the bundled model (T2V if video else T2I). meta is the
     checkpoint's meta (kind, text_encoder, latent_space, resolution, num_frames, dataset) plus "config",
     "step", "ckpt" (the file read) and the loaded frozen parts that generate() uses: "encoder" (a
-    text_encoders.TextEncoder) and "latent" (a data.py latent space). fast: with fastpath's fused forwards (the
-    same math; False: model.py's as written), and on CUDA with the Linear and Conv weights stored in bf16
-    (fastpath.sampling.cast_matmul_weights): run the model under bf16 autocast, as generate() does."""
+    text_encoders.TextEncoder) and "latent" (a data.py latent space). text_encoder, latent_space: specs that
+    replace the recorded ones (a moved model folder), checked against the model's shapes (check_parts); meta
+    then records them. fast: with fastpath's fused forwards (the same math; False: model.py's as written), and
+    on CUDA with the Linear and Conv weights stored in bf16 (fastpath.sampling.cast_matmul_weights): run the
+    model under bf16 autocast, as generate() does."""
     file = resolve_checkpoint(path) if path else bundled_path("t2v" if video else "t2i")
     ckpt = None
     if path and os.path.isdir(path):  # a run folder: its newest checkpoint that verifies (as --resume takes)
@@ -87,12 +106,11 @@ def load_model(path=None, ema=True, device="cpu", video=None, fast=True):
         fastpath.speed_up(model)
         if torch.device(device).type == "cuda":  # generate() runs it under bf16 autocast, which computes these in bf16
             cast_matmul_weights(model, torch.bfloat16)
-    meta["encoder"] = text_encoder(meta["text_encoder"], device)
+    meta["text_encoder"] = text_encoder or meta["text_encoder"]
+    meta["latent_space"] = latent_spec(latent_space) if latent_space else meta["latent_space"]
+    meta["encoder"] = _text_encoder(meta["text_encoder"], device)
     meta["latent"] = load_latent_space(meta["latent_space"], device=device)
-    enc, cfg = meta["encoder"], model.cfg
-    if (enc.text_dim, enc.pooled_dim) != (cfg.text_dim, cfg.pooled_dim):
-        raise ValueError(f"{file}: text encoder {meta['text_encoder']!r} gives {enc.text_dim}/{enc.pooled_dim} "
-                         f"channels but the model expects text_dim={cfg.text_dim}, pooled_dim={cfg.pooled_dim}")
+    check_parts(dataclasses.asdict(model.cfg), meta.get("resolution"), meta["encoder"], meta["latent"], file)
     return model, meta
 
 
@@ -129,7 +147,7 @@ def generate(model, meta, prompts, *, seed=0, sampler="dpm++2m", steps=25, cfg=7
     video = model.cfg.temporal if video is None else video
     check_mode(model.cfg.temporal, video, meta.get("ckpt", "this model"))
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    enc = meta.get("encoder") or text_encoder(meta["text_encoder"], device)
+    enc = meta.get("encoder") or _text_encoder(meta["text_encoder"], device)
     latent = meta.get("latent") or load_latent_space(meta["latent_space"], device=device)
     c = model.cfg
     shape = (c.in_channels, c.input_size, c.input_size)  # latent of one frame

@@ -86,7 +86,8 @@ def run(settings, prompts, out_dir, only=None, progress=True, cuda_graph=True, f
     s = settings
     check_settings(s, out_dir)
     check_writable(out_dir)  # before minutes of sampling: --out /proc/x, a read-only or full disk
-    model, meta = load_model(s["ckpt"], ema=s["ema"], device=s["device"], video=s["video"], fast=fast)
+    model, meta = load_model(s["ckpt"], ema=s["ema"], device=s["device"], video=s["video"], fast=fast,
+                             text_encoder=s.get("text_encoder"), latent_space=s.get("latent_space"))
     if s.get("step") is not None and s["step"] != meta["step"]:  # a replay (--from-json) of another checkpoint
         raise ValueError(f"the run sampled step {s['step']} ({s.get('ckpt_file')}), but {meta['ckpt']} is step "
                          f"{meta['step']}: the recorded checkpoint is gone, so the samples cannot be remade")
@@ -174,6 +175,11 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--frames", type=int, default=None, help="frames per clip (default: the checkpoint's)")
     p.add_argument("--no-ema", action="store_true", help="raw weights instead of the EMA weights")
+    p.add_argument("--text-encoder", metavar="SPEC", help="replaces the checkpoint's text encoder, e.g. after its folder "
+                   "moved: 'clip=/new/clip+t5=/new/t5' (text_encoders.py); must give the same text_dim / pooled_dim")
+    p.add_argument("--latent-space", metavar="NAME_OR_DIR", help="replaces the checkpoint's latent space: sd-vae, a "
+                   "diffusers AutoencoderKL hub name or a local folder (e.g. after it moved); same channels and "
+                   "downsampling")
     p.add_argument("--out", default=None, help="output folder (default: out, or out-2, out-3, ... where out holds "
                    "an earlier run); a folder that holds an earlier run's samples.json is refused")
     p.add_argument("--eager", action="store_true", help="CUDA: launch each step's kernels from Python instead of "
@@ -241,12 +247,15 @@ def main(argv=None):
             settings["ckpt"] = settings["ckpt_file"]  # the exact file, not a run dir's newest checkpoint now
         if args.device:
             settings["device"] = args.device  # numerics differ across devices: exact only on the recorded one
+        for k in ("text_encoder", "latent_space"):  # the recorded ones (load_model checks them), or the moved ones
+            settings[k] = getattr(args, k) or settings.get(k)
         out = args.out or free_dir(os.path.join(os.path.dirname(args.from_json) or ".", "from_json"))
         _, records = run(settings, prompts, out, only=args.index, cuda_graph=not args.eager, fast=not args.readable)
     else:
         settings = dict(ckpt=args.ckpt, ema=not args.no_ema, video=args.video, sampler=args.sampler,
                         steps=args.steps, cfg=args.cfg, mfg=args.mfg, seed=args.seed, frames=args.frames,
                         n_per_prompt=args.n_per_prompt, batch_size=args.batch_size,
+                        text_encoder=args.text_encoder, latent_space=args.latent_space,
                         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         prompts = [q for q in read_prompts(args) for _ in range(args.n_per_prompt)]
         out = args.out or free_dir("out")

@@ -43,6 +43,11 @@ def parse_spec(spec: str) -> list[tuple[str, str, int | None]]:
     return [parts[k] for k in ("clip", "t5") if k in parts]  # CLIP's block always comes first
 
 
+def looks_like_path(name):
+    """A local path rather than a hub name ("org/model"): absolute, or starting with ., .. or ~."""
+    return os.path.isabs(name) or name.startswith((".", "~"))
+
+
 def _load_one(kind, name, device):
     """from_pretrained for tokenizer and model; the tiny encoders take exactly this path too."""
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
@@ -51,17 +56,26 @@ def _load_one(kind, name, device):
     dtype = torch.bfloat16 if kind == "t5" and torch.device(device).type == "cuda" else torch.float32
     if os.path.isdir(name):  # a local folder: it must hold save_pretrained() files of this kind
         hint = f"expected a {kind} tokenizer and model saved with save_pretrained() in {name}"
+    elif looks_like_path(name):  # a folder that is gone: the model folder moved since the run recorded it
+        hint = f"no such folder: if it moved, pass its new path, e.g. --text-encoder '{kind}=/new/path'"
     else:
         local = f"/path/to/{name.split('/')[-1]}"
         hint = (f"run once with network access to cache it, or `hf download {name} --local-dir {local}` "
                 f"and pass '{kind}={local}'")
     try:
         tok = tok_cls.from_pretrained(name)
-        model = model_cls.from_pretrained(name, dtype=dtype)
+        model, info = model_cls.from_pretrained(name, dtype=dtype, output_loading_info=True)
     except Exception as e:  # OSError offline / not cached, ValueError for a wrong folder, ImportError, ...
         # One line that keeps the cause (the original message, shortened), not only its type.
         cause = textwrap.shorten(f"{type(e).__name__}: {e}", 200)
         raise FileNotFoundError(f"could not load text encoder {name!r} ({cause}); {hint}") from None
+    # from_pretrained fills weights the folder lacks with random ones and only logs it: a CLIP saved as
+    # CLIPTextModel has no text_projection, and the pooled embedding would be noise. Refuse instead.
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ValueError(f"text encoder {name!r} lacks {len(missing)} weight(s) of {model_cls.__name__} (e.g. "
+                         f"{missing[0]})" + ("; a CLIP for GenTron needs its projection: save a "
+                                             "CLIPTextModelWithProjection" if kind == "clip" else ""))
     # transformers v5 can hand back a tokenizer with only its special tokens when files are missing
     # offline: it would silently map every caption to <unk>. Detect that instead of training on it.
     ids = tok("a red circle", add_special_tokens=False)["input_ids"]

@@ -41,7 +41,7 @@ from fsdp import (DistributedBatches, ShardedAdamW, StopSignals, build_model, ex
 from data import ImageTextFolder, collate, latent_spec
 from model import SIZES, GenTron, GenTronConfig
 from oracle import oracle_eval, oracle_table
-from pipeline import generate, grid_image
+from pipeline import check_parts, generate, grid_image
 from synthetic import ShapesDataset, heldout_prompts
 from train_data import bench_batches, bench_data, builtin, cached_data, online_data, text_condition
 
@@ -79,8 +79,10 @@ def get_parser():
     p.add_argument("--cache", default=None, help="first cache --data's latents + text features here (rank 0), then train on it")
     p.add_argument("--text-encoder", default=None, help="default: the parent's (--resume, --init-from), else "
                    "tiny-clip+t5 (offline toy encoders); full scale: clip+t5 (Table 2, best)")
-    p.add_argument("--latent-space", default=None, help="default: the parent's (--resume, --init-from), else pixel for "
-                   "built-in data, sd-vae for real data (Sec. 4.1)")
+    p.add_argument("--latent-space", default=None, help="pixel | sd-vae | a diffusers AutoencoderKL hub name or local "
+                   "folder (PATH). Default: the parent's (--resume, --init-from), else pixel for built-in data, "
+                   "sd-vae for real data (Sec. 4.1). --resume takes a moved --text-encoder / --latent-space path "
+                   "of the same shapes")
     p.add_argument("--resolution", type=bounded(int, 1), default=None, help="pixels; default 32 (shapes) or 256 (Sec. 4.1, stage 1)")
     # model
     p.add_argument("--size", default="toy", choices=list(SIZES), help="a row of Table 1 (model.SIZES)")
@@ -280,7 +282,8 @@ def _train(args, make_data, make_config, kind, rank, world, device, stop):
     args.latent_space = latent_spec(args.latent_space)  # "sd-vae" however spelled, as caches and checkpoints
     for key, value in was.items():  # a resumed run trains the same target from the same features
         given = getattr(args, key)
-        if ckpt and given is not None and value is not None and given != value:
+        moved = key != "prediction"  # another encoder / VAE path (a moved folder): checked by shape below
+        if ckpt and not moved and given is not None and value is not None and given != value:
             raise ValueError(f"{resumed} was trained with --{key.replace('_', '-')} {value}; "
                              f"a resumed run keeps it (got {given})")
     args.text_encoder = args.text_encoder or was.get("text_encoder")
@@ -288,6 +291,8 @@ def _train(args, make_data, make_config, kind, rank, world, device, stop):
     given = {"--text-encoder": args.text_encoder, "--latent-space": args.latent_space, "--resolution": args.resolution}
     args.text_encoder = args.text_encoder or "tiny-clip+t5"
     data = make_data(args, device)
+    if ckpt and data.encoder is not None:  # the same shapes as the run's, whatever path they load from
+        check_parts(config_dict(ckpt["config"]), ckpt["meta"].get("resolution"), data.encoder, data.latents, resumed)
     if isinstance(data.dataset, cache.CachedDataset):  # (make_data checks a cache's kind and its own flags)
         cache.check_flags(data.dataset.meta, args.data, given)
     if parent:
@@ -349,7 +354,8 @@ def _train(args, make_data, make_config, kind, rank, world, device, stop):
         print0(f"resumed {resumed} at step {step}"  # --resume --init-from: a job script that is started again
                + (f" (--init-from {args.init_from} counts only before the first checkpoint)" if args.init_from else ""))
         was = ckpt.get("args", {})
-        for k in ("lr", "lr_schedule", "betas", "weight_decay", "clip", "ema", "seed", "batch_size", "grad_accum"):
+        for k in ("lr", "lr_schedule", "betas", "weight_decay", "clip", "ema", "seed", "batch_size", "grad_accum",
+                  "text_encoder", "latent_space"):
             if k in was and was[k] != getattr(args, k):
                 print0(f"--resume: --{k.replace('_', '-')} {getattr(args, k)} (the checkpoint's run used {was[k]}"
                        + ("; the noise and data order from here are not the uninterrupted run's)"

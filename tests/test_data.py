@@ -516,6 +516,8 @@ def test_joint_dataset_pseudo_videos():
 class FakeVAE(torch.nn.Module):
     """AutoencoderKL-shaped stand-in: 'latent' = every 8th pixel plus a 4th channel."""
 
+    config = {"scaling_factor": 0.18215, "latent_channels": 4, "block_out_channels": [8, 8, 8, 8]}  # SD's: /8
+
     def encode(self, x):
         mean = torch.cat([x[:, :, ::8, ::8], x[:, :1, ::8, ::8]], dim=1)
         dist = type("D", (), {"mean": mean, "sample": lambda self: mean})()
