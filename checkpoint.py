@@ -6,7 +6,8 @@ Checkpoint files, the two formats every script reads:
 - a `.safetensors` export (`sample.py --export`): EMA weights, with the config, meta and step as metadata.
 Here: finding them, reading and verifying them, writing them (atomically; a full disk is one line that says
 how much is needed and free), exporting, and starting a new run from one
-(`--init-from`: same model at any resolution, or T2I weights into a T2V model, Sec. 3.3.1).
+(`--init-from`: same model at any resolution, T2I weights into a T2V model, Sec. 3.3.1, or an official DiT checkpoint,
+dit_weights.py).
 """
 
 import dataclasses
@@ -21,6 +22,7 @@ import zlib
 import torch
 import torch.distributed as dist
 
+from dit_weights import DIT_META, check_dit, convert_dit, dit_config, read_dit
 from model import GenTron, GenTronConfig
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -392,11 +394,17 @@ def export(ckpt, out, dtype="fp32"):
 
 
 def init_file(path):
-    """--init-from: a run folder (its newest checkpoint), a ckpt-*.pt or a .safetensors export."""
+    """--init-from: a run folder (its newest checkpoint), a ckpt-*.pt, a .safetensors export or a DiT .pt."""
     try:
         return resolve_checkpoint(path)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"--init-from: {e}") from None
+
+
+def init_dit(path):
+    """The state dict of an official DiT checkpoint given to --init-from (an init_file), else None. Our own
+    ckpt-NNNNNNN.pt files are not opened for a look."""
+    return None if checkpoint_step(path) is not None else read_dit(path)
 
 
 def stored_settings(path):
@@ -404,6 +412,9 @@ def stored_settings(path):
     path = init_file(path)
     if path.endswith(".safetensors"):
         return export_metadata(path)[:2]
+    dit = init_dit(path)
+    if dit is not None:  # DiT: the architecture its weights fix; SD-VAE latents and eps, as it was trained
+        return dit_config(dit), dict(DIT_META)
     ckpt = load_pt(path, mmap=True)
     return ckpt["config"], ckpt["meta"]
 
@@ -412,6 +423,9 @@ def check_init(config, cfg, path):
     """Raise unless weights of a model with stored `config` can start this run's model `cfg` (--init-from):
     the same architecture at any resolution or clip length, or T2I weights into a T2V model (Sec. 3.3.1).
     Every rank calls it, so that all stop together (only rank 0 reads the weights)."""
+    dit = init_dit(init_file(path))
+    if dit is not None:  # an official DiT checkpoint: its own checks (dit_weights.py)
+        return check_dit(dit, cfg, path)
     have, want = config_dict(config), dataclasses.asdict(cfg)
     diff = [k for k in want if k not in ("input_size", "num_frames", "temporal") and have.get(k) != want[k]]
     if diff:
@@ -425,8 +439,19 @@ def load_init(path, cfg, seed):
     """(model, EMA) full state dicts of another run for a new run. Same architecture: any resolution (sin-cos
     positions are computed in forward, so a new grid needs nothing else; Sec. 4.1 256 -> 512). A T2I checkpoint
     into a T2V model: shared weights copied, new temporal layers keep their zero-output init (Sec. 3.3.1).
+    An official DiT checkpoint: converted (dit_weights.py), model and EMA both from it.
     Training runs it on rank 0 only."""
     path = init_file(path)
+    dit = init_dit(path)
+    if dit is not None:
+        check_dit(dit, cfg, path)
+        weights, copied = convert_dit(dit, cfg, seed)
+        new = [k for k in weights if k not in copied]
+        parts = sorted({k.split(".")[2] if k.startswith("blocks.") else k.split(".")[0] for k in new})
+        print(f"init from DiT {path}: {len(copied)} weights copied (residual channels reordered to match our "
+              f"position table), {len(new)} new ({', '.join(parts) or 'none'}); "
+              f"class table and sigma channels dropped")
+        return weights, dict(weights)
     if path.endswith(".safetensors"):  # an export (sample.py --export) holds EMA weights only: start both from them
         weights, config, _, step = read_checkpoint(path)
         weights = {k: v.float() for k, v in weights.items()}
