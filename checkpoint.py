@@ -471,16 +471,17 @@ def load_init(path, cfg, seed):
 
 
 def truncate_log(path, step):
-    """Keep log.txt's lines up to and including `step`: a run resumed from an older checkpoint trains the steps
-    after it again, which would otherwise be logged twice, out of order. Atomic (temp file + rename): a kill
-    leaves the old log or the new one. Returns how many lines were dropped."""
+    """Keep a log's lines up to and including `step` (log.txt, and metrics.jsonl's JSON objects): a run resumed
+    from an older checkpoint trains the steps after it again, which would otherwise be logged twice, out of
+    order. Atomic (temp file + rename): a kill leaves the old log or the new one. Returns how many lines were
+    dropped."""
     if not os.path.exists(path):
         return 0
     with open(path) as f:
         lines = f.readlines()
     keep = 0
-    for line in lines:  # "step N | ..." lines; a line cut short by a kill ends the log too
-        m = re.match(r"step (\d+) ", line)
+    for line in lines:  # "step N | ..." or '{"step": N, ...}' lines; a line cut short by a kill ends the log too
+        m = re.match(r'(?:step |\{"step": )(\d+)\D', line)
         if not (m and line.endswith("\n") and int(m.group(1)) <= step):
             break
         keep += 1

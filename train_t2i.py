@@ -17,6 +17,7 @@ one. train_t2v.py trains text-to-video with this loop: it passes its own data (m
 import argparse
 import dataclasses
 import functools
+import json
 import math
 import os
 import resource
@@ -128,11 +129,13 @@ def get_parser():
     p.add_argument("--num-workers", type=bounded(int, 0), default=None, help="DataLoader workers (default 4 on GPU, 0 on CPU)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     # run folder, logs, checkpoints
-    p.add_argument("--out", default="runs/t2i", help="run folder: log.txt, ckpt-*.pt, samples.png")
+    p.add_argument("--out", default="runs/t2i", help="run folder: log.txt, metrics.jsonl, ckpt-*.pt, samples.png")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--init-from", default=None,
                    help="a run folder, ckpt-*.pt or .safetensors export: start from its model + EMA weights")
     p.add_argument("--log-every", type=bounded(int, 0), default=100, help="steps between log lines, and the last step (0: none)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write each log line's metrics as TensorBoard scalars to --out (pip install tensorboard)")
     p.add_argument("--ckpt-every", type=bounded(int, 0), default=400,
                    help="steps between checkpoints, and the last step (0: none)")
     p.add_argument("--keep", type=bounded(int, 0), default=3, help="checkpoints to keep (0: all)")
@@ -243,6 +246,20 @@ def due(step, every, last):
     return bool(every) and (step % every == 0 or step == last)
 
 
+def write_metrics(out, metrics, line, writer):
+    """Rank 0: one log step as a line of log.txt, a JSON object of metrics.jsonl and TensorBoard scalars, each
+    flushed now, so that a killed run keeps every step it logged."""
+    with open(os.path.join(out, "log.txt"), "a") as f:
+        f.write(line + "\n")
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    if writer is not None:
+        for key, value in metrics.items():
+            if key != "step" and value is not None:  # MFU: None on the CPU
+                writer.add_scalar(f"train/{key}", value, metrics["step"])
+        writer.flush()
+
+
 def train(args, make_data=make_data_t2i, make_config=model_config, kind="t2i"):
     """Train the model make_config(args, data) -> GenTronConfig on the data from make_data(args, device) -> Data.
     Returns {"loss": [...], "grad_norm": [...]} (per step, averaged over ranks) on every rank. train_t2v.py
@@ -258,6 +275,11 @@ def train(args, make_data=make_data_t2i, make_config=model_config, kind="t2i"):
 
 def _train(args, make_data, make_config, kind, rank, world, device, stop):
     started = time.perf_counter()  # --time-limit counts the set-up too: encoders, model, a --cache build
+    if args.tensorboard:  # optional; checked on every rank before any collective, written by rank 0
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
     out, B, A = args.out, args.batch_size, args.grad_accum
     if args.lr is None:  # resolved, so checkpoints record it
         args.lr = TOY_LR if args.size in ("toy", "tiny") else LR
@@ -365,8 +387,11 @@ def _train(args, make_data, make_config, kind, rank, world, device, stop):
                + (f"--init-from {args.init_from}" if args.init_from else "scratch"))
     if master_process():
         dropped = truncate_log(os.path.join(out, "log.txt"), step)
+        truncate_log(os.path.join(out, "metrics.jsonl"), step)  # the same steps, one JSON object a line
         if dropped:
             print0(f"{out}/log.txt: dropped {dropped} line(s) past step {step}, the steps this run trains again")
+    # purge_step: TensorBoard hides the events past the resumed step that earlier runs wrote
+    writer = SummaryWriter(out, purge_step=step or None) if args.tensorboard and master_process() else None
 
     # data loader from the saved position; every rank reads only its slices of each global batch
     if data.dataset is None:
@@ -461,15 +486,17 @@ def _train(args, make_data, make_config, kind, rank, world, device, stop):
             rate = seen / dt  # global samples per second over the interval
             total = torch.tensor(work, dtype=torch.float64, device=device)
             dist.all_reduce(total)  # every rank's FLOPs: their batches' captions keep different lengths
-            mfu = f"{100 * total.item() / world / (dt * peak * 1e12):.1f}%" if peak else "n/a"  # per GPU
+            mfu = 100 * total.item() / world / (dt * peak * 1e12) if peak else None  # per GPU, %
             mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
-            line = (f"step {step} | loss {sum(v[0] for v in done) / len(done):.4f} | grad norm {done[-1][1]:.3f} | "
-                    f"{rate:.1f} samples/s | MFU {mfu} | mem {mem:.2f} GiB | lr {lr:.1e}")
+            metrics = {"step": step, "loss": sum(v[0] for v in done) / len(done), "grad_norm": done[-1][1],
+                       "lr": lr, "samples_per_s": rate, "mfu_percent": mfu, "mem_gib": mem}
+            line = (f"step {step} | loss {metrics['loss']:.4f} | grad norm {done[-1][1]:.3f} | "
+                    f"{rate:.1f} samples/s | MFU {'n/a' if mfu is None else f'{mfu:.1f}%'} | mem {mem:.2f} GiB | "
+                    f"lr {lr:.1e}")
             print0(line)
             if master_process():
-                with open(os.path.join(out, "log.txt"), "a") as f:
-                    f.write(line + "\n")
+                write_metrics(out, metrics, line, writer)
             t0, seen, work = time.perf_counter(), 0, 0.0
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -493,6 +520,8 @@ def _train(args, make_data, make_config, kind, rank, world, device, stop):
                    + ("; --resume continues" if stopped_by else ""))
             break
     bar.close()
+    if writer is not None:
+        writer.close()
     if stopped_by:  # no samples or scores: the grace period is for the checkpoint (--resume writes them at the end)
         raise SystemExit(exit_status(stopped_by))
     stop.phase = "sampling"

@@ -92,7 +92,8 @@ def test_a_corrupt_newest_checkpoint_is_skipped_by_resume_and_the_nan_guard(run,
     assert any(line.endswith("ckpt-0000002.pt at step 2") for line in said)
     assert losses == run[1][2:3]  # bit for bit
     # --keep 1 removed ckpt-2 (older than the new ckpt-3) but left the corrupt later file alone
-    assert sorted(p.name for p in out.iterdir()) == ["ckpt-0000003.pt", "ckpt-0000004.pt", "log.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt-0000003.pt", "ckpt-0000004.pt", "log.txt",
+                                                     "metrics.jsonl"]
     assert newest.read_bytes() == damaged
 
     # a NaN loss at step 4 names ckpt-3, the newest that verifies, not the corrupt ckpt-4

@@ -92,7 +92,8 @@ def test_ranks_agree_on_the_stopping_step(tmp_path):
     argv = tiny(tmp_path / "two", 30, "--batch-size", "8", "--log-every", "4", "--ckpt-every", "0")
     mp.spawn(_signalled_worker, args=(2, _free_port(), argv, str(tmp_path / "rc")), nprocs=2)
     assert [json.load(open(tmp_path / f"rc.{r}")) for r in (0, 1)] == [143, 143]
-    assert sorted(os.listdir(tmp_path / "two")) == ["ckpt-0000004.pt", "log.txt"]  # the first check after step 2
+    # the first check after step 2
+    assert sorted(os.listdir(tmp_path / "two")) == ["ckpt-0000004.pt", "log.txt", "metrics.jsonl"]
 
 
 def test_a_second_signal_exits_at_once_and_set_up_is_not_deferred(monkeypatch, capfd):

@@ -141,7 +141,8 @@ def test_time_limit_stops_with_a_checkpoint_and_resumes_exactly(tmp_path):
     # a limit of 0 minutes is past at the first log step (2): a checkpoint is written there, although
     # --ckpt-every would not have saved before step 100, and the resumed run continues bit for bit
     first = train_t2i.main(tiny(tmp_path / "cut", 4, "--log-every", "2", "--ckpt-every", "100", "--time-limit", "0"))
-    assert len(first["loss"]) == 2 and sorted(os.listdir(tmp_path / "cut")) == ["ckpt-0000002.pt", "log.txt"]
+    assert len(first["loss"]) == 2
+    assert sorted(os.listdir(tmp_path / "cut")) == ["ckpt-0000002.pt", "log.txt", "metrics.jsonl"]
     second = train_t2i.main(tiny(tmp_path / "cut", 4, "--log-every", "2", "--resume"))
     assert first["loss"] + second["loss"] == full["loss"]
 
@@ -157,7 +158,7 @@ def test_time_limit_without_log_or_checkpoint_steps_and_final_samples_without_ch
     monkeypatch.setattr(train_t2i, "final_samples", lambda cfg, state, *a: sampled.update(state=state))
     train_t2i.main(tiny(tmp_path / "a", 5, "--ckpt-every", "0", "--resume", "--num-samples", "2", "--ema", "0.5"))
     step3 = load(tmp_path / "a" / "ckpt-0000003.pt")["ema"]  # what was sampled before: the loaded EMA
-    assert sorted(os.listdir(tmp_path / "a")) == ["ckpt-0000003.pt", "log.txt"]
+    assert sorted(os.listdir(tmp_path / "a")) == ["ckpt-0000003.pt", "log.txt", "metrics.jsonl"]
     assert set(sampled["state"]) == set(step3) and any(not torch.equal(sampled["state"][k], step3[k]) for k in step3)
 
 
@@ -168,7 +169,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     msg = str(e.value)
     assert msg.startswith("step 5: non-finite loss nan") and "stopped at step 6" in msg
     assert "ckpt-0000004.pt" in msg and "\n" not in msg
-    assert sorted(os.listdir(tmp_path)) == ["ckpt-0000002.pt", "ckpt-0000004.pt", "log.txt"]  # no temp files
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-0000002.pt", "ckpt-0000004.pt", "log.txt", "metrics.jsonl"]  # no temp files
     ckpt = load(tmp_path / "ckpt-0000004.pt")
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
     # with neither logs nor checkpoints (--log-every 0 --ckpt-every 0) the last step still checks every loss
