@@ -1,16 +1,23 @@
 """
 The oracle benchmark: exact scores of generations of the built-in synthetic data (evaluate.py --oracle, and the
-end of a training run on it). The synthetic renderer (synthetic.py) draws flat colours from a fixed palette on
+end of a training run on it: final_samples). The synthetic renderer (synthetic.py) draws flat colours from a fixed palette on
 black, objects that fill their bounding box and never touch; `detect` inverts it: nearest palette colour per
 pixel, connected components, bbox -> centre and half-size, majority colour, shape = best IoU against
 synthetic.shape_mask. The scoring rules (per image: single, color, shape, spatial, overall; per clip:
 frame_attribute, direction, consistency) and their chance levels are documented with the code, below.
 """
 
+import math
+import os
+
 import numpy as np
 import torch
+from PIL import Image
 
+import fastpath
 import pipeline
+from checkpoint import write_json
+from model import GenTron
 from synthetic import CATEGORIES, detect, heldout_prompts
 
 # -----------------------------------------------------------------------------
@@ -162,3 +169,43 @@ def table(cols, rows, first=None):
     for i, r in enumerate(rows):
         lines.append(("" if first is None else f"{first[i + 1]:<24}") + "".join(f"{v:>{w}}" for v in r))
     return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# the end of a training run on the built-in data: samples.png and the oracle's scores (train_t2i.py)
+
+
+def grid_prompts(data):
+    """The built-in data's held-out captions, unique, for the final sample grid: a colour-shape pair, a binding
+    and a spatial prompt in turn, or for clips the moving shapes'."""
+    if data.frames:
+        rows = heldout_prompts("motion", 64, size=data.resolution, num_frames=data.frames)
+        return list(dict.fromkeys(c for c, _ in rows))
+    cats = [heldout_prompts(cat, 64, size=data.resolution) for cat in ("single", "color", "spatial")]
+    return list(dict.fromkeys(c for row in zip(*cats) for c, _ in row))
+
+
+@torch.no_grad()
+def final_samples(cfg, weights, data, meta, out, args, device):
+    """RUN_DIR/samples.png (+ samples.txt) from pipeline.generate: DPM-Solver++(2M) with CFG, or for video
+    motion-free guidance (Eq. 6) (--num-samples); then the oracle benchmark (oracle.py) on held-out compositions (--eval-n).
+    The built-in data only (online or cached); train_t2i.py calls it on rank 0 only."""
+    model = GenTron(cfg).to(device).eval()
+    model.load_state_dict(weights)
+    if not args.readable:
+        fastpath.speed_up(model)  # as sample.py loads a model: the captions encoded once, CUDA graphs on a GPU
+    meta = {**meta, "encoder": data.encoder, "latent": data.latents}  # the run's meta, encoders already loaded
+    kw = dict(seed=args.seed, steps=args.sample_steps, cfg=args.cfg_scale, mfg=getattr(args, "mfg_scale", 1.0),
+              device=device, progress=False)
+    if args.num_samples:
+        prompts = grid_prompts(data)[: args.num_samples]
+        x = pipeline.generate(model, meta, prompts, frames=data.frames, **kw).numpy()  # uint8 (n, [T,] H, W, 3)
+        Image.fromarray(pipeline.grid_image(x, math.ceil(math.sqrt(len(x))))).save(os.path.join(out, "samples.png"))
+        with open(os.path.join(out, "samples.txt"), "w") as f:
+            f.write("\n".join(prompts) + "\n")
+        print(f"wrote {out}/samples.png: {len(prompts)} held-out prompts (samples.txt), {args.sample_steps} "
+               f"DPM-Solver++ steps, CFG {args.cfg_scale}")
+    if args.eval_n:
+        scores = oracle_eval(model, meta, args.eval_n, **kw)
+        print(f"evaluate.py oracle, {scores['n']} held-out prompt(s) per category:\n{oracle_table(scores)}")
+        write_json(os.path.join(out, "oracle.json"), scores)

@@ -31,19 +31,18 @@ from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
 import cache
-import fastpath
 from checkpoint import (check_init, checkpoints, config_dict, last_good_checkpoint, load_init, newest_good,
-                        remove_partial_checkpoints, save_checkpoint, stored_settings, truncate_log, write_json)
+                        remove_partial_checkpoints, save_checkpoint, stored_settings, truncate_log)
 from diffusion import Diffusion
 from flops import flops_per_sample
 from fsdp import (DistributedBatches, ShardedAdamW, StopSignals, build_model, exit_status, gather_weights,
                   load_full_state, master_process, matmul_peak_tflops, mixed_precision, next_position, print0,
                   setup_distributed, step_draws)
 from data import ImageTextFolder, collate, latent_spec
-from model import SIZES, GenTron, GenTronConfig
-from oracle import oracle_eval, oracle_table
-from pipeline import check_parts, generate, grid_image
-from synthetic import ShapesDataset, heldout_prompts
+from model import SIZES, GenTronConfig
+from oracle import final_samples
+from pipeline import check_parts
+from synthetic import ShapesDataset
 from train_data import bench_batches, bench_data, builtin, cached_data, online_data, text_condition
 
 # -----------------------------------------------------------------------------
@@ -181,44 +180,6 @@ def make_data_t2i(args, device):
 
 # -----------------------------------------------------------------------------
 # the end of a run: a sample grid of held-out prompts and, on the built-in data, the oracle scores
-
-
-def grid_prompts(data):
-    """The built-in data's held-out captions, unique, for the final sample grid: a colour-shape pair, a binding
-    and a spatial prompt in turn, or for clips the moving shapes'."""
-    if data.frames:
-        rows = heldout_prompts("motion", 64, size=data.resolution, num_frames=data.frames)
-        return list(dict.fromkeys(c for c, _ in rows))
-    cats = [heldout_prompts(cat, 64, size=data.resolution) for cat in ("single", "color", "spatial")]
-    return list(dict.fromkeys(c for row in zip(*cats) for c, _ in row))
-
-
-@torch.no_grad()
-def final_samples(cfg, weights, data, meta, out, args, device):
-    """RUN_DIR/samples.png (+ samples.txt) from pipeline.generate: DPM-Solver++(2M) with CFG, or for video
-    motion-free guidance (Eq. 6) (--num-samples); then the oracle benchmark (oracle.py) on held-out compositions (--eval-n).
-    The built-in data only (online or cached), rank 0 only."""
-    from PIL import Image
-
-    model = GenTron(cfg).to(device).eval()
-    model.load_state_dict(weights)
-    if not args.readable:
-        fastpath.speed_up(model)  # as sample.py loads a model: the captions encoded once, CUDA graphs on a GPU
-    meta = {**meta, "encoder": data.encoder, "latent": data.latents}  # the run's meta, encoders already loaded
-    kw = dict(seed=args.seed, steps=args.sample_steps, cfg=args.cfg_scale, mfg=getattr(args, "mfg_scale", 1.0),
-              device=device, progress=False)
-    if args.num_samples:
-        prompts = grid_prompts(data)[: args.num_samples]
-        x = generate(model, meta, prompts, frames=data.frames, **kw).numpy()  # uint8 (n, [T,] H, W, 3)
-        Image.fromarray(grid_image(x, math.ceil(math.sqrt(len(x))))).save(os.path.join(out, "samples.png"))
-        with open(os.path.join(out, "samples.txt"), "w") as f:
-            f.write("\n".join(prompts) + "\n")
-        print0(f"wrote {out}/samples.png: {len(prompts)} held-out prompts (samples.txt), {args.sample_steps} "
-               f"DPM-Solver++ steps, CFG {args.cfg_scale}")
-    if args.eval_n:
-        scores = oracle_eval(model, meta, args.eval_n, **kw)
-        print0(f"evaluate.py oracle, {scores['n']} held-out prompt(s) per category:\n{oracle_table(scores)}")
-        write_json(os.path.join(out, "oracle.json"), scores)
 
 
 # -----------------------------------------------------------------------------
