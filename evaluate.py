@@ -8,6 +8,7 @@ of the paper (T2I-CompBench, Sec. 4.2 and Tables 2-3; CLIP score and FID, Table 
     python evaluate.py --compbench T2I-CompBench/examples/dataset --images out/compbench   # score existing images
     python evaluate.py --clip-score out/                        # a sample.py output folder (images or videos)
     python evaluate.py --fid out/ --ref data/coco_val_imgs      # needs `pip install 'torch-fidelity>=0.4'`
+    python evaluate.py --fid out/ --ref data/coco_val_imgs --inception-weights weights-inception-2015-12-05-6726825d.pth
     python evaluate.py --attention-logits --ckpt runs/t2i       # largest attention logit per block (stability)
 
 The oracle benchmark's scoring rules are in oracle.py, the real-model metrics (T2I-CompBench through
@@ -116,6 +117,8 @@ def main(argv=None):
     p.add_argument("--clip-score", metavar="SAMPLE_DIR", help="CLIP score of a sample.py output folder")
     p.add_argument("--fid", metavar="GEN_DIR", help="FID of an image folder against --ref")
     p.add_argument("--ref", help="--fid: reference image folder")
+    p.add_argument("--inception-weights", metavar="PATH", help="--fid: local copy of torch-fidelity's Inception "
+                   "weights (weights-inception-2015-12-05-6726825d.pth), for offline machines (default: fetched once)")
     p.add_argument("--attention-logits", action="store_true",
                    help="largest attention logit |q.k|/sqrt(Dh) per block on noised training data (built-in data)")
     p.add_argument("--sampler", default="dpm++2m")
@@ -138,6 +141,8 @@ def main(argv=None):
     for name in ("n", "n_per_prompt", "max_prompts", "batch_size"):  # --steps: diffusion.py checks its range
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.inception_weights and not args.fid:
+        p.error("--inception-weights is for --fid")
     from pipeline import check_settings
 
     try:  # the checks sample.py makes: seed, steps, finite guidance scales, a device this machine has
@@ -195,7 +200,7 @@ def main(argv=None):
     else:
         if not args.ref:
             raise ValueError("--fid needs --ref REFERENCE_IMAGE_FOLDER")
-        scores = fid(args.fid, args.ref, args.device)
+        scores = fid(args.fid, args.ref, args.device, args.inception_weights)
         table, default = f"FID: {scores['fid']:.2f}", os.path.join(args.fid, "fid.json")
     print(table)
     path = args.json or free_name(default)  # the default never replaces an earlier run's scores

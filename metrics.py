@@ -20,6 +20,9 @@ BLIP_VQA = "Salesforce/blip-vqa-base"  # CompBench's attribute-binding model (BL
 CLIP_B32 = "openai/clip-vit-base-patch32"  # CompBench's non-spatial CLIPScore model
 CLIP_L14 = "openai/clip-vit-large-patch14"  # the usual CLIP score model (torchmetrics' default)
 DETECTOR = "google/owlvit-base-patch32"  # open-vocabulary stand-in for UniDet
+# torch-fidelity's FID network (inception-v3-compat: TF-FID's Inception); fetched once unless --inception-weights
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                 "weights-inception-2015-12-05-6726825d.pth")
 COMPBENCH = {"color": "color_val.txt", "shape": "shape_val.txt", "texture": "texture_val.txt",
              "spatial": "spatial_val.txt", "non_spatial": "non_spatial_val.txt", "complex": "complex_val.txt"}
 # CompBench's spatial vocabulary, searched in this order (UniDet_eval/determine_position_for_eval.py)
@@ -359,14 +362,20 @@ def clip_eval(sample_dir, model_name=CLIP_L14, device="cpu"):
             "n": len(recs)}
 
 
-def fid(gen_dir, ref_dir, device="cpu"):
+def fid(gen_dir, ref_dir, device="cpu", inception_weights=None):
     """FID between two image folders with torch-fidelity (optional). A sample.py folder contributes only the
-    samples its samples.json lists (not grid.png); of a video run, every frame of every clip (frame FID)."""
+    samples its samples.json lists (not grid.png); of a video run, every frame of every clip (frame FID).
+    `inception_weights`: a local copy of INCEPTION_URL, for machines without internet access."""
+    if inception_weights is not None and not os.path.isfile(inception_weights):
+        raise FileNotFoundError(f"--inception-weights {inception_weights} is not a file "
+                                f"(a copy of {INCEPTION_URL})")
     try:
         import torch_fidelity
     except ImportError:
-        raise ImportError("FID needs `pip install 'torch-fidelity>=0.4'` (it fetches Inception weights once)") from None
+        raise ImportError("FID needs `pip install 'torch-fidelity>=0.4'` (it fetches Inception weights once, "
+                          "or give a local copy with --inception-weights PATH)") from None
     import tempfile
+    import urllib.error
 
     for d in (gen_dir, ref_dir):
         if not os.path.isdir(d):
@@ -384,6 +393,15 @@ def fid(gen_dir, ref_dir, device="cpu"):
                     Image.fromarray(frame).save(os.path.join(tmp, f"{r['file'][:-4]}_{k:02d}.png"))
             gen_dir = tmp
         # reference folders (COCO) mix image sizes: resize the shorter side to Inception's 299 and crop the centre
-        m = torch_fidelity.calculate_metrics(input1=gen_dir, input2=ref_dir, cuda=str(device).startswith("cuda"),
-                                             fid=True, verbose=False, samples_resize_and_crop=299)
+        try:  # the extractor named explicitly: it is the network the weights file belongs to
+            m = torch_fidelity.calculate_metrics(input1=gen_dir, input2=ref_dir, cuda=str(device).startswith("cuda"),
+                                                 fid=True, verbose=False, samples_resize_and_crop=299,
+                                                 feature_extractor="inception-v3-compat",
+                                                 feature_extractor_weights_path=inception_weights)
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:  # offline: torch.hub could not fetch
+            if inception_weights is not None:
+                raise
+            cause = textwrap.shorten(f"{type(e).__name__}: {e}", 200)
+            raise OSError(f"FID could not download the Inception weights ({cause}); download {INCEPTION_URL} "
+                          f"once and pass --inception-weights PATH") from None
     return {"fid": float(m["frechet_inception_distance"])}

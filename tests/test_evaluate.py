@@ -404,6 +404,46 @@ def test_fid_brings_folders_of_mixed_sizes_to_one(tmp_path, monkeypatch):
     assert all(a.shape == (8, 8, 3) and (a == 30 * k).all() for k, a in enumerate(frames[f] for f in sorted(frames)))
 
 
+def test_fid_inception_weights_from_a_local_file(tmp_path, monkeypatch, capsys):
+    """Offline machines point FID at a local copy of torch-fidelity's Inception weights (--inception-weights):
+    the path reaches calculate_metrics; a missing file is a one-line usage error before anything loads; a
+    failed download names the flag."""
+    import types
+    import urllib.error
+    seen = {}
+    fake = types.SimpleNamespace(calculate_metrics=lambda **kw: seen.update(kw) or {"frechet_inception_distance": 3.0})
+    monkeypatch.setitem(sys.modules, "torch_fidelity", fake)
+    weights = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    weights.write_bytes(b"not read by the fake")
+    evaluate.main(["--fid", str(tmp_path), "--ref", str(tmp_path), "--inception-weights", str(weights),
+                   "--device", "cpu", "--json", str(tmp_path / "scores" / "fid.json")])
+    assert seen["feature_extractor_weights_path"] == str(weights)
+    assert seen["feature_extractor"] == "inception-v3-compat"  # the network those weights belong to
+    assert json.loads((tmp_path / "scores" / "fid.json").read_text()) == {"fid": 3.0}
+    capsys.readouterr()
+    # no flag: torch-fidelity fetches its own weights (None)
+    assert metrics.fid(str(tmp_path), str(tmp_path)) == {"fid": 3.0} and seen["feature_extractor_weights_path"] is None
+    # a missing file: one line (FileNotFoundError, which `python evaluate.py` prints as `error: ...`), checked
+    # before torch-fidelity is even imported; the flag without --fid is a usage error
+    missing = str(tmp_path / "nope.pth")
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)
+    with pytest.raises(FileNotFoundError, match=f"^--inception-weights {missing} is not a file") as e:
+        evaluate.main(["--fid", str(tmp_path), "--ref", str(tmp_path), "--inception-weights", missing])
+    assert "\n" not in str(e.value)
+    monkeypatch.setitem(sys.modules, "torch_fidelity", fake)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--oracle", "--inception-weights", str(weights)])
+    assert e.value.code == 2 and capsys.readouterr().err.endswith("error: --inception-weights is for --fid\n")
+
+    # offline without the flag: torch.hub's download error becomes one line naming the flag
+    def offline(**kw):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    fake.calculate_metrics = offline
+    with pytest.raises(OSError, match="could not download the Inception weights.*--inception-weights PATH") as e:
+        metrics.fid(str(tmp_path), str(tmp_path))
+    assert "\n" not in str(e.value) and metrics.INCEPTION_URL in str(e.value)
+
+
 def test_experiments_score_only_runs_of_the_requested_length(tmp_path):
     """An arm whose folder holds a finished run is scored, not retrained; a run of another length there (a
     --smoke run in the same --out) is refused instead of being scored as this call's arm."""
