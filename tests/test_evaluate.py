@@ -406,8 +406,8 @@ def test_fid_brings_folders_of_mixed_sizes_to_one(tmp_path, monkeypatch):
 
 def test_fid_inception_weights_from_a_local_file(tmp_path, monkeypatch, capsys):
     """Offline machines point FID at a local copy of torch-fidelity's Inception weights (--inception-weights):
-    the path reaches calculate_metrics; a missing file is a one-line usage error before anything loads; a
-    failed download names the flag."""
+    the path reaches calculate_metrics; a missing file is a one-line error before anything loads; a failed
+    download names the flag."""
     import types
     import urllib.error
     seen = {}
