@@ -2,7 +2,7 @@
 Data for GenTron: datasets, batching and latent spaces (the latent/text cache is cache.py).
 
 - synthetic shapes / moving shapes (built in, no files): see synthetic.py
-- real image-text and video-text folders or JSONL manifests (Sec. 4.1: 8 frames at 4 fps)
+- real image-text and video-text folders, JSONL manifests or WebDataset .tar shards (Sec. 4.1: 8 frames at 4 fps)
 - joint image-video batches with motion-free pseudo-videos (Sec. 3.3.2, "Putting solutions together")
 - latent spaces: pixels (synthetic data) or Stable Diffusion's VAE (real data, Sec. 4.1)
 
@@ -12,8 +12,11 @@ images are (3, H, W) and videos (T, 3, H, W), floats in [-1, 1].
 
 import json
 import math
+import io
 import multiprocessing
 import os
+import re
+import tarfile
 import textwrap
 import warnings
 
@@ -54,7 +57,7 @@ def collate(batch):
 
 
 # -----------------------------------------------------------------------------
-# real data: image-text and video-text folders or JSONL manifests
+# real data: image-text and video-text folders, JSONL manifests or WebDataset .tar shards
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 VIDEO_EXTS = (".mp4", ".webm", ".mov", ".avi", ".mkv")
@@ -98,7 +101,7 @@ def _list_pairs(root, exts, key):
             raise ValueError(f"manifest {root} has no entries")
         return entries
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"{root} is neither a folder nor a .jsonl manifest")
+        raise FileNotFoundError(f"{root} is neither a folder, a .jsonl manifest nor .tar shards")
     entries = []
     folders, seen = [], set()  # linked folders are followed (datasets assembled with ln -s), each real one once
     for d, dirs, files in os.walk(root, followlinks=True):
@@ -119,6 +122,80 @@ def _list_pairs(root, exts, key):
     if not entries:
         raise FileNotFoundError(f"no {'/'.join(exts)} files in {root}")
     return entries
+
+
+def shard_paths(root, exts=()):
+    """The .tar shards that --data names, or None: one shard.tar, a brace pattern (shards-{000000..000099}.tar)
+    or a folder holding *.tar files and no media files of exts at its top level."""
+    m = re.fullmatch(r"(.*)\{(\d+)\.\.(\d+)\}(.*\.tar)", root)
+    if m:  # zero-padded to the first number's width, as webdataset's brace notation
+        head, a, b, tail = m.groups()
+        return [f"{head}{k:0{len(a)}d}{tail}" for k in range(int(a), int(b) + 1)]
+    if os.path.isfile(root) and root.endswith(".tar"):
+        return [root]
+    if os.path.isdir(root):
+        names = sorted(os.listdir(root))
+        if any(n.endswith(".tar") for n in names) and not any(os.path.splitext(n)[1].lower() in exts for n in names):
+            return [os.path.join(root, n) for n in names if n.endswith(".tar")]
+    return None
+
+
+class TarShards:
+    """WebDataset tar shards as a compact, map-style index: each sample is the members that share a key
+    (dir/KEY.jpg + dir/KEY.txt: the key is the name up to its first dot), and item i is where its media and
+    caption bytes lie - five numbers, 36 bytes an item, instead of a Python tuple of paths (~300 bytes).
+
+    Each shard is scanned once here (tarfile reads the 512-byte headers and seeks over the data); an item is then
+    read by seeking to its offset in the uncompressed tar, so the folder datasets' order, splitting over ranks
+    and workers, exact resume and bad-file counting all apply unchanged. A sample without a media member of exts
+    (e.g. a .json only) is not an item; one without a .txt caption is an error, as in a folder.
+    """
+
+    def __init__(self, paths, exts):
+        self.paths, cols = list(paths), []  # cols: (shard, media offset, media size, caption offset, size)
+        for s, path in enumerate(self.paths):
+            samples = {}  # key -> {extension: (offset, size)}, in the order the shard holds them
+            try:
+                with tarfile.open(path, "r:") as tar:  # "r:": compressed shards have no byte offsets to seek to
+                    for m in tar:
+                        if m.isfile():
+                            d, name = os.path.split(m.name)
+                            key, _, ext = name.partition(".")
+                            samples.setdefault(os.path.join(d, key), {})[ext.lower()] = (m.offset_data, m.size)
+            except (OSError, tarfile.TarError) as e:
+                raise ValueError(f"shard {path} is not a readable uncompressed .tar ({e})") from None
+            for key, members in samples.items():
+                media = next((members[e] for e in members if "." + e in exts), None)
+                if media is None:
+                    continue
+                if "txt" not in members:
+                    raise FileNotFoundError(f"caption member {key}.txt is missing in shard {path}")
+                cols.append((s, *media, *members["txt"]))
+        if not cols:
+            raise FileNotFoundError(f"no {'/'.join(exts)} members in {len(self.paths)} shard(s) {self.paths[0]} ...")
+        cols = np.array(cols, dtype=np.int64)  # (N, 5)
+        self.shard = cols[:, 0].astype(np.int32)
+        self.offset, self.size = np.ascontiguousarray(cols[:, 1::2]), np.ascontiguousarray(cols[:, 2::2])  # (N, 2)
+
+    def __len__(self):
+        return len(self.shard)
+
+    def nbytes(self):
+        return self.shard.nbytes + self.offset.nbytes + self.size.nbytes
+
+    def __getitem__(self, i):
+        """(name, ("tar", shard path)) - the layout of a folder's entries (cache.content_fingerprint reads them)."""
+        path = self.paths[self.shard[i]]
+        return f"{path}@{self.offset[i, 0]}", ("tar", path)
+
+    def read(self, i, member):
+        """The bytes of item i's media (member 0) or caption (member 1)."""
+        with open(self.paths[self.shard[i]], "rb") as f:
+            f.seek(int(self.offset[i, member]))
+            data = f.read(int(self.size[i, member]))
+        if len(data) != self.size[i, member]:
+            raise EOFError(f"{self[i][0]}: shard truncated")
+        return data
 
 
 REFILL_DRAWS = 8  # random replacements tried for an unreadable file before a scan of the whole folder
@@ -147,7 +224,8 @@ class _MediaTextDataset(torch.utils.data.Dataset):
 
     def __init__(self, root):
         self.root = root
-        self.entries = _list_pairs(root, self.exts, self.key)
+        shards = shard_paths(root, self.exts)
+        self.entries = TarShards(shards, self.exts) if shards else _list_pairs(root, self.exts, self.key)
         # shared with the DataLoader's workers: which files are bad, and how many
         self._bad = torch.zeros(len(self.entries), dtype=torch.bool).share_memory_()
         self._count = torch.zeros(1, dtype=torch.int64).share_memory_()
@@ -164,6 +242,8 @@ class _MediaTextDataset(torch.utils.data.Dataset):
         kind, v = self.entries[i][1]
         if kind == "text":
             return v
+        if kind == "tar":
+            return self.entries.read(i, 1).decode("utf-8-sig", errors="replace").strip()
         with open(v, encoding="utf-8-sig", errors="replace") as f:  # a BOM is not caption text
             return f.read().strip()  # an empty file -> "" -> the null caption
 
@@ -175,12 +255,17 @@ class _MediaTextDataset(torch.utils.data.Dataset):
             if self._bad[j]:
                 continue
             try:
-                x, caption = self.load(self.entries[j][0], j, epoch), self.caption(j)
+                x, caption = self.load(self.media(j), j, epoch), self.caption(j)
             except Exception as e:  # noqa: BLE001 - any decoder error means "bad file"
                 self._flag_bad(j, e)
                 continue
             return {"x": x, "caption": caption, "meta": None}
         raise ValueError(f"no readable files in {self.root} ({self.num_bad} bad)")
+
+    def media(self, j):
+        """What load() opens: item j's file path, or its bytes in a tar shard (as a file object)."""
+        path, (kind, _) = self.entries[j]
+        return io.BytesIO(self.entries.read(j, 0)) if kind == "tar" else path
 
     def _flag_bad(self, j, error):
         """Count file j once (over all workers); warn at 1, 10, 100, ... bad files."""
@@ -196,7 +281,8 @@ class _MediaTextDataset(torch.utils.data.Dataset):
 
 
 class ImageTextFolder(_MediaTextDataset):
-    """Images with same-name .txt captions (a folder), or a JSONL manifest of {"image", "caption"}."""
+    """Images with same-name .txt captions (a folder or WebDataset .tar shards), or a JSONL manifest of
+    {"image", "caption"}."""
 
     exts, key = IMAGE_EXTS, "image"
 
@@ -259,7 +345,7 @@ def read_clip(path, num_frames=8, target_fps=4, offset=0.0):
         meta = f.metadata()
     fps = float(meta.get("fps") or 0)
     if fps <= 0:
-        raise ValueError(f"{path}: unknown frame rate")
+        raise ValueError(f"{path if isinstance(path, str) else 'video'}: unknown frame rate")
     # the header's duration gives the frame count: decode up to the last needed frame, keep only those
     est = int(round(float(meta.get("duration") or 0) * fps))
     if est > 0:
@@ -285,7 +371,8 @@ def _decode(iio, plugin, path, want=None):
 
 
 class VideoTextFolder(_MediaTextDataset):
-    """Videos with same-name .txt captions (a folder), or a JSONL manifest of {"video", "caption"}.
+    """Videos with same-name .txt captions (a folder or WebDataset .tar shards), or a JSONL manifest of
+    {"video", "caption"}.
 
     Item i is a clip of num_frames frames at target_fps; where it starts in the video is drawn from
     (seed, epoch, i): another part of a long video each epoch, and a resumed run is identical. Decoding
@@ -301,6 +388,8 @@ class VideoTextFolder(_MediaTextDataset):
 
     def load(self, path, i, epoch=0):
         offset = float(np.random.default_rng([self.seed, epoch, i]).random())
+        if isinstance(path, io.BytesIO):  # a shard's member: imageio reads bytes (opened twice, so not a stream)
+            path = path.getvalue()
         frames = read_clip(path, self.num_frames, self.target_fps, offset)
         return torch.stack([resize_center_crop(Image.fromarray(f), self.size) for f in frames])  # (T, 3, H, W)
 

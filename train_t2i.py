@@ -75,7 +75,8 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # data and frozen encoders
     p.add_argument("--data", default="shapes",
-                   help="shapes | bench | image folder or .jsonl manifest | cache dir made by cache.build_cache")
+                   help="shapes | bench | image folder, .jsonl manifest or .tar shards (a.tar, a folder of *.tar, "
+                        "a-{000..099}.tar) | cache dir made by cache.build_cache")
     p.add_argument("--cache", default=None, help="first cache --data's latents + text features here (rank 0), then train on it")
     p.add_argument("--text-encoder", default=None, help="default: the parent's (--resume, --init-from), else "
                    "tiny-clip+t5 (offline toy encoders); full scale: clip+t5 (Table 2, best)")
@@ -164,7 +165,7 @@ def model_config(args, data, **fields):
 
 
 def make_data_t2i(args, device):
-    """--data for text-to-image: shapes | bench | cache dir | image folder / .jsonl."""
+    """--data for text-to-image: shapes | bench | cache dir | image folder / .jsonl / .tar shards."""
     if args.data == "bench":
         return bench_data(args, device)
     if cache.is_cache(args.data):

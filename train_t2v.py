@@ -31,7 +31,7 @@ def get_parser():
     # whose per-frame quality the joint training is meant to keep (Sec. 3.3.2, "Solution I").
     p.add_argument("--p-motion-free", type=train_t2i.bounded(float, 0, 1), default=None,
                    help="fraction of motion-free pseudo-videos (default 0.5; a cache: its own)")
-    p.add_argument("--image-data", default=None, help="image folder / .jsonl for the pseudo-videos of real --data")
+    p.add_argument("--image-data", default=None, help="image folder / .jsonl / .tar shards for the pseudo-videos of real --data")
     p.add_argument("--from-scratch", action="store_true", help="train without a T2I checkpoint (not the paper's recipe)")
     p.add_argument("--mfg-scale", type=train_t2i.bounded(float), default=1.2, help="lambda_M of Eq. 6 for samples.png")  # paper: 1.0-1.3
     p.set_defaults(data="moving_shapes", out="runs/t2v", batch_size=8, max_steps=600,
@@ -40,7 +40,8 @@ def get_parser():
 
 
 def make_data_t2v(args, device):
-    """--data for text-to-video: moving_shapes (+ shapes images) | bench | cache dir | video folder / .jsonl."""
+    """--data for text-to-video: moving_shapes (+ shapes images) | bench | cache dir | video folder / .jsonl /
+    .tar shards."""
     cached = cache.is_cache(args.data)
     if args.image_data and (cached or args.data in ("bench", "moving_shapes")):
         raise ValueError(f"--image-data is for a folder / .jsonl of real videos; --data {args.data} brings its own "
