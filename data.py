@@ -12,6 +12,7 @@ images are (3, H, W) and videos (T, 3, H, W), floats in [-1, 1].
 
 import json
 import math
+import array
 import io
 import multiprocessing
 import os
@@ -79,10 +80,14 @@ def resize_center_crop(img, size):
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W)
 
 
-def _list_pairs(root, exts, key):
-    """(media path, caption or caption-file path) for a folder with same-name .txt files or a JSONL manifest."""
-    if os.path.isfile(root) and root.endswith(".jsonl"):
-        base, entries = os.path.dirname(os.path.abspath(root)), []
+class Manifest:
+    """A JSONL manifest's entries, compact: every path and caption in one UTF-8 byte string each, with an offset
+    array (8 bytes an item beyond the text), instead of a Python tuple of strings (~330 bytes an item: +333 MB
+    for 1M lines in every rank and loader worker). Item i reads as a folder's entry: (path, ("text", caption))."""
+
+    def __init__(self, root, key):
+        self.root, self.base = root, os.path.dirname(os.path.abspath(root))
+        paths, captions, ends = bytearray(), bytearray(), array.array("q", [0, 0])  # ends: path, caption pairs
         with open(root, encoding="utf-8-sig", errors="replace") as f:  # a stray non-UTF-8 byte: one caption char
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -96,10 +101,32 @@ def _list_pairs(root, exts, key):
                 if not isinstance(rec[key], str) or not isinstance(rec["caption"], (str, type(None))):
                     raise ValueError(f"{root}:{n}: {key!r} must be a path and 'caption' a string (or null)")
                 # a literal caption; "" (or null) trains as the null caption used for CFG
-                entries.append((os.path.join(base, rec[key]), ("text", rec["caption"] or "")))
-        if not entries:
+                paths += rec[key].encode("utf-8", "surrogatepass")
+                captions += (rec["caption"] or "").encode("utf-8", "surrogatepass")
+                ends.extend((len(paths), len(captions)))
+        if len(ends) == 2:
             raise ValueError(f"manifest {root} has no entries")
-        return entries
+        self.paths, self.captions = bytes(paths), bytes(captions)
+        self.ends = np.frombuffer(ends, dtype=np.int64).reshape(-1, 2)  # (N + 1, 2): item i is [ends[i], ends[i+1])
+
+    def __len__(self):
+        return len(self.ends) - 1
+
+    def nbytes(self):
+        return len(self.paths) + len(self.captions) + self.ends.nbytes
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        (p0, c0), (p1, c1) = self.ends[i], self.ends[i + 1]
+        text = lambda blob, a, b: blob[a:b].decode("utf-8", "surrogatepass")
+        return os.path.join(self.base, text(self.paths, p0, p1)), ("text", text(self.captions, c0, c1))
+
+
+def _list_pairs(root, exts, key):
+    """(media path, caption or caption-file path) for a folder with same-name .txt files or a JSONL manifest."""
+    if os.path.isfile(root) and root.endswith(".jsonl"):
+        return Manifest(root, key)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root} is neither a folder, a .jsonl manifest nor .tar shards")
     entries = []

@@ -2,6 +2,8 @@
 skipped and counted the same way, a compact index, and a training run on shards that resumes exactly."""
 
 import io
+import json
+import os
 import tarfile
 import warnings
 
@@ -142,3 +144,16 @@ def test_training_on_shards_resumes_exactly(tmp_path):
     a, b = load(tmp_path / "full" / "ckpt-0000005.pt"), load(tmp_path / "split" / "ckpt-0000005.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["data"] == b["data"] and a["meta"]["dataset"] == str(shards)
+
+
+def test_jsonl_manifest_index_is_compact(tmp_path):
+    """A manifest's entries read as before ((path, ("text", caption)), paths from the manifest's folder) but cost
+    their UTF-8 text plus 16 bytes an item, not a Python tuple of strings each."""
+    lines = [{"image": f"imgs/{k:05d}.jpg", "caption": f"caption {k} é" if k % 3 else None} for k in range(1000)]
+    lines[5]["image"] = "/abs/x.png"
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n\n")
+    index = data.ImageTextFolder(str(tmp_path / "m.jsonl")).entries
+    want = [(os.path.join(str(tmp_path), r["image"]), ("text", r["caption"] or "")) for r in lines]
+    assert list(index) == want and index[5][0] == "/abs/x.png"
+    text = sum(len(r["image"].encode()) + len((r["caption"] or "").encode()) for r in lines)
+    assert index.nbytes() == text + 16 * 1001
