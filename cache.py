@@ -41,8 +41,9 @@ def content_fingerprint(dataset):
         nonlocal found
         if isinstance(ds, _MediaTextDataset):
             found = True
-            for path, (kind, v) in ds.entries:  # v: a caption file ("file") or the caption itself ("text")
-                for f in (path, v) if kind == "file" else (path,):
+            for path, (kind, v) in ds.entries:  # v: a caption file ("file"), the caption itself ("text") or the
+                # shard that holds both ("tar": its size and modification time, as a file's)
+                for f in (path, v) if kind in ("file", "tar") else (path,):
                     st = os.stat(f) if os.path.exists(f) else None
                     h.update(f"{f}|{st and st.st_size}|{st and st.st_mtime_ns}\n".encode())
                 if kind == "text":

@@ -157,3 +157,27 @@ def test_jsonl_manifest_index_is_compact(tmp_path):
     assert list(index) == want and index[5][0] == "/abs/x.png"
     text = sum(len(r["image"].encode()) + len((r["caption"] or "").encode()) for r in lines)
     assert index.nbytes() == text + 16 * 1001
+
+
+def test_a_rewritten_shard_changes_the_cache_fingerprint(tmp_path):
+    """A cache records what its data read (cache.content_fingerprint): rewriting a shard, even with the same
+    members at the same offsets, must change it, so an old cache of it is refused."""
+    import time
+    import cache
+
+    shard = tmp_path / "s.tar"
+
+    def write(colour):
+        img = tmp_path / "a.png"
+        Image.new("RGB", (8, 8), colour).save(img)
+        (tmp_path / "a.txt").write_text("a caption")
+        with tarfile.open(shard, "w") as tar:
+            tar.add(img, arcname="a.png")
+            tar.add(tmp_path / "a.txt", arcname="a.txt")
+
+    write((255, 0, 0))
+    before = cache.content_fingerprint(data.ImageTextFolder(str(shard), size=8))
+    time.sleep(0.01)
+    write((0, 0, 255))
+    os.utime(shard, ns=(time.time_ns(), time.time_ns() + 10**9))  # a later modification time, whatever the clock
+    assert cache.content_fingerprint(data.ImageTextFolder(str(shard), size=8)) != before
