@@ -14,7 +14,8 @@ import time
 import torch
 
 from checkpoint import atomic_write, killed_write, write_json
-from data import JointImageVideoDataset, _MediaTextDataset, collate, latent_spec
+from data import JointImageVideoDataset, _MediaTextDataset, collate
+from latents import latent_spec
 
 # the fields of meta.json that the readers use (cache_spec's and build_cache's); a meta.json without them is not ours
 META_KEYS = ("text_encoder", "text_dim", "pooled_dim", "latent_space", "latent_channels", "resolution", "num_frames",

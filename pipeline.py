@@ -15,7 +15,7 @@ from einops import rearrange
 from tqdm.auto import tqdm
 
 from checkpoint import build_config, checkpoints, newest_good, read_checkpoint, resolve_checkpoint
-from data import latent_spec, load_latent_space
+from latents import latent_spec, load_latent_space
 from diffusion import Diffusion, guided_eps_fn, sample
 import fastpath
 from fastpath.blocks import FusedGenTron

@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 
 import cache
-from data import CACHED_KEYS, load_latent_space
+from data import CACHED_KEYS
+from latents import load_latent_space
 from fsdp import master_process
 from text_encoders import compact_caption, load_text_encoder, real_tokens_first
 

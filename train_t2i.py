@@ -38,7 +38,8 @@ from flops import flops_per_sample
 from fsdp import (DistributedBatches, ShardedAdamW, StopSignals, build_model, exit_status, gather_weights,
                   load_full_state, master_process, matmul_peak_tflops, mixed_precision, next_position, print0,
                   setup_distributed, step_draws)
-from data import ImageTextFolder, collate, latent_spec
+from data import ImageTextFolder, collate
+from latents import latent_spec
 from model import SIZES, GenTronConfig
 from oracle import final_samples
 from pipeline import check_parts

@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cache  # noqa: E402
 import data  # noqa: E402
+import latents  # noqa: E402
 import fsdp  # noqa: E402
 import synthetic  # noqa: E402
 
@@ -559,9 +560,9 @@ def test_joint_draws_change_every_epoch_and_clips_move(tmp_path, monkeypatch):
 
 def test_latent_spaces():
     x = torch.rand(2, 3, 16, 16) * 2 - 1
-    px = data.load_latent_space("pixel")
+    px = latents.load_latent_space("pixel")
     assert px.channels == 3 and torch.equal(px.decode(px.encode(x)), x)
-    vae = data.SDVAE("fake", vae=FakeVAE())
+    vae = latents.SDVAE("fake", vae=FakeVAE())
     z = vae.encode(x)
     assert z.shape == (2, 4, 2, 2) and torch.equal(z, FakeVAE().encode(x).latent_dist.mean * 0.18215)
     assert torch.allclose(vae.decode(z), x[:, :, ::8, ::8].repeat_interleave(8, 2).repeat_interleave(8, 3))
@@ -576,12 +577,7 @@ def test_optional_dependencies_fail_clearly():
         import diffusers  # noqa: F401
     except ImportError:
         with pytest.raises(ImportError, match="diffusers"):
-            data.load_latent_space("sd-vae")
-    try:
-        import webdataset  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="webdataset"):
-            data.webdataset_images(["x.tar"])
+            latents.load_latent_space("sd-vae")
 
 
 # -----------------------------------------------------------------------------
@@ -608,7 +604,7 @@ class StubEncoder:
 
 def test_cache_round_trip_and_refusal(tmp_path):
     ds = synthetic.ShapesDataset(seed=1, length=10)
-    enc, px = StubEncoder(), data.PixelSpace()
+    enc, px = StubEncoder(), latents.PixelSpace()
     meta = cache.build_cache(ds, str(tmp_path), enc, px, shard_size=4, batch_size=3, progress=False)
     assert meta["complete"] and sorted(os.listdir(tmp_path)) == ["meta.json"] + [f"shard_0000{k}.pt" for k in range(3)]
     expect = cache.cache_spec(enc, px, 32, None, ds.spec)
@@ -655,7 +651,7 @@ def test_cache_of_changed_files_is_refused(tmp_path):
         _png(src / f"{name}.png", color)
         (src / f"{name}.txt").write_text(f"a {name} thing")
     build = lambda: cache.build_cache(data.ImageTextFolder(str(src), size=8), str(tmp_path / "c"), StubEncoder(),
-                                     data.PixelSpace(), shard_size=2, progress=False)
+                                     latents.PixelSpace(), shard_size=2, progress=False)
     build()
     build()  # unchanged files: the complete cache is kept
     (src / "a.txt").write_text("a red circle")
@@ -668,21 +664,21 @@ def test_the_sd_vae_has_one_name_in_caches_checkpoints_and_flags(tmp_path):
     """--latent-space sd-vae loads stabilityai/sd-vae-ft-ema. Caches recorded the long name and checkpoints the
     short one, so a child run or a resume on such a cache, inheriting "sd-vae", was refused by the cache. Both
     spellings are one name now, also for caches written before."""
-    assert data.SDVAE(vae=FakeVAE()).spec == data.SDVAE(data.SD_VAE, vae=FakeVAE()).spec == "sd-vae"
-    assert data.SDVAE("my/vae", vae=FakeVAE()).spec == "my/vae"
+    assert latents.SDVAE(vae=FakeVAE()).spec == latents.SDVAE(latents.SD_VAE, vae=FakeVAE()).spec == "sd-vae"
+    assert latents.SDVAE("my/vae", vae=FakeVAE()).spec == "my/vae"
     src = tmp_path / "imgs"
     src.mkdir()
     for name, color in (("a", (0, 0, 255)), ("b", (0, 255, 0))):
         _png(src / f"{name}.png", color)
         (src / f"{name}.txt").write_text(f"a {name} thing")
     path = str(tmp_path / "c")
-    cache.build_cache(data.ImageTextFolder(str(src), size=16), path, StubEncoder(), data.SDVAE(vae=FakeVAE()),
+    cache.build_cache(data.ImageTextFolder(str(src), size=16), path, StubEncoder(), latents.SDVAE(vae=FakeVAE()),
                       progress=False)
     meta = json.load(open(os.path.join(path, "meta.json")))
     assert meta["latent_space"] == "sd-vae"
-    json.dump({**meta, "latent_space": data.SD_VAE}, open(os.path.join(path, "meta.json"), "w"))  # an older cache
-    for flag in ("sd-vae", data.SD_VAE):
-        cache.check_flags(cache.CachedDataset(path).meta, path, {"--latent-space": data.latent_spec(flag)})
+    json.dump({**meta, "latent_space": latents.SD_VAE}, open(os.path.join(path, "meta.json"), "w"))  # an older cache
+    for flag in ("sd-vae", latents.SD_VAE):
+        cache.check_flags(cache.CachedDataset(path).meta, path, {"--latent-space": latents.latent_spec(flag)})
     with pytest.raises(ValueError, match="made with --latent-space sd-vae, not pixel"):
         cache.check_flags(cache.CachedDataset(path).meta, path, {"--latent-space": "pixel"})
 
@@ -699,16 +695,16 @@ def test_cache_knows_its_motion_free_fraction_however_written():
 def test_cache_killed_run_is_refused_then_resumed(tmp_path):
     ds = synthetic.MovingShapesDataset(num_frames=4, seed=0, length=6)
     with pytest.raises(KeyboardInterrupt):  # dies while encoding the second shard
-        cache.build_cache(ds, str(tmp_path), StubEncoder(fail_after=2), data.PixelSpace(),
+        cache.build_cache(ds, str(tmp_path), StubEncoder(fail_after=2), latents.PixelSpace(),
                          shard_size=4, batch_size=2, progress=False)
     assert sorted(os.listdir(tmp_path)) == ["meta.json", "shard_00000.pt"]
     with pytest.raises(ValueError, match="incomplete"):
         cache.CachedDataset(str(tmp_path))
     with pytest.raises(ValueError, match="shard_size="):  # resuming with other settings is refused
-        cache.build_cache(ds, str(tmp_path), StubEncoder(), data.PixelSpace(), shard_size=3, progress=False)
+        cache.build_cache(ds, str(tmp_path), StubEncoder(), latents.PixelSpace(), shard_size=3, progress=False)
     (tmp_path / "shard_00001.pt.tmp123").write_bytes(b"half a shard")  # what a kill mid-write leaves
     enc = StubEncoder()
-    cache.build_cache(ds, str(tmp_path), enc, data.PixelSpace(), shard_size=4, batch_size=2, progress=False)
+    cache.build_cache(ds, str(tmp_path), enc, latents.PixelSpace(), shard_size=4, batch_size=2, progress=False)
     assert sorted(os.listdir(tmp_path)) == ["meta.json", "shard_00000.pt", "shard_00001.pt"]
     assert enc.calls == 1  # only the missing shard (2 items, 1 batch) was encoded
     cd = cache.CachedDataset(str(tmp_path), {"num_frames": 4, "latent_space": "pixel"})
@@ -726,13 +722,13 @@ def test_cache_never_touches_files_it_did_not_write(tmp_path):
     for name in ("notes.tmp.txt", "email.tmpl"):
         (mine / name).write_text("keep me")
     with pytest.raises(ValueError, match=r"work holds other files \((notes.tmp.txt|email.tmpl)\) and no cache"):
-        cache.build_cache(ds, str(mine), StubEncoder(), data.PixelSpace(), progress=False)
+        cache.build_cache(ds, str(mine), StubEncoder(), latents.PixelSpace(), progress=False)
     assert sorted(os.listdir(mine)) == ["email.tmpl", "notes.tmp.txt"]
     c = tmp_path / "c"
-    cache.build_cache(ds, str(c), StubEncoder(), data.PixelSpace(), shard_size=2, progress=False)
+    cache.build_cache(ds, str(c), StubEncoder(), latents.PixelSpace(), shard_size=2, progress=False)
     (c / "notes.tmp.txt").write_text("keep me")
     (c / "meta.json.tmp99").write_text("{")  # a killed write of ours
-    cache.build_cache(ds, str(c), StubEncoder(), data.PixelSpace(), shard_size=2, progress=False)
+    cache.build_cache(ds, str(c), StubEncoder(), latents.PixelSpace(), shard_size=2, progress=False)
     assert sorted(os.listdir(c)) == ["meta.json", "notes.tmp.txt", "shard_00000.pt", "shard_00001.pt"]
     assert cache.is_cache(str(c)) and not cache.is_cache(str(mine))
     (mine / "meta.json").write_text('{"source": "flickr"}')  # an image folder's own metadata
@@ -755,8 +751,8 @@ def test_cache_with_real_text_encoder(tmp_path):
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"tiny text encoder unavailable: {e}")
     ds = synthetic.ShapesDataset(seed=0, length=3)
-    cache.build_cache(ds, str(tmp_path), enc, data.PixelSpace(), shard_size=2, progress=False)
-    cd = cache.CachedDataset(str(tmp_path), cache.cache_spec(enc, data.PixelSpace(), 32, None, ds.spec))
+    cache.build_cache(ds, str(tmp_path), enc, latents.PixelSpace(), shard_size=2, progress=False)
+    cd = cache.CachedDataset(str(tmp_path), cache.cache_spec(enc, latents.PixelSpace(), 32, None, ds.spec))
     tok, mask, pooled = enc([ds[2]["caption"]])
     assert torch.allclose(cd[2]["text"], tok[0].cpu()) and torch.equal(cd[2]["text_mask"], mask[0].bool().cpu())
 

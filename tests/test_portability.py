@@ -13,7 +13,7 @@ sys.path.insert(0, ROOT)
 import pytest
 import torch
 
-import data
+import latents
 import pipeline
 import sample
 import train_t2i
@@ -100,7 +100,7 @@ def test_override_of_other_shapes_is_one_line(moved):
     # a VAE's 4 channels at 1/8 where the model was trained on 3 pixel channels at 1/1
     with pytest.raises(ValueError, match="gives 4 channels at 1/8 size; the model was trained on 3 at 1/1"):
         pipeline.check_parts({"text_dim": 64, "pooled_dim": 64, "in_channels": 3, "input_size": 32}, 32,
-                             load_text_encoder("tiny-clip"), data.SDVAE("my/vae", vae=FakeVAE()))
+                             load_text_encoder("tiny-clip"), latents.SDVAE("my/vae", vae=FakeVAE()))
 
 
 def test_resume_takes_a_moved_encoder(moved, tmp_path):
@@ -127,11 +127,11 @@ def test_clip_without_projection_is_refused(tmp_path):
 
 def test_vae_layout_comes_from_its_config():
     x = torch.rand(2, 3, 16, 16) * 2 - 1
-    sdxl = data.SDVAE("sdxl", vae=FakeVAE(scaling_factor=0.13025))  # SDXL's VAE: 4 channels, /8, 0.13025
+    sdxl = latents.SDVAE("sdxl", vae=FakeVAE(scaling_factor=0.13025))  # SDXL's VAE: 4 channels, /8, 0.13025
     assert (sdxl.channels, sdxl.downsample) == (4, 8)
     assert torch.equal(sdxl.encode(x), x[:, :, ::8, ::8].repeat(1, 2, 1, 1)[:, :4] * 0.13025)
     # a 16-channel VAE with a shift (SD3's config); 3 down blocks: /4. z = (mean - shift) * scale
-    sd3 = data.SDVAE("sd3", vae=FakeVAE(scaling_factor=1.5305, shift_factor=0.0609, latent_channels=16,
+    sd3 = latents.SDVAE("sd3", vae=FakeVAE(scaling_factor=1.5305, shift_factor=0.0609, latent_channels=16,
                                         block_out_channels=[8, 8, 8]))
     z = sd3.encode(x)
     assert (sd3.channels, sd3.downsample) == (16, 4) and z.shape == (2, 16, 4, 4)
@@ -141,9 +141,9 @@ def test_vae_layout_comes_from_its_config():
     no_scale = FakeVAE()
     del no_scale.config["scaling_factor"]
     with pytest.raises(ValueError, match="no scaling_factor, latent_channels and block_out_channels"):
-        data.SDVAE("odd", vae=no_scale)
+        latents.SDVAE("odd", vae=no_scale)
     with pytest.raises(ValueError, match="per channel"):
-        data.SDVAE("playground", vae=FakeVAE(latents_mean=[0.0] * 4, latents_std=[1.0] * 4))
+        latents.SDVAE("playground", vae=FakeVAE(latents_mean=[0.0] * 4, latents_std=[1.0] * 4))
 
 
 def test_help_names_the_path_flags(capsys):

@@ -19,7 +19,8 @@ import train_data
 import train_t2i
 import train_t2v
 from diffusion import Diffusion
-from data import JointImageVideoDataset, PixelSpace, collate
+from data import JointImageVideoDataset, collate
+from latents import PixelSpace
 from model import GenTron, GenTronConfig, make_config
 from synthetic import MovingShapesDataset, ShapesDataset
 from text_encoders import load_text_encoder, real_tokens_first
