@@ -391,6 +391,10 @@ def _train(args, make_data, make_config, kind, rank, world, device, stop):
     t0, seen, work, final = time.perf_counter(), 0, 0.0, ckpt if master_process() else None
     saved = step  # the step of the newest checkpoint (the loaded one, or the step this run starts at)
     deadline = started + 60 * (args.time_limit or 0)
+    def checkpoint_now():  # every rank: the full state gathered onto rank 0 (collectives), which writes it
+        weights, optimizer = gather_weights(model, opt, ema), opt.full_state_dict()
+        return save_checkpoint(out, step, weights, optimizer, pos, cfg, meta, args, args.keep)
+
     stop.phase, stopped_by = "training", 0  # from here a signal stops at the next check step (fsdp.StopSignals)
     for step in range(step + 1, args.max_steps + 1):
         t, noise, drop = step_draws(args.seed, step, B, sample_shape, device, args.caption_dropout)
@@ -465,8 +469,7 @@ def _train(args, make_data, make_config, kind, rank, world, device, stop):
                 torch.cuda.reset_peak_memory_stats(device)
         if save:
             writing = time.perf_counter()
-            weights, optimizer = gather_weights(model, opt, ema), opt.full_state_dict()  # collectives
-            final, saved = save_checkpoint(out, step, weights, optimizer, pos, cfg, meta, args, args.keep), step
+            final, saved = checkpoint_now(), step
             t0 += time.perf_counter() - writing  # samples/s and MFU count training, not checkpoint writes
         # The ranks' clocks differ, and a signal may reach some ranks only, or later: all stop at this step, or
         # none does. The larger signal number wins, so that all ranks exit with the same status.
@@ -476,8 +479,7 @@ def _train(args, make_data, make_config, kind, rank, world, device, stop):
         late, stopped_by = (int(v) for v in flags.tolist())
         if late or stopped_by:
             if not save:
-                weights, optimizer = gather_weights(model, opt, ema), opt.full_state_dict()  # collectives
-                final, saved = save_checkpoint(out, step, weights, optimizer, pos, cfg, meta, args, args.keep), step
+                final, saved = checkpoint_now(), step
             why = signal.Signals(stopped_by).name if stopped_by else f"--time-limit {args.time_limit} min reached"
             print0(f"{why}: stopped at step {step} of {args.max_steps} with {out}/ckpt-{step:07d}.pt"
                    + ("; --resume continues" if stopped_by else ""))
