@@ -1,9 +1,16 @@
 """
-Checkpoint files, the two formats every script reads:
-- a training run's `RUN/ckpt-NNNNNNN.pt`: plain types only (loads with weights_only=True) - model, EMA and
-  optimizer state, step, data position, RNG state, the model config and the run's meta and flags, and a CRC-32
-  of every tensor's bytes, checked on every load;
-- a `.safetensors` export (`sample.py --export`): EMA weights, with the config, meta and step as metadata.
+Checkpoint files, the formats every script reads:
+- a training run's checkpoint, the folder `RUN/ckpt-NNNNNNN/` in torch.distributed.checkpoint's (DCP) format:
+    __R_0.distcp     rank R's shards of the model, its EMA and AdamW's moments: every rank writes its own, at once
+    .metadata        DCP's index: each tensor's global shape and where its pieces are
+    state.pt         step, data position, RNG state, the model config, the run's meta and flags (plain types)
+    checksums.json   the size and CRC-32 of each file above, written last and checked on every load
+  so that G/2's ~47 GB of weights, EMA and moments are never gathered onto one rank, and a run resumes on
+  any number of ranks (DCP reshards on load). It is written as ckpt-NNNNNNN.tmp and renamed once every rank's
+  files are on the disk: a folder named ckpt-NNNNNNN is whole. Single-file `ckpt-NNNNNNN.pt` checkpoints
+  (model, EMA and optimizer state, with a CRC-32 of every tensor) still read and resume;
+- a `.safetensors` export (`sample.py --export`): EMA weights, with the config, meta and step as metadata,
+  for sampling and sharing.
 Here: finding them, reading and verifying them, writing them (atomically; a full disk is one line that says
 how much is needed and free), exporting, and starting a new run from one
 (`--init-from`: same model at any resolution, T2I weights into a T2V model, Sec. 3.3.1, or an official DiT checkpoint,
@@ -17,10 +24,13 @@ import os
 import re
 import shutil
 import textwrap
+import warnings
+import zipfile
 import zlib
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 from dit_weights import DIT_META, check_dit, convert_dit, dit_config, read_dit
 from model import GenTron, GenTronConfig
@@ -87,24 +97,6 @@ def human(n):
         n /= 1024
         if n < 1024 or unit == "GiB":
             return f"{n:.1f} {unit}"
-
-
-def saved_size(obj):
-    """The bytes torch.save(obj) writes (to a stream: a file's are within a few hundred), counted without
-    writing them, for space_report."""
-    class Counter:
-        n = 0
-
-        def write(self, b):
-            self.n += len(b)
-            return len(b)
-
-        def flush(self):
-            pass
-
-    counter = Counter()
-    torch.save(obj, counter)
-    return counter.n
 
 
 def fsync(path):
@@ -176,29 +168,90 @@ def write_json(path, obj, **kwargs):
 
 
 def checkpoint_step(path):
-    """The step of a ckpt-NNNNNNN.pt path (from its name), None for any other file name."""
-    m = re.fullmatch(r"ckpt-(\d+)\.pt", os.path.basename(path))
+    """The step of a ckpt-NNNNNNN folder or ckpt-NNNNNNN.pt file (from its name), None for any other name."""
+    m = re.fullmatch(r"ckpt-(\d+)(\.pt)?", os.path.basename(os.path.normpath(path)))
     return int(m.group(1)) if m else None
 
 
 def checkpoints(run_dir):
-    """A run directory's ckpt-*.pt paths, oldest (lowest step) first; [] if there are none."""
+    """A run directory's checkpoints (ckpt-NNNNNNN folders and .pt files), oldest (lowest step) first; [] if none."""
     if not os.path.isdir(run_dir):
         return []
     steps = sorted((s, f) for f in os.listdir(run_dir) if (s := checkpoint_step(f)) is not None)
     return [os.path.join(run_dir, f) for _, f in steps]
 
 
+def is_run_dir(path):
+    """A folder that holds checkpoints (a run), rather than one checkpoint folder."""
+    return os.path.isdir(path) and checkpoint_step(path) is None
+
+
 def resolve_checkpoint(path):
-    """A run directory -> its newest ckpt-*.pt (highest step); a file -> itself."""
-    if os.path.isdir(path):
+    """A run directory -> its newest checkpoint (highest step); a checkpoint folder or file -> itself."""
+    if is_run_dir(path):
         found = checkpoints(path)
         if not found:
-            raise FileNotFoundError(f"no ckpt-*.pt checkpoint in run directory {path}")
+            raise FileNotFoundError(f"no ckpt-NNNNNNN checkpoint in run directory {path}")
         return found[-1]
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     return path
+
+
+def load_checkpoint(path, weights=True, share=False):
+    """A training checkpoint, verified -> {"step", "data", "rng", "config", "meta", "args"} and, with weights, its
+    "model" and "ema" state dicts and "optimizer" ({"state": {name: {"step", "exp_avg", "exp_avg_sq"}}}) as full
+    CPU tensors. weights=False reads a folder's small state.pt alone (training then loads its shards in place:
+    load_sharded). share: every rank of the process group calls it, and each checks a share of the files.
+    A damaged or incomplete checkpoint is a one-line ValueError naming it."""
+    if not os.path.isdir(path):
+        return load_pt(path, mmap=True)  # a single-file checkpoint
+    verify_files(path, share)
+    ckpt = read_state(path)
+    if weights:
+        ckpt.update(read_sharded(path))
+    return ckpt
+
+
+def read_state(path):
+    """A checkpoint folder's state.pt (step, data position, RNG, config, meta, args)."""
+    try:
+        state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, truncated or junk
+        cause = textwrap.shorten(f"{type(e).__name__}: {e}", 200)
+        raise ValueError(f"{path} is not a readable GenTron checkpoint ({cause})") from None
+    missing = [k for k in ("step", "config", "meta") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{path} is not a GenTron checkpoint: state.pt has no {', '.join(missing)}")
+    return state
+
+
+def read_sharded(path, keys=("model", "ema", "optimizer")):
+    """The tensors of a checkpoint folder as full CPU tensors, in one process: {"model": {name: tensor}, "ema":
+    ..., "optimizer": {"state": {name: {field: tensor}}}} for the `keys` asked for. DCP's .metadata gives every
+    tensor's global shape; DCP reads each one's pieces from whichever ranks wrote them."""
+    layout = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    flat = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in layout.items() if k.split(".")[0] in keys}
+    nested = {key: {} for key in keys}
+    for k, t in flat.items():  # "model.blocks.0.mlp.fc1.weight", "optimizer.blocks.0.mlp.fc1.weight.exp_avg"
+        key, name = k.split(".", 1)
+        if key == "optimizer":
+            name, field = name.rsplit(".", 1)
+            nested[key].setdefault(name, {})[field] = t
+        else:
+            nested[key][name] = t
+    with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process reads it all, as meant
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(nested, checkpoint_id=path, no_dist=True)  # fills the tensors in place
+    if "optimizer" in nested:
+        nested["optimizer"] = {"state": nested["optimizer"]}
+    return nested
+
+
+def load_sharded(path, state):
+    """Every rank: fill `state` ({"model", "ema", "optimizer"} of this rank's shards: DTensors, or whole tensors on
+    one rank) in place from a checkpoint folder written by any number of ranks (DCP reshards)."""
+    dcp.load(state, checkpoint_id=path)
 
 
 def load_pt(path, mmap=False):
@@ -206,7 +259,9 @@ def load_pt(path, mmap=False):
     against the checksums it was written with (verify); a file that is not one (truncated, another format, junk)
     or whose bytes changed is a one-line ValueError naming it."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        # mmap: the tensors stay on the disk until used (a zip file only: torch.save's format; junk gets torch's own
+        # error below)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:  # junk fails anywhere in torch's reader: UnpicklingError, RuntimeError, KeyError, ...
         # torch's weights_only refusal opens with a long preamble; its reason follows "WeightsUnpickler error:".
         cause = textwrap.shorten(f"{type(e).__name__}: {str(e).split('WeightsUnpickler error:')[-1]}", 200)
@@ -261,14 +316,53 @@ def verify(ckpt, path):
             raise ValueError(f"{path} is corrupt: the bytes of {name} are not those written (CRC-32 mismatch)")
 
 
-def newest_good(found, say=print, flag="--resume"):
+def file_crc(path, chunk=1 << 24):
+    """CRC-32 of a file's bytes, read in 16 MiB pieces."""
+    value = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            value = zlib.crc32(block, value)
+    return value
+
+
+def verify_files(path, share=False):
+    """Raise a one-line ValueError unless every file of a checkpoint folder has the size and CRC-32 that
+    checksums.json records (no checksums.json: a write that never finished). share: every rank calls it and
+    checks every world-th file, and all ranks raise the same error."""
+    try:
+        with open(os.path.join(path, "checksums.json")) as f:
+            sums = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is incomplete or damaged: no readable checksums.json ({e.__class__.__name__})") from None
+    rank, world = (dist.get_rank(), dist.get_world_size()) if share and dist.is_initialized() else (0, 1)
+    bad = None
+    for name in sorted(sums)[rank::world]:
+        file, (size, crc32) = os.path.join(path, name), sums[name]
+        if not os.path.isfile(file):
+            bad = f"{name} is missing"
+        elif os.path.getsize(file) != size:
+            bad = f"{name} has {os.path.getsize(file)} bytes, not the {size} written"
+        elif file_crc(file) != crc32:
+            bad = f"the bytes of {name} are not those written (CRC-32 mismatch)"
+        if bad:
+            break
+    if world > 1:
+        found = [None] * world
+        dist.all_gather_object(found, bad)
+        bad = next((b for b in found if b), None)
+    if bad:
+        raise ValueError(f"{path} is corrupt: {bad}")
+
+
+def newest_good(found, say=print, flag="--resume", weights=False, share=False):
     """The newest of a run's checkpoints (checkpoints() order) that reads and verifies -> (path, ckpt), after one
     line each, through say(), for the newer ones that do not; none that does is one ValueError. Nothing is moved
-    or deleted: a bad file stays for a look (a resumed run that reaches its step writes a good one in its place)."""
+    or deleted: a bad one stays for a look (a resumed run that reaches its step writes a good one in its place).
+    weights, share: as load_checkpoint's."""
     bad = []
     for path in reversed(found):
         try:
-            ckpt = load_pt(path, mmap=True)
+            ckpt = load_checkpoint(path, weights, share)
         except ValueError as e:
             bad.append(str(e))
             continue
@@ -279,10 +373,10 @@ def newest_good(found, say=print, flag="--resume"):
                      f"(the newest: {bad[0]})")
 
 
-def last_good_checkpoint(run_dir):
+def last_good_checkpoint(run_dir, share=False):
     """The newest checkpoint of a run that reads and verifies (the NaN guard names it), else "none"."""
     try:
-        return newest_good(checkpoints(run_dir), say=lambda line: None)[0]
+        return newest_good(checkpoints(run_dir), say=lambda line: None, weights=False, share=share)[0]
     except (ValueError, IndexError):
         return "none"
 
@@ -306,17 +400,18 @@ def export_metadata(path):
 
 
 def read_checkpoint(path, ema=True, ckpt=None):
-    """-> (state dict, config dict, meta dict, step) of a .pt checkpoint or a .safetensors export (ckpt: the .pt's
-    dict, where it was read already)."""
+    """-> (state dict, config dict, meta dict, step) of a checkpoint (folder or .pt) or a .safetensors export
+    (ckpt: the checkpoint's dict, where it was read already)."""
     if path.endswith(".safetensors"):
         config, meta, step = export_metadata(path)
         if not ema:
-            raise ValueError(f"{path} is an export and holds EMA weights only; pass a ckpt-*.pt for --no-ema")
+            raise ValueError(f"{path} is an export and holds EMA weights only; pass a ckpt-NNNNNNN for --no-ema")
         from safetensors.torch import load_file
 
         return load_file(path), config, meta, step
-    ckpt = ckpt or load_pt(path)
-    weights = ckpt.get("ema") if ema else ckpt["model"]
+    ckpt = ckpt or load_checkpoint(path, weights=False)
+    key = "ema" if ema else "model"
+    weights = ckpt.get(key) if key in ckpt else read_sharded(path, (key,))[key]  # a folder: read the one set
     if weights is None:
         raise ValueError(f"{path} has no EMA weights; pass --no-ema to sample with the raw weights")
     return weights, ckpt["config"], ckpt["meta"], ckpt.get("step")
@@ -341,35 +436,79 @@ def config_dict(config):
 # writing: training checkpoints and exports
 
 
+def remove(path):
+    """Delete a checkpoint: a folder and its files, or one file."""
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
 def remove_partial_checkpoints(out):
-    """Delete the temp files of checkpoint writes that were killed midway (nothing to resume from)."""
+    """Delete what checkpoint writes killed midway left (ckpt-NNNNNNN.tmp folders, temp files): nothing to resume
+    from."""
     for name in os.listdir(out) if os.path.isdir(out) else []:
         if (killed_write(name) or "").startswith("ckpt-"):
-            os.remove(os.path.join(out, name))
+            remove(os.path.join(out, name))
 
 
-def save_checkpoint(out, step, weights, optimizer, pos, cfg, meta, args, keep):
-    """Every rank calls it with the full state dicts gathered onto rank 0 (weights: fsdp.gather_weights; optimizer:
-    fsdp.ShardedAdamW.full_state_dict; None for every tensor on the other ranks). Rank 0 writes ckpt-{step}.pt
-    atomically (temp file + rename), with the checksums load_pt verifies, and keeps the last `keep`. Returns the checkpoint dict on rank 0 (None elsewhere)."""
-    ckpt = {**weights, "optimizer": optimizer, "step": step,
-            "rng": {"torch": torch.get_rng_state()}, "data": {"epoch": pos[0], "offset": pos[1]},
-            "config": dataclasses.asdict(cfg), "meta": meta, "args": vars(args)}
-    master = not dist.is_initialized() or dist.get_rank() == 0
-    if master:
-        ckpt["checksums"] = checksums(ckpt)  # load_pt checks them
-        path = os.path.join(out, f"ckpt-{step:07d}.pt")
-        try:  # atomic: a crash never leaves a half-written newest checkpoint
-            atomic_write(path, lambda tmp: torch.save(ckpt, tmp), size=lambda: saved_size(ckpt))
-        except OSError as e:
-            raise OSError(f"{e}; the checkpoints already in {out} are intact") from None
+def save_checkpoint(out, step, state, pos, cfg, meta, args, keep):
+    """Every rank calls it with its shards, state = {"model", "ema", "optimizer"} (fsdp.sharded_state). Each rank
+    writes its own files into out/ckpt-{step}.tmp (DCP); rank 0 adds state.pt and checksums.json, renames the folder
+    to out/ckpt-{step}, and keeps the newest `keep`. A failed write (a full disk) is one OSError on every rank,
+    and the folder is removed; the earlier checkpoints are untouched."""
+    path = os.path.join(out, f"ckpt-{step:07d}")
+    tmp, rank = f"{path}.tmp", dist.get_rank()
+    if rank == 0 and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    dist.barrier()
+    free = shutil.disk_usage(out).free
+    error = None
+    try:
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp))  # each file fsynced before it returns
+        mine = {f: (os.path.getsize(os.path.join(tmp, f)), file_crc(os.path.join(tmp, f)))
+                for f in os.listdir(tmp) if f.startswith(f"__{rank}_")}  # this rank's files, still in the page cache
+    except (OSError, RuntimeError, dcp.CheckpointException) as e:  # DCP's: every rank's failures, as a BaseException
+        first = next(iter(e.failures.values()))[0] if isinstance(e, dcp.CheckpointException) else e
+        cause = str(first).splitlines()[0] if str(first) else type(first).__name__
+        error = f"{cause}: {space_report(tmp, lambda: state_bytes(state), free=free)}" if out_of_space(first) else cause
+        mine = {}
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, (mine, error))
+    error = next((e for _, e in found if e), None)
+    if rank == 0 and error is None:
+        try:
+            extra = {"step": step, "rng": {"torch": torch.get_rng_state()}, "data": {"epoch": pos[0], "offset": pos[1]},
+                     "config": dataclasses.asdict(cfg), "meta": meta, "args": vars(args)}
+            torch.save(extra, os.path.join(tmp, "state.pt"))
+            sums = {name: v for files, _ in found for name, v in files.items()}
+            for name in (".metadata", "state.pt"):
+                fsync(os.path.join(tmp, name))
+                sums[name] = (os.path.getsize(os.path.join(tmp, name)), file_crc(os.path.join(tmp, name)))
+            write_json(os.path.join(tmp, "checksums.json"), sums)
+            fsync(tmp)
+            if os.path.exists(path):  # a checkpoint of this step that --resume found damaged and skipped
+                shutil.rmtree(path)
+            os.replace(tmp, path)  # the checkpoint appears whole, or not at all
+            fsync(out)
+        except (OSError, RuntimeError) as e:
+            error = (f"{str(e).splitlines()[0]}: {space_report(tmp, lambda: state_bytes(state), free=free)}"
+                     if out_of_space(e) else str(e).splitlines()[0])
+    outcome = [error]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"could not write {path} ({outcome[0]}); the checkpoints already in {out} are intact")
+    if rank == 0:
         # keep the newest `keep` up to this step; later steps (a newer checkpoint that --resume found corrupt and
         # skipped) are left alone until this run reaches and rewrites them
         older = [p for p in checkpoints(out) if checkpoint_step(p) < step] if keep else []  # --keep 0: all
         for old in older[:max(0, len(older) - (keep - 1))]:
-            os.remove(old)
+            remove(old)
     dist.barrier()
-    return ckpt if master else None
+
+
+def state_bytes(state):
+    """The bytes of a (sharded) state's tensors at their global sizes: about what its checkpoint takes on disk."""
+    return sum(t.numel() * t.element_size() for _, t in tensors(state))
 
 
 def export(ckpt, out, dtype="fp32"):
@@ -394,7 +533,7 @@ def export(ckpt, out, dtype="fp32"):
 
 
 def init_file(path):
-    """--init-from: a run folder (its newest checkpoint), a ckpt-*.pt, a .safetensors export or a DiT .pt."""
+    """--init-from: a run folder (its newest checkpoint), a checkpoint, a .safetensors export or a DiT .pt."""
     try:
         return resolve_checkpoint(path)
     except FileNotFoundError as e:
@@ -415,7 +554,7 @@ def stored_settings(path):
     dit = init_dit(path)
     if dit is not None:  # DiT: the architecture its weights fix; SD-VAE latents and eps, as it was trained
         return dit_config(dit), dict(DIT_META)
-    ckpt = load_pt(path, mmap=True)
+    ckpt = load_checkpoint(path, weights=False)
     return ckpt["config"], ckpt["meta"]
 
 
@@ -457,7 +596,9 @@ def load_init(path, cfg, seed):
         weights = {k: v.float() for k, v in weights.items()}
         ckpt = {"model": weights, "ema": weights, "config": config, "step": step}
     else:
-        ckpt = load_pt(path, mmap=True)
+        ckpt = load_checkpoint(path, weights=False)
+        if "model" not in ckpt:  # a folder: its weights and EMA, not the optimizer's moments
+            ckpt.update(read_sharded(path, ("model", "ema")))
     check_init(ckpt["config"], cfg, path)
     if cfg.temporal and not ckpt["config"].get("temporal", False):  # T2I -> T2V
         torch.manual_seed(seed)

@@ -353,7 +353,7 @@ def _video_plugin():
 def read_clip(path, num_frames=8, target_fps=4, offset=0.0):
     """Decode num_frames frames at target_fps from a video file -> list of (H, W, 3) uint8 arrays."""
     iio, plugin = _video_plugin()
-    with iio.imopen(path, "r", plugin=plugin) as f:
+    with _open_video(iio, plugin, path) as f:
         meta = f.metadata()
     fps = float(meta.get("fps") or 0)
     if fps <= 0:
@@ -370,10 +370,17 @@ def read_clip(path, num_frames=8, target_fps=4, offset=0.0):
     return [frames[k] for k in frame_indices(len(frames), fps, num_frames, target_fps, offset)]
 
 
+def _open_video(iio, plugin, path):
+    """imageio's reader of a video file, or of a tar member's bytes. imageio-ffmpeg picks its readers by the file
+    name's extension, which bytes lack: ".mp4" lets it open them, and ffmpeg then reads the container's format
+    from the bytes themselves (webm, mov, ... as well)."""
+    return iio.imopen(path, "r", plugin=plugin, **({"extension": ".mp4"} if isinstance(path, bytes) else {}))
+
+
 def _decode(iio, plugin, path, want=None):
     """{index: frame} of the frames in want (every frame if None); None if the video ends before max(want)."""
     out, last = {}, max(want) if want else math.inf
-    with iio.imopen(path, "r", plugin=plugin) as f:
+    with _open_video(iio, plugin, path) as f:
         for k, frame in enumerate(f.iter()):
             if want is None or k in want:
                 out[k] = frame

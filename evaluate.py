@@ -102,7 +102,7 @@ def compbench_table(scores):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--ckpt", help="run dir, ckpt-*.pt or .safetensors (default: the bundled model)")
+    p.add_argument("--ckpt", help="run dir, one of its ckpt-NNNNNNN checkpoints, or a .safetensors export (default: the bundled model)")
     p.add_argument("--oracle", action="store_true", help="exact benchmark on held-out synthetic compositions")
     p.add_argument("--video", action="store_true", help="with --oracle: the T2V benchmark")
     p.add_argument("--n", type=int, default=50, help="--oracle: prompts per category; --attention-logits: samples")

@@ -181,6 +181,13 @@ def full_cpu_on_master(t):
     return full.to("cpu", copy=True) if master_process() else None  # a copy even where t is on the CPU (1 rank)
 
 
+def sharded_state(model, opt, ema):
+    """What a training checkpoint holds, as this rank's shards (checkpoint.save_checkpoint / load_sharded): the model's
+    weights, the EMA and AdamW's state, each under GenTron's parameter names. The tensors share the training
+    state's memory: loading into them restores it in place."""
+    return {"model": model.state_dict(), "ema": opt.like_params(ema), "optimizer": opt.sharded_state_dict()}
+
+
 def gather_weights(model, opt, ema):
     """{"model": ..., "ema": ...}: the model's weights and its EMA as full CPU state dicts in memory of their own on
     rank 0, with None for every tensor elsewhere (a collective where the model is sharded: every rank calls it).
@@ -295,26 +302,34 @@ class ShardedAdamW:
         tensor} on rank 0 (None elsewhere). A collective: every rank calls it."""
         return {n: _full(s, p) for n, s, p in zip(self.names, shards, self.params)}
 
-    def full_state_dict(self):
-        """{"state": {name: {step, exp_avg, exp_avg_sq}}, "param_groups": [...]}, names for indices and full CPU
-        tensors for shards (torch.distributed.checkpoint's full optimizer state dict format) on rank 0, None for them
-        elsewhere. A collective."""
-        sd = self.opt.state_dict()
-        state = {self.names[i]: {k: _full(v, self.params[i]) if v.ndim else v.to("cpu", copy=True)
-                                 for k, v in st.items()} for i, st in sd["state"].items()}
-        groups = [{**g, "params": [self.names[i] for i in g["params"]]} for g in sd["param_groups"]]
-        return {"state": state, "param_groups": groups}
+    def sharded_state_dict(self):
+        """{name: {"step", "exp_avg", "exp_avg_sq"}}: AdamW's state as tensors laid out like the parameters (DTensors
+        over this rank's shards, without a copy), for torch.distributed.checkpoint to save, or to load in place."""
+        if not self.opt.state:  # before the first step: make the state tensors, so that a load has them to fill
+            for s in self.shards:
+                s.grad = torch.zeros_like(s)
+            for group in self.opt.param_groups:
+                group["lr"] = 0.0  # a step of size 0: moments of zero gradients, parameters unchanged
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        return {n: {k: like(v, p) if v.ndim else v for k, v in self.opt.state[s].items()}
+                for n, s, p in zip(self.names, self.shards, self.params)}
+
+    def like_params(self, shards):
+        """{name: tensor} of this rank's shards of tensors shaped like the parameters (the EMA), as DTensors laid out
+        like them (no copy): what a checkpoint stores under GenTron's parameter names."""
+        return {n: like(s, p) for n, s, p in zip(self.names, shards, self.params)}
 
     def load_full_state_dict(self, full):
-        """The inverse of full_state_dict: each rank keeps its shard of every state tensor."""
-        index = {n: i for i, n in enumerate(self.names)}
-        state = {index[n]: {k: _shard(v, self.params[index[n]]) if v.ndim else v.clone() for k, v in st.items()}
-                 for n, st in full["state"].items()}
-        # hyperparameters (betas, weight decay, eps; lr is set every step) and kernels come from this run: a
-        # resumed run follows its flags, as it does for --lr and --clip
-        this_run = {k: v for k, v in self.opt.param_groups[0].items() if k != "params"}
-        groups = [{**g, **this_run, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]]
-        self.opt.load_state_dict({"state": state, "param_groups": groups})
+        """AdamW's state from a single-file checkpoint ({"state": {name: {field: full tensor}}}, the same on every
+        rank): each rank keeps its shard of every state tensor. Hyperparameters (betas, weight decay, eps; lr is
+        set every step) stay this run's: a resumed run follows its flags, as it does for --lr and --clip."""
+        state = self.sharded_state_dict()  # this rank's tensors, to fill in place
+        for name, fields in full["state"].items():
+            for k, v in fields.items():
+                mine = state[name][k]
+                mine = mine.to_local() if isinstance(mine, DTensor) else mine
+                mine.copy_(_shard(v, self.params[self.names.index(name)]) if v.ndim else v)
 
 
 def _local(t):
@@ -322,12 +337,18 @@ def _local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _full(shard, like):
-    """This rank's shard of a tensor laid out like the DTensor `like` -> the full tensor on the CPU on rank 0, None
-    elsewhere (a collective). `like` a plain tensor: the shard is whole."""
-    if isinstance(like, DTensor):
-        shard = DTensor.from_local(shard, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
-    return full_cpu_on_master(shard)
+def like(shard, param):
+    """This rank's shard of a tensor shaped like `param` -> a DTensor laid out like it (sharing the shard's memory);
+    a plain param: the shard is whole, and returned as it is."""
+    if not isinstance(param, DTensor):
+        return shard
+    return DTensor.from_local(shard, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
+
+
+def _full(shard, param):
+    """This rank's shard of a tensor laid out like `param` -> the full tensor on the CPU on rank 0, None elsewhere
+    (a collective)."""
+    return full_cpu_on_master(like(shard, param))
 
 
 def _shard(full, like):

@@ -314,23 +314,15 @@ class GenTron(nn.Module):
             if mlp is not None:
                 nn.init.normal_(mlp[0].weight, std=0.02)
                 nn.init.normal_(mlp[2].weight, std=0.02)
+        zero = lambda linear: (nn.init.zeros_(linear.weight), nn.init.zeros_(linear.bias))
         for block in self.blocks:
-            # adaLN-zero (DiT): zero modulation => every gate is 0 => each block starts as the identity
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-            if block.cross:
-                # Ungated branch: zero its output projection so the block is still the identity (PixArt-a)
-                nn.init.zeros_(block.cross_attn.proj.weight)
-                nn.init.zeros_(block.cross_attn.proj.bias)
-            if block.temporal is not None:
-                # Sec. 3.3.1: zero weights and bias of TempSelfAttn's output projection => identity
-                nn.init.zeros_(block.temporal.attn.proj.weight)
-                nn.init.zeros_(block.temporal.attn.proj.bias)
-        # Zero the final layer (DiT): the untrained model predicts eps = 0
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+            zero(block.adaLN_modulation[-1])  # adaLN-zero (DiT): every gate is 0 => each block starts as the identity
+            if block.cross:  # an ungated branch: a zero output projection keeps the block the identity (PixArt-a)
+                zero(block.cross_attn.proj)
+            if block.temporal is not None:  # Sec. 3.3.1: TempSelfAttn's output projection zero => identity
+                zero(block.temporal.attn.proj)
+        zero(self.final_layer.adaLN_modulation[-1])  # the final layer (DiT): the untrained model predicts eps = 0
+        zero(self.final_layer.linear)
 
     def patchify(self, x):
         """x (B, Cin, H, W) or (B, T, Cin, H, W) -> tokens with their 2D positions (B T, N, D), the patch grid

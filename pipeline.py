@@ -14,7 +14,7 @@ import torch
 from einops import rearrange
 from tqdm.auto import tqdm
 
-from checkpoint import build_config, checkpoints, newest_good, read_checkpoint, resolve_checkpoint
+from checkpoint import build_config, checkpoints, is_run_dir, newest_good, read_checkpoint, resolve_checkpoint
 from latents import latent_spec, load_latent_space
 from diffusion import Diffusion, guided_eps_fn, sample
 import fastpath
@@ -79,7 +79,7 @@ def check_parts(config, resolution, encoder, latent, source="this model"):
 def load_model(path=None, ema=True, device="cpu", video=None, fast=True, text_encoder=None, latent_space=None):
     """Load a GenTron for sampling -> (model in eval mode, meta).
 
-    path: run dir, .pt or .safetensors; None = the bundled model (T2V if video else T2I). meta is the
+    path: run dir, checkpoint or .safetensors; None = the bundled model (T2V if video else T2I). meta is the
     checkpoint's meta (kind, text_encoder, latent_space, resolution, num_frames, dataset) plus "config",
     "step", "ckpt" (the file read) and the loaded frozen parts that generate() uses: "encoder" (a
     text_encoders.TextEncoder) and "latent" (a data.py latent space). text_encoder, latent_space: specs that
@@ -89,7 +89,7 @@ def load_model(path=None, ema=True, device="cpu", video=None, fast=True, text_en
     model under bf16 autocast, as generate() does."""
     file = resolve_checkpoint(path) if path else bundled_path("t2v" if video else "t2i")
     ckpt = None
-    if path and os.path.isdir(path):  # a run folder: its newest checkpoint that verifies (as --resume takes)
+    if path and is_run_dir(path):  # a run folder: its newest checkpoint that verifies (as --resume takes)
         file, ckpt = newest_good(checkpoints(path), flag="--ckpt")
     state, config, meta, step = read_checkpoint(file, ema, ckpt)
     meta = {**meta, "config": config, "step": step, "ckpt": os.path.abspath(file), "ema": ema}

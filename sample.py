@@ -8,7 +8,7 @@ guidance; for video, motion-free guidance, paper Sec. 3.3.2, Eq. 6).
     python sample.py --from-json out/samples.json --index 3             # regenerate sample 3 exactly
     python sample.py --ckpt runs/t2i --export assets/gentron_t2i.safetensors   # EMA weights for release
 
---ckpt takes a run directory (its newest ckpt-*.pt), a ckpt-*.pt file, or a .safetensors export. The model
+--ckpt takes a run directory (its newest checkpoint), one checkpoint (RUN/ckpt-NNNNNNN), or a .safetensors export. The model
 is rebuilt from the checkpoint's stored config alone; the text encoder and latent space are the ones its
 meta names. Outputs: one PNG per image at native resolution (exact pixels) and a grid.png upscaled for
 viewing; per video a GIF and, with imageio-ffmpeg, an MP4 (both upscaled) and a native-resolution frame
@@ -163,7 +163,7 @@ def read_prompts(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("prompt", nargs="*", help="one or more prompts")
-    p.add_argument("--ckpt", help="run dir, ckpt-*.pt or .safetensors (default: the bundled model)")
+    p.add_argument("--ckpt", help="run dir, one of its ckpt-NNNNNNN checkpoints, or a .safetensors export (default: the bundled model)")
     p.add_argument("--prompts", help="text file, one prompt per line")
     p.add_argument("--video", action="store_true", help="text-to-video (needs a T2V checkpoint)")
     p.add_argument("--sampler", default="dpm++2m", choices=list(SAMPLERS))

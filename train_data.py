@@ -44,6 +44,7 @@ def builtin(spec):
 def online_data(dataset, spec, args, device, frames=None):
     """Captions encoded by the frozen text encoder each step; images by the latent space (pixels: identity)."""
     res = dataset[0]["x"].shape[-1]
+    args.text_encoder = args.text_encoder or "tiny-clip+t5"  # the offline toy encoders; full scale: clip+t5
     enc = load_text_encoder(args.text_encoder, device=device)
     if builtin(spec):
         enc.memoize()  # a few thousand distinct captions: encode each once, not every step
@@ -53,13 +54,15 @@ def online_data(dataset, spec, args, device, frames=None):
                 res // space.downsample, enc.text_dim, enc.pooled_dim, enc.max_length, frames, enc, space)
 
 
-def cached_data(path, device, frames=None):
-    """A build_cache directory: latents and text features are read; "" is encoded once for caption dropout."""
+def cached_data(path, device, frames=None, text_encoder=None):
+    """A build_cache directory: latents and text features are read; "" is encoded once for caption dropout, by
+    the encoder the cache records, or by `text_encoder` (the same encoder in a moved folder: cache.check_flags)."""
     ds = cache.CachedDataset(path)
     m, item = ds.meta, ds[0]
+    text_encoder = text_encoder or m["text_encoder"]
     shapes = (item["text"].shape, item["text_mask"].shape, item["pooled"].shape)
     if master_process():  # only rank 0 loads the text encoder, for the one null caption
-        null = [t[0].to(device) for t in load_text_encoder(m["text_encoder"], device=device)([""])]
+        null = [t[0].to(device) for t in load_text_encoder(text_encoder, device=device)([""])]
         null[1] = null[1].to(torch.uint8)
     else:
         null = [torch.empty(s, device=device, dtype=torch.uint8 if i == 1 else torch.float32) for i, s in enumerate(shapes)]
@@ -68,7 +71,7 @@ def cached_data(path, device, frames=None):
     mask = null[1].bool()
     first = real_tokens_first(mask)  # the batches' captions come real tokens first (data.collate)
     null = (null[0][first], mask[first], null[2])
-    return Data(ds, m["dataset"], m["text_encoder"], m["latent_space"], m["resolution"], m["latent_channels"],
+    return Data(ds, m["dataset"], text_encoder, m["latent_space"], m["resolution"], m["latent_channels"],
                 item["x"].shape[-1], m["text_dim"], m["pooled_dim"], shapes[0][0], m["num_frames"] or frames, null=null)
 
 

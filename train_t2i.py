@@ -31,13 +31,13 @@ from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
 import cache
-from checkpoint import (check_init, checkpoints, config_dict, last_good_checkpoint, load_init, newest_good,
-                        remove_partial_checkpoints, save_checkpoint, stored_settings, truncate_log)
+from checkpoint import (check_init, checkpoints, config_dict, last_good_checkpoint, load_init, load_sharded,
+                        newest_good, remove_partial_checkpoints, save_checkpoint, stored_settings, truncate_log)
 from diffusion import Diffusion
 from flops import flops_per_sample
 from fsdp import (DistributedBatches, ShardedAdamW, StopSignals, build_model, exit_status, gather_weights,
                   load_full_state, master_process, matmul_peak_tflops, mixed_precision, next_position, print0,
-                  setup_distributed, step_draws)
+                  setup_distributed, sharded_state, step_draws)
 from data import ImageTextFolder, collate
 from latents import latent_spec
 from model import SIZES, GenTronConfig
@@ -55,6 +55,7 @@ TOY_LR = 1e-3  # toy / tiny models at batch 32: learn in minutes (1e-4 leaves a 
 # scheduler's grace period between SIGTERM and SIGKILL (30 s by default in SLURM and Kubernetes) must cover this
 # many steps and one checkpoint write.
 STOP_CHECK_EVERY = 10
+CACHE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # None: as the encoders give them
 
 
 def bounded(kind, lo=None, hi=None, open_hi=False):
@@ -78,7 +79,11 @@ def get_parser():
     p.add_argument("--data", default="shapes",
                    help="shapes | bench | image folder, .jsonl manifest or .tar shards (a.tar, a folder of *.tar, "
                         "a-{000..099}.tar) | cache dir made by cache.build_cache")
-    p.add_argument("--cache", default=None, help="first cache --data's latents + text features here (rank 0), then train on it")
+    p.add_argument("--cache", default=None, help="first cache --data's latents + text features here (each rank encodes "
+                   "its share, with --num-workers loader workers), then train on it")
+    p.add_argument("--cache-dtype", default="fp32", choices=list(CACHE_DTYPES),
+                   help="how --cache stores latents and text features: bf16 halves the disk (CLIP+T5: 19 KiB a caption "
+                        "token in fp32)")
     p.add_argument("--text-encoder", default=None, help="default: the parent's (--resume, --init-from), else "
                    "tiny-clip+t5 (offline toy encoders); full scale: clip+t5 (Table 2, best)")
     p.add_argument("--latent-space", default=None, help="pixel | sd-vae | a diffusers AutoencoderKL hub name or local "
@@ -130,10 +135,10 @@ def get_parser():
     p.add_argument("--num-workers", type=bounded(int, 0), default=None, help="DataLoader workers (default 4 on GPU, 0 on CPU)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     # run folder, logs, checkpoints
-    p.add_argument("--out", default="runs/t2i", help="run folder: log.txt, metrics.jsonl, ckpt-*.pt, samples.png")
+    p.add_argument("--out", default="runs/t2i", help="run folder: log.txt, metrics.jsonl, ckpt-NNNNNNN/ checkpoints, samples.png")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--init-from", default=None,
-                   help="a run folder, ckpt-*.pt or .safetensors export: start from its model + EMA weights")
+                   help="a run folder, checkpoint or .safetensors export: start from its model + EMA weights")
     p.add_argument("--log-every", type=bounded(int, 0), default=100, help="steps between log lines, and the last step (0: none)")
     p.add_argument("--tensorboard", action="store_true",
                    help="also write each log line's metrics as TensorBoard scalars to --out (pip install tensorboard)")
@@ -170,7 +175,7 @@ def make_data_t2i(args, device):
     if args.data == "bench":
         return bench_data(args, device)
     if cache.is_cache(args.data):
-        data = cached_data(args.data, device)
+        data = cached_data(args.data, device, text_encoder=args.text_encoder)
         cache.check_kind(data.dataset.meta, args.data, video=False)
         return data
     if args.data == "shapes":
@@ -257,7 +262,8 @@ def _train(args, make_data, make_config, kind, rank, world, device, stop):
         remove_partial_checkpoints(out)
     torch.manual_seed(args.seed)
 
-    resumed, ckpt = newest_good(found, print0) if found else (None, None)  # --resume: the newest that verifies
+    # --resume: the newest checkpoint that verifies (each rank checks a share of its files), its small state.pt
+    resumed, ckpt = newest_good(found, print0, share=True) if found else (None, None)
     # A resumed run or a child run (--init-from) keeps its parent's text encoder, latent space, patch size, QK-norm
     # and prediction unless told otherwise
     parent = (ckpt["config"], ckpt["meta"]) if ckpt else stored_settings(args.init_from) if args.init_from else None
@@ -274,8 +280,8 @@ def _train(args, make_data, make_config, kind, rank, world, device, stop):
     args.text_encoder = args.text_encoder or was.get("text_encoder")
     args.latent_space = args.latent_space or was.get("latent_space")
     given = {"--text-encoder": args.text_encoder, "--latent-space": args.latent_space, "--resolution": args.resolution}
-    args.text_encoder = args.text_encoder or "tiny-clip+t5"
     data = make_data(args, device)
+    args.text_encoder = data.text_encoder  # resolved (the data's default, or a cache's), as checkpoints record it
     if ckpt and data.encoder is not None:  # the same shapes as the run's, whatever path they load from
         check_parts(config_dict(ckpt["config"]), ckpt["meta"].get("resolution"), data.encoder, data.latents, resumed)
     if isinstance(data.dataset, cache.CachedDataset):  # (make_data checks a cache's kind and its own flags)
@@ -307,20 +313,22 @@ def _train(args, make_data, make_config, kind, rank, world, device, stop):
         raise ValueError(f"{resumed} was trained with another model config {ckpt['config']}; use the same flags")
     if args.init_from and not ckpt:
         check_init(parent[0], cfg, args.init_from)  # on every rank: a mismatch stops all of them
-    if args.cache:  # after the checks above: encode the whole dataset once on rank 0, then train from it
+    workers = args.num_workers if args.num_workers is not None else (4 if device.type == "cuda" else 0)
+    if args.cache:  # after the checks above: encode the whole dataset once, every rank its share, then train on it
         if data.encoder is None:
             raise ValueError(f"--cache encodes a dataset of files; --data {args.data} is "
                              f"{'random features' if data.dataset is None else 'a cache already'}")
-        if master_process():
-            cache.build_cache(data.dataset, args.cache, data.encoder, data.latents, dataset_spec=data.spec)
-        else:  # wait on the file, not in a collective: building a large cache outlasts the process group's timeout
-            cache.wait_until_complete(args.cache)
+        # every rank returns once all shards are on the disk (it waits on files, not in a collective: building a
+        # large cache outlasts the process group's timeout)
+        cache.build_cache(data.dataset, args.cache, data.encoder, data.latents, dataset_spec=data.spec,
+                          num_workers=workers, dtype=CACHE_DTYPES[args.cache_dtype], rank=rank, world=world)
         dist.barrier()
-        data = cached_data(args.cache, device, data.frames)
+        data = cached_data(args.cache, device, data.frames, text_encoder=data.text_encoder)
     model_sd = ema_sd = None  # full state dicts, needed on rank 0 only (None: the fresh seeded init)
-    if ckpt:
+    single_file = ckpt is not None and "model" in ckpt  # (a checkpoint folder's shards are loaded below, in place)
+    if single_file:
         model_sd, ema_sd = ckpt["model"], ckpt["ema"]
-    elif args.init_from:
+    elif args.init_from and not ckpt:
         if master_process():
             model_sd, ema_sd = load_init(args.init_from, cfg, args.seed)
     # The EMA weights go through the model first: build with them, copy the shards, then load the weights.
@@ -329,11 +337,14 @@ def _train(args, make_data, make_config, kind, rank, world, device, stop):
     opt = ShardedAdamW(model, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
     with torch.no_grad():
         ema = [s.clone() for s in opt.shards]  # this rank's EMA shards, next to its parameter shards
-    if ckpt or args.init_from:
+    if single_file or (args.init_from and not ckpt):  # a collective: rank 0's full state, broadcast
         load_full_state(model, model_sd)  # in place: the optimizer's views of the shards stay valid
     step, pos = 0, (0, 0)
-    if ckpt:
+    if single_file:
         opt.load_full_state_dict(ckpt["optimizer"])
+    elif ckpt:  # every rank reads the pieces of its own shards, whatever number of ranks wrote them
+        load_sharded(resumed, sharded_state(model, opt, ema))
+    if ckpt:
         step, pos = ckpt["step"], (ckpt["data"]["epoch"], ckpt["data"]["offset"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         print0(f"resumed {resumed} at step {step}"  # --resume --init-from: a job script that is started again
@@ -360,7 +371,6 @@ def _train(args, make_data, make_config, kind, rank, world, device, stop):
     if data.dataset is None:
         loader = bench_batches(data, micro, device, args.seed + rank)
     else:
-        workers = args.num_workers if args.num_workers is not None else (4 if device.type == "cuda" else 0)
         sampler = DistributedBatches(len(data.dataset), B, A, rank, world, args.seed, pos,
                                      getattr(data.dataset, "per_epoch", False))
         loader = iter(torch.utils.data.DataLoader(data.dataset, batch_sampler=sampler, num_workers=workers,
@@ -388,12 +398,10 @@ def _train(args, make_data, make_config, kind, rank, world, device, stop):
     # the bar only on rank 0 and only on a terminal (disable=None): a log file gets the step lines alone
     bar = tqdm(total=args.max_steps, initial=step, disable=None if master_process() else True, dynamic_ncols=True,
                desc=kind)
-    t0, seen, work, final = time.perf_counter(), 0, 0.0, ckpt if master_process() else None
-    saved = step  # the step of the newest checkpoint (the loaded one, or the step this run starts at)
+    t0, seen, work = time.perf_counter(), 0, 0.0
     deadline = started + 60 * (args.time_limit or 0)
-    def checkpoint_now():  # every rank: the full state gathered onto rank 0 (collectives), which writes it
-        weights, optimizer = gather_weights(model, opt, ema), opt.full_state_dict()
-        return save_checkpoint(out, step, weights, optimizer, pos, cfg, meta, args, args.keep)
+    checkpoint_now = lambda: save_checkpoint(out, step, sharded_state(model, opt, ema), pos, cfg, meta, args,
+                                             args.keep)  # every rank writes its shards
 
     stop.phase, stopped_by = "training", 0  # from here a signal stops at the next check step (fsdp.StopSignals)
     for step in range(step + 1, args.max_steps + 1):
@@ -443,7 +451,7 @@ def _train(args, make_data, make_config, kind, rank, world, device, stop):
         done, pending = torch.stack(pending).tolist(), []
         for k, (loss_val, norm_val) in enumerate(done, start=step - len(done) + 1):
             if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
-                last_good = last_good_checkpoint(out)  # the newest that reads and verifies
+                last_good = last_good_checkpoint(out, share=True)  # the newest that reads and verifies
                 raise SystemExit(f"step {k}: non-finite loss {loss_val} (grad norm {norm_val}); stopped at step "
                                  f"{step} without saving. Last good checkpoint: {last_good}")
         history["loss"] += [v[0] for v in done]
@@ -469,7 +477,7 @@ def _train(args, make_data, make_config, kind, rank, world, device, stop):
                 torch.cuda.reset_peak_memory_stats(device)
         if save:
             writing = time.perf_counter()
-            final, saved = checkpoint_now(), step
+            checkpoint_now()
             t0 += time.perf_counter() - writing  # samples/s and MFU count training, not checkpoint writes
         # The ranks' clocks differ, and a signal may reach some ranks only, or later: all stop at this step, or
         # none does. The larger signal number wins, so that all ranks exit with the same status.
@@ -479,9 +487,9 @@ def _train(args, make_data, make_config, kind, rank, world, device, stop):
         late, stopped_by = (int(v) for v in flags.tolist())
         if late or stopped_by:
             if not save:
-                final, saved = checkpoint_now(), step
+                checkpoint_now()
             why = signal.Signals(stopped_by).name if stopped_by else f"--time-limit {args.time_limit} min reached"
-            print0(f"{why}: stopped at step {step} of {args.max_steps} with {out}/ckpt-{step:07d}.pt"
+            print0(f"{why}: stopped at step {step} of {args.max_steps} with {out}/ckpt-{step:07d}"
                    + ("; --resume continues" if stopped_by else ""))
             break
     bar.close()
@@ -492,9 +500,8 @@ def _train(args, make_data, make_config, kind, rank, world, device, stop):
     stop.phase = "sampling"
 
     if builtin(data.spec) and (args.num_samples or args.eval_n):
-        if saved != step:  # the last step has no checkpoint (--ckpt-every 0): gather its weights (a collective)
-            final = {"step": step, **gather_weights(model, opt, ema)}
-        if master_process() and final is not None:
+        final = {"step": step, **gather_weights(model, opt, ema)}  # full weights on rank 0 (a collective)
+        if master_process():
             # An EMA averages the last ~1/(1-decay) steps; a shorter run would sample weights still near the init.
             use_ema = final["step"] >= 1 / (1 - args.ema)
             print0(f"sampling with the {'EMA' if use_ema else 'raw (run shorter than the EMA horizon)'} weights")

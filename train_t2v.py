@@ -47,7 +47,7 @@ def make_data_t2v(args, device):
         raise ValueError(f"--image-data is for a folder / .jsonl of real videos; --data {args.data} brings its own "
                          "images" + (" (in the cache)" if cached else ""))
     if cached:  # its clip length and motion-free draws; the flags given must agree with them
-        data = cached_data(args.data, device, args.num_frames)
+        data = cached_data(args.data, device, args.num_frames, text_encoder=args.text_encoder)
         cache.check_kind(data.dataset.meta, args.data, video=True)
         cache.check_flags(data.dataset.meta, args.data,
                           {"--num-frames": args.num_frames, "--p-motion-free": args.p_motion_free})

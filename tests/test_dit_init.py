@@ -170,7 +170,7 @@ def test_train_t2i_starts_from_a_dit_checkpoint(tmp_path, capsys):
     train_t2i.main(tiny(tmp_path / "run", 1, "--data", "bench", "--resolution", "32", "--init-from", path))
     out = capsys.readouterr().out
     assert f"init from DiT {path}: " in out and "class table and sigma channels dropped" in out
-    ckpt = load(tmp_path / "run" / "ckpt-0000001.pt")
+    ckpt = load(tmp_path / "run" / "ckpt-0000001")
     assert ckpt["meta"]["latent_space"] == "sd-vae" and ckpt["meta"]["prediction"] == "eps"
     assert ckpt["config"]["patch"] == 2
     o = torch.cat([torch.arange(i * 16, (i + 1) * 16) for i in (3, 2, 1, 0)])

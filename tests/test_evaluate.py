@@ -157,7 +157,7 @@ def test_oracle_near_chance_on_noise(scenes, clips):
 def test_oracle_eval_runs_generation(tmp_path):
     from pipeline import load_model
 
-    model, meta = load_model(make_checkpoint(str(tmp_path / "r" / "ckpt-0000001.pt")))
+    model, meta = load_model(make_checkpoint(str(tmp_path / "r" / "ckpt-0000001")))
     s = oracle.oracle_eval(model, meta, n_per_category=2, steps=3, progress=False)
     assert s["n"] == {c: 2 for c in CATEGORIES} and s["settings"]["kind"] == "t2i" and s["settings"]["steps"] == 3
     # each prompt is scored against its own scene: a "model" that draws exactly the scene its prompt describes
@@ -172,7 +172,7 @@ def test_oracle_eval_runs_generation(tmp_path):
     assert all(perfect[c] == 1.0 for c in CATEGORIES) and perfect["n"] == {c: 4 for c in CATEGORIES}, perfect
     # and what else the scores depend on: which weights (EMA or raw), and the batch (DDPM's noise is per batch)
     assert s["settings"]["ema"] is True and s["settings"]["batch_size"] == 64
-    vmodel, vmeta = load_model(make_checkpoint(str(tmp_path / "v" / "ckpt-0000001.pt"), temporal=True))
+    vmodel, vmeta = load_model(make_checkpoint(str(tmp_path / "v" / "ckpt-0000001"), temporal=True))
     out = str(tmp_path / "oracle.json")
     evaluate.main(["--oracle", "--video", "--ckpt", str(tmp_path / "v"), "--n", "2", "--steps", "3", "--json", out])
     v = json.load(open(out))
@@ -184,11 +184,11 @@ def test_attention_logits_cli(tmp_path):
     # The attention-logit table of docs/bundled-models.md ("Why QK-norm") comes from this command: one value per
     # block and attention kind, and the T2V model's temporal layers too (the properties of the measure itself:
     # test_model.py)
-    make_checkpoint(str(tmp_path / "v" / "ckpt-0000001.pt"), temporal=True)
+    make_checkpoint(str(tmp_path / "v" / "ckpt-0000001"), temporal=True)
     out = str(tmp_path / "logits.json")
     evaluate.main(["--attention-logits", "--video", "--ckpt", str(tmp_path / "v"), "--n", "3", "--json", out])
     v = json.load(open(out))
-    depth = torch.load(str(tmp_path / "v" / "ckpt-0000001.pt"), weights_only=True)["config"]["depth"]
+    depth = torch.load(str(tmp_path / "v" / "ckpt-0000001"), weights_only=True)["config"]["depth"]
     assert {k: len(x) for k, x in v.items()} == {"self": depth, "cross": depth, "temporal": depth}
     assert all(0 < x < 1e6 for xs in v.values() for x in xs)
 
@@ -326,7 +326,7 @@ def test_compbench_end_to_end(hf_models, tmp_path, monkeypatch):
              "non_spatial": ["a dog chasing a bird"], "complex": ["the red car is near a green bench"]}
     for cat, lines in files.items():
         (prompts / metrics.COMPBENCH[cat]).write_text("\n".join(lines) + "\n")
-    model, meta = load_model(make_checkpoint(str(tmp_path / "r" / "ckpt-0000001.pt")))
+    model, meta = load_model(make_checkpoint(str(tmp_path / "r" / "ckpt-0000001")))
     images = str(tmp_path / "images")
     metrics.compbench_generate(model, meta, str(prompts), images, list(files), n_per_prompt=2, steps=2, progress=False)
     names = sorted(os.listdir(os.path.join(images, "spatial", "samples")))  # CompBench's {prompt}_{index:06d}.png
@@ -451,7 +451,7 @@ def test_experiments_score_only_runs_of_the_requested_length(tmp_path):
     out = tmp_path / "t2i-cross-attn-s0"
     assert not experiments.finished(str(out), 2500)
     out.mkdir()
-    (out / "ckpt-0000020.pt").write_bytes(b"")
+    (out / "ckpt-0000020").write_bytes(b"")
     assert experiments.finished(str(out), 20)
     with pytest.raises(SystemExit, match="holds a run of 20 steps but this call trains 2500"):
         experiments.finished(str(out), 2500)
@@ -504,7 +504,7 @@ def test_experiments_score_the_no_motion_free_arm_with_plain_cfg(tmp_path, monke
 def test_clip_score_of_sample_folders(hf_models, tmp_path):
     import sample
 
-    runs = {k: make_checkpoint(str(tmp_path / k / "ckpt-0000001.pt"), temporal=k == "t2v") for k in ("t2i", "t2v")}
+    runs = {k: make_checkpoint(str(tmp_path / k / "ckpt-0000001"), temporal=k == "t2v") for k in ("t2i", "t2v")}
     sample.main(["--ckpt", runs["t2i"], "a red circle", "a blue square", "--steps", "2", "--out", str(tmp_path / "i")])
     sample.main(["--ckpt", runs["t2v"], "--video", "a red circle moving up", "--steps", "2",
                  "--out", str(tmp_path / "v")])

@@ -2,7 +2,10 @@
 and an output folder that cannot be written. Each ends in one line, and a corrupt newest checkpoint is skipped
 for the newest one that verifies."""
 import argparse
+import errno
+import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,6 +17,7 @@ sys.path.insert(0, ROOT)
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 import checkpoint
 import evaluate
@@ -28,18 +32,29 @@ def tiny(out, steps, *extra):
             "--num-samples", "0", "--eval-n", "0", "--device", "cpu", "--lr", "1e-3", "--out", str(out), *extra]
 
 
-def overwrite(path, name, values):
-    """Overwrite the bytes of tensor `name` (as checkpoint.tensors names it) inside the file, in place, with
-    values of its dtype: the damage a bad disk or copy does, which torch.load itself never notices."""
-    t = dict(checkpoint.tensors(torch.load(path, weights_only=True)))[name]
+def overwrite(folder, name, values):
+    """Overwrite the bytes of tensor `name` ("model.blocks.0.attn.qkv.weight") inside a checkpoint folder's shard
+    file, in place, with values of its dtype: the damage a bad disk or copy does, which no reader notices."""
+    key, param = name.split(".", 1)
+    t = checkpoint.read_sharded(str(folder), (key,))[key][param]
+    path = folder / "__0_0.distcp"
     data = open(path, "rb").read()
-    at = data.index(t.numpy().tobytes())  # where torch.save put its bytes (only there: asserted)
+    at = data.index(t.numpy().tobytes())  # where DCP put its bytes (only there: asserted)
     assert data.find(t.numpy().tobytes(), at + 1) == -1
     new = values(t).to(t.dtype).numpy().tobytes()
     assert len(new) == t.nbytes and new != t.numpy().tobytes()
     with open(path, "r+b") as f:
         f.seek(at)
         f.write(new)
+
+
+def single_file(folder, path, sums=True):
+    """A checkpoint folder rewritten as one .pt file, the format single-file checkpoints have."""
+    ckpt = checkpoint.load_checkpoint(str(folder))
+    if sums:
+        ckpt["checksums"] = checkpoint.checksums(ckpt)
+    torch.save(ckpt, path)
+    return ckpt
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +69,15 @@ def run(tmp_path_factory):
 # checksums
 
 
-def test_every_tensor_has_a_checksum_and_the_checkpoint_stays_plain(run):
-    ckpt = torch.load(run[0] / "ckpt-0000004.pt", weights_only=True)  # plain types only
-    names = dict(checkpoint.tensors({k: v for k, v in ckpt.items() if k != "checksums"}))
-    assert set(ckpt["checksums"]) == set(names) and all(isinstance(v, int) for v in ckpt["checksums"].values())
-    assert any(n.startswith("optimizer.state.") for n in names) and "rng.torch" in names
+def test_every_file_has_a_checksum_and_the_state_stays_plain(run):
+    folder = run[0] / "ckpt-0000004"
+    sums = json.load(open(folder / "checksums.json"))
+    assert set(sums) == set(os.listdir(folder)) - {"checksums.json"} == {".metadata", "__0_0.distcp", "state.pt"}
+    assert all(s == [os.path.getsize(folder / f), checkpoint.file_crc(folder / f)] for f, s in sums.items())
+    state = torch.load(folder / "state.pt", weights_only=True)  # plain types only
+    assert state["step"] == 4 and state["data"] == {"epoch": 0, "offset": 16} and "torch" in state["rng"]
     # a real hash: swapping two values (the same sum) or a sign flip changes it
-    t = ckpt["model"]["blocks.0.attn.qkv.weight"].clone()
+    t = checkpoint.read_sharded(str(folder), ("model",))["model"]["blocks.0.attn.qkv.weight"]
     swapped = t.flatten().clone()
     swapped[[0, 1]] = swapped[[1, 0]]
     assert checkpoint.crc(swapped.view_as(t)) != checkpoint.crc(t) != checkpoint.crc(-t)
@@ -69,45 +86,59 @@ def test_every_tensor_has_a_checksum_and_the_checkpoint_stays_plain(run):
 
 @pytest.mark.parametrize("garbage", ["finite", "nan"])
 def test_a_corrupt_newest_checkpoint_is_skipped_by_resume_and_the_nan_guard(run, tmp_path, capsys, garbage):
-    """Finite garbage used to train on silently; NaNs were named "last good checkpoint" by the NaN guard. Now
-    --resume says in one line that the newest is corrupt, continues from the one before exactly as the
-    uninterrupted run did, and moves or deletes nothing; the NaN guard names the checkpoint that verifies."""
+    """Finite garbage would train on silently, and NaNs be named "last good checkpoint" by the NaN guard: --resume
+    says in one line that the newest is corrupt, continues from the one before exactly as the uninterrupted run
+    did, and moves or deletes nothing; the NaN guard names the checkpoint that verifies."""
     out = tmp_path / "a"
     out.mkdir()
-    for name in ("ckpt-0000002.pt", "ckpt-0000004.pt"):
-        (out / name).write_bytes((run[0] / name).read_bytes())
-    newest = out / "ckpt-0000004.pt"
+    for name in ("ckpt-0000002", "ckpt-0000004"):
+        shutil.copytree(run[0] / name, out / name)
+    newest = out / "ckpt-0000004"
     values = (lambda t: torch.rand_like(t.float()) - 0.5) if garbage == "finite" else (lambda t: torch.full_like(t, float("nan")))
     overwrite(newest, "model.blocks.0.attn.qkv.weight", values)
-    damaged = newest.read_bytes()
-    with pytest.raises(ValueError, match=r"ckpt-0000004.pt is corrupt: the bytes of model.blocks.0.attn.qkv.weight are not"):
-        checkpoint.load_pt(str(newest))
+    damaged = (newest / "__0_0.distcp").read_bytes()
+    with pytest.raises(ValueError, match=r"ckpt-0000004 is corrupt: the bytes of __0_0.distcp are not those written"):
+        checkpoint.load_checkpoint(str(newest))
     capsys.readouterr()
 
-    # resume to step 3: starts from step 2, with the uninterrupted run's step-3 loss; the corrupt file stays as it was
+    # resume to step 3: starts from step 2, with the uninterrupted run's step-3 loss; the corrupt one stays as it was
     losses = train_t2i.main(tiny(out, 3, "--ckpt-every", "2", "--keep", "1", "--resume"))["loss"]
     said = capsys.readouterr().out.splitlines()
-    skip = [line for line in said if "ckpt-0000004.pt" in line]
+    skip = [line for line in said if "ckpt-0000004" in line]
     assert len(skip) == 1 and skip[0].startswith("--resume: skipping ") and "is corrupt" in skip[0]
-    assert any(line.endswith("ckpt-0000002.pt at step 2") for line in said)
+    assert any(line.endswith("ckpt-0000002 at step 2") for line in said)
     assert losses == run[1][2:3]  # bit for bit
-    # --keep 1 removed ckpt-2 (older than the new ckpt-3) but left the corrupt later file alone
-    assert sorted(p.name for p in out.iterdir()) == ["ckpt-0000003.pt", "ckpt-0000004.pt", "log.txt",
-                                                     "metrics.jsonl"]
-    assert newest.read_bytes() == damaged
+    # --keep 1 removed ckpt-2 (older than the new ckpt-3) but left the corrupt later one alone
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt-0000003", "ckpt-0000004", "log.txt", "metrics.jsonl"]
+    assert (newest / "__0_0.distcp").read_bytes() == damaged
 
     # a NaN loss at step 4 names ckpt-3, the newest that verifies, not the corrupt ckpt-4
-    with pytest.raises(SystemExit, match=r"non-finite loss .* Last good checkpoint: .*ckpt-0000003.pt$"):
+    with pytest.raises(SystemExit, match=r"non-finite loss .* Last good checkpoint: .*ckpt-0000003$"):
         train_t2i.main(tiny(out, 4, "--resume", "--debug-nan-at-step", "4"))
     # sample.py and evaluate.py take a run folder's newest good checkpoint too, and say which they skipped
     model, meta = sample.load_model(str(out), fast=False)
     assert meta["step"] == 3 and "--ckpt: skipping" in capsys.readouterr().out
 
 
-def test_checkpoints_without_checksums_still_load_and_nan_weights_are_refused(run, tmp_path):
-    ckpt = torch.load(run[0] / "ckpt-0000002.pt", weights_only=True)
-    del ckpt["checksums"]  # as written before checksums
-    torch.save(ckpt, tmp_path / "ckpt-0000002.pt")
+def test_an_unfinished_checkpoint_folder_is_skipped_and_a_killed_write_removed(run, tmp_path, capsys):
+    """A folder without its checksums.json (a copy cut short) is skipped by --resume; a ckpt-NNNNNNN.tmp folder (a
+    write killed midway, never renamed) is deleted when the next run starts."""
+    out = tmp_path / "a"
+    shutil.copytree(run[0], out)
+    os.remove(out / "ckpt-0000004" / "checksums.json")
+    shutil.copytree(run[0] / "ckpt-0000002", out / "ckpt-0000005.tmp")
+    losses = train_t2i.main(tiny(out, 3, "--ckpt-every", "0", "--keep", "0", "--resume"))["loss"]
+    assert losses == run[1][2:3] and not (out / "ckpt-0000005.tmp").exists()
+    assert "ckpt-0000004 is incomplete or damaged: no readable checksums.json" in capsys.readouterr().out
+
+
+def test_single_file_checkpoints_resume_and_without_checksums_still_load_and_nan_weights_are_refused(run, tmp_path):
+    out = tmp_path / "a"
+    out.mkdir()
+    single_file(run[0] / "ckpt-0000002", out / "ckpt-0000002.pt")
+    assert train_t2i.main(tiny(out, 4, "--ckpt-every", "2", "--resume"))["loss"] == run[1][2:]  # bit for bit
+    assert sorted(os.listdir(out))[:2] == ["ckpt-0000002.pt", "ckpt-0000004"]  # continues in folders
+    ckpt = single_file(run[0] / "ckpt-0000002", tmp_path / "ckpt-0000002.pt", sums=False)  # as before checksums
     assert checkpoint.load_pt(str(tmp_path / "ckpt-0000002.pt"))["step"] == 2
     ckpt["ema"]["blocks.0.attn.qkv.bias"][0] = float("nan")
     torch.save(ckpt, tmp_path / "ckpt-0000004.pt")
@@ -133,6 +164,14 @@ def test_junk_checkpoints_are_one_line_errors(tmp_path):
         with pytest.raises(ValueError, match="is not a readable GenTron checkpoint") as e:
             checkpoint.load_pt(str(junk / f"ckpt-{i:07d}.pt"))
         assert "\n" not in str(e.value)
+    (junk / "ckpt-0000009").mkdir()  # a folder of junk: no checksums.json, or a state.pt that is not one
+    with pytest.raises(ValueError, match=r"ckpt-0000009 is incomplete or damaged: no readable checksums.json"):
+        checkpoint.load_checkpoint(str(junk / "ckpt-0000009"))
+    (junk / "ckpt-0000009" / "state.pt").write_bytes(JUNK["zip"])
+    (junk / "ckpt-0000009" / "checksums.json").write_text(json.dumps({"state.pt": [104, checkpoint.file_crc(junk / "ckpt-0000009" / "state.pt")]}))
+    with pytest.raises(ValueError, match=r"ckpt-0000009 is not a readable GenTron checkpoint"):
+        checkpoint.load_checkpoint(str(junk / "ckpt-0000009"))
+    shutil.rmtree(junk / "ckpt-0000009")
     (junk / "notes.txt").write_bytes(JUNK["hello"])
     with pytest.raises(ValueError, match=r"none of the 5 checkpoint\(s\) in .*junk reads and verifies") as e:
         sample.main(["a red circle", "--ckpt", str(junk), "--out", str(tmp_path / "o"), "--device", "cpu"])
@@ -167,16 +206,18 @@ def test_an_unwritable_output_is_refused_before_any_model_is_loaded(tmp_path, mo
 
 
 SAVE_ARGS = """
-import argparse, torch
+import argparse, torch, torch.distributed as dist
 from model import make_config
+if not dist.is_initialized():  # save_checkpoint is a collective: a 1-process group
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 cfg = make_config("tiny", in_channels=3, input_size=16, text_dim=128, pooled_dim=64)
-w = {"w": torch.randn(256, 640)}  # 640 KiB; model and EMA: 1.3 MiB
-save_args = (OUT, 5, {"model": w, "ema": {"w": w["w"].clone()}}, {}, (0, 0), cfg, {}, argparse.Namespace(), 3)
+w = {"w": torch.randn(256, 640)}  # 640 KiB; model and EMA: 1.25 MiB
+save_args = (OUT, 5, {"model": w, "ema": {"w": w["w"].clone()}}, (0, 0), cfg, {}, argparse.Namespace(), 3)
 """
 
 
 def save_args(out):
-    """save_checkpoint's arguments for a checkpoint of 1.3 MiB (SAVE_ARGS, also run in a subprocess)."""
+    """save_checkpoint's arguments for a checkpoint of 1.25 MiB (SAVE_ARGS, also run in a subprocess)."""
     scope = {"OUT": str(out)}
     exec(SAVE_ARGS, scope)
     return scope["save_args"]
@@ -184,7 +225,7 @@ def save_args(out):
 
 def test_a_file_size_limit_is_one_line_with_what_the_file_needs(tmp_path):
     """A real short write: RLIMIT_FSIZE (ulimit -f) with SIGXFSZ ignored, so the write fails as on a full disk
-    (torch.save: "[enforce fail at inline_container.cc:672] ... unexpected pos")."""
+    (DCP writes each tensor with torch.save: "[enforce fail at inline_container.cc:672] ... unexpected pos")."""
     code = textwrap.dedent(f"""
         import resource, signal, sys
         sys.path.insert(0, {ROOT!r})
@@ -200,23 +241,19 @@ def test_a_file_size_limit_is_one_line_with_what_the_file_needs(tmp_path):
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     msg = r.stdout.strip()
-    assert "\n" not in msg and msg.startswith(f"could not write {tmp_path}/ckpt-0000005.pt ([enforce fail"), msg
-    assert "the file needs 1.3 MiB but this process may write files of at most 256.0 KiB (ulimit -f)" in msg, msg
+    assert "\n" not in msg and msg.startswith(f"could not write {tmp_path}/ckpt-0000005 ([enforce fail"), msg
+    assert "the file needs 1.2 MiB but this process may write files of at most 256.0 KiB (ulimit -f)" in msg, msg
     assert msg.endswith(f"the checkpoints already in {tmp_path} are intact") and os.listdir(tmp_path) == []
 
 
 def test_a_full_disk_says_how_much_is_needed_and_free(tmp_path, monkeypatch):
-    real_save = torch.save
-
-    def full_disk(obj, f, *args, **kwargs):
-        if not isinstance(f, str):  # saved_size's counting stream
-            return real_save(obj, f, *args, **kwargs)
-        open(f, "wb").write(b"partial")
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 24472256 vs 24472144")
-    monkeypatch.setattr(torch, "save", full_disk)
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(dcp.FileSystemWriter, "write_data", full_disk)  # every rank's shard files
     usage = types.SimpleNamespace(total=10 * 2**30, used=10 * 2**30 - 300 * 1024, free=300 * 1024)
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage)
-    with pytest.raises(OSError, match=r"ckpt-0000005.pt \(\[enforce fail.*\): the disk is full: the file needs 1.3 MiB "
-                                      r"and 300.0 KiB was free there; the checkpoints already in .* are intact$"):
+    with pytest.raises(OSError, match=r"ckpt-0000005 \(\[Errno 28\] No space left on device: the disk is full: the "
+                                      r"file needs 1.2 MiB and 300.0 KiB was free there\); the checkpoints already in "
+                                      r".* are intact$"):
         checkpoint.save_checkpoint(*save_args(tmp_path))
     assert os.listdir(tmp_path) == []

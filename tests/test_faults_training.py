@@ -4,6 +4,7 @@ each step once, in order."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -93,7 +94,7 @@ def test_ranks_agree_on_the_stopping_step(tmp_path):
     mp.spawn(_signalled_worker, args=(2, _free_port(), argv, str(tmp_path / "rc")), nprocs=2)
     assert [json.load(open(tmp_path / f"rc.{r}")) for r in (0, 1)] == [143, 143]
     # the first check after step 2
-    assert sorted(os.listdir(tmp_path / "two")) == ["ckpt-0000004.pt", "log.txt", "metrics.jsonl"]
+    assert sorted(os.listdir(tmp_path / "two")) == ["ckpt-0000004", "log.txt", "metrics.jsonl"]
 
 
 def test_a_second_signal_exits_at_once_and_set_up_is_not_deferred(monkeypatch, capfd):
@@ -146,7 +147,7 @@ def test_toy_banner_promises_only_what_the_run_writes(tmp_path, capsys, num_samp
 def test_resuming_an_older_checkpoint_cuts_the_log_to_its_step(tmp_path, capsys):
     train_t2i.main(tiny(tmp_path, 4, "--ckpt-every", "2", "--keep", "0"))
     before = logged(tmp_path)
-    os.remove(tmp_path / "ckpt-0000004.pt")  # as if the newest checkpoint were lost: --resume takes step 2's
+    shutil.rmtree(tmp_path / "ckpt-0000004")  # as if the newest checkpoint were lost: --resume takes step 2's
     train_t2i.main(tiny(tmp_path, 4, "--ckpt-every", "2", "--resume"))
     assert f"{tmp_path}/log.txt: dropped 2 line(s) past step 2" in capsys.readouterr().out
     assert logged(tmp_path) == before  # steps 1..4, once each, in order, as the run before

@@ -13,10 +13,14 @@ sys.path.insert(0, ROOT)
 import pytest
 import torch
 
+import cache
+import checkpoint
 import latents
 import pipeline
 import sample
 import train_t2i
+from latents import PixelSpace
+from synthetic import ShapesDataset
 from text_encoders import load_text_encoder, tiny_tokenizers
 
 PROMPTS = ["a red circle", "a blue square"]
@@ -112,8 +116,31 @@ def test_resume_takes_a_moved_encoder(moved, tmp_path):
         train_t2i.main([*argv, "--max-steps", "3", "--text-encoder", "tiny-clip"])
     # (tiny-clip's 64 channels against the run's 32)
     train_t2i.main([*argv, "--max-steps", "3", "--ckpt-every", "3", "--text-encoder", moved["new"]])
-    ckpt = torch.load(run / "ckpt-0000003.pt", map_location="cpu", weights_only=True)
+    ckpt = checkpoint.load_checkpoint(str(run / "ckpt-0000003"), weights=False)
     assert ckpt["step"] == 3 and ckpt["meta"]["text_encoder"] == moved["new"]  # the run now records the new path
+
+
+def test_a_run_on_a_cache_resumes_with_its_encoder_moved(tmp_path):
+    # the cache and the run record /old/clip; after a move, --text-encoder /new/clip is the same encoder: the run
+    # resumes (the null caption of caption dropout is encoded from there) and records the new path
+    old = save_tiny_clip(tmp_path / "old" / "clip")
+    cache.build_cache(ShapesDataset(length=8), tmp_path / "cache", load_text_encoder(f"clip={old}"), PixelSpace(),
+                      progress=False)
+    run = tmp_path / "run"
+    argv = ["--size", "tiny", "--batch-size", "4", "--log-every", "1", "--num-samples", "0", "--eval-n", "0",
+            "--device", "cpu", "--data", str(tmp_path / "cache"), "--out", str(run), "--ckpt-every", "2"]
+    full = train_t2i.main([*argv[:-2], "--out", str(tmp_path / "full"), "--max-steps", "4"])["loss"]
+    first = train_t2i.main([*argv, "--max-steps", "2"])["loss"]
+    new = str(tmp_path / "new" / "clip")
+    shutil.move(tmp_path / "old", tmp_path / "new")
+    with pytest.raises(OSError, match="old/clip"):  # the recorded folder is gone: said, with its path
+        train_t2i.main([*argv, "--max-steps", "4", "--resume"])
+    with pytest.raises(ValueError, match="made with --text-encoder clip="):  # another encoder is not this one
+        train_t2i.main([*argv, "--max-steps", "4", "--resume", "--text-encoder", "tiny-clip+t5"])
+    second = train_t2i.main([*argv, "--max-steps", "4", "--resume", "--text-encoder", f"clip={new}"])["loss"]
+    assert first + second == full  # bit for bit: the same features and the same null caption
+    state = checkpoint.load_checkpoint(str(run / "ckpt-0000004"), weights=False)
+    assert state["meta"]["text_encoder"] == f"clip={new}"
 
 
 def test_clip_without_projection_is_refused(tmp_path):

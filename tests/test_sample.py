@@ -56,9 +56,9 @@ def one_thread():
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp("runs")
-    make_checkpoint(str(d / "t2i" / "ckpt-0000005.pt"), step=5, seed=1)  # older: must not be picked
-    make_checkpoint(str(d / "t2i" / "ckpt-0000010.pt"), step=10)
-    make_checkpoint(str(d / "t2v" / "ckpt-0000010.pt"), temporal=True)
+    make_checkpoint(str(d / "t2i" / "ckpt-0000005"), step=5, seed=1)  # older: must not be picked
+    make_checkpoint(str(d / "t2i" / "ckpt-0000010"), step=10)
+    make_checkpoint(str(d / "t2v" / "ckpt-0000010"), temporal=True)
     return {"t2i": str(d / "t2i"), "t2v": str(d / "t2v")}
 
 
@@ -68,7 +68,7 @@ def read(path):
 
 def test_load_run_dir_picks_newest_and_ema(ckpts):
     model, meta = pipeline.load_model(ckpts["t2i"])
-    assert meta["step"] == 10 and meta["ckpt"].endswith("ckpt-0000010.pt") and meta["kind"] == "t2i"
+    assert meta["step"] == 10 and meta["ckpt"].endswith("ckpt-0000010") and meta["kind"] == "t2i"
     ckpt = torch.load(meta["ckpt"], weights_only=True)
     sd = model.state_dict()
     assert all(torch.equal(sd[k], ckpt["ema"][k]) for k in sd)  # EMA weights by default
@@ -79,7 +79,7 @@ def test_load_run_dir_picks_newest_and_ema(ckpts):
 
 def test_cli_images_and_exact_reproduction_from_json(tmp_path):
     out, rep, run = str(tmp_path / "out"), str(tmp_path / "rep"), str(tmp_path / "run")
-    make_checkpoint(os.path.join(run, "ckpt-0000010.pt"))
+    make_checkpoint(os.path.join(run, "ckpt-0000010"))
     sample.main(["--ckpt", run, "a red circle to the left of a blue square", "a green square",
                  "--n-per-prompt", "3", "--batch-size", "4", "--steps", "8", "--seed", "7", "--out", out])
     rec = json.load(open(os.path.join(out, "samples.json")))
@@ -94,7 +94,7 @@ def test_cli_images_and_exact_reproduction_from_json(tmp_path):
     assert grid.shape[0] >= 2 * 128 and grid.shape[1] >= 3 * 128  # 2 prompts x 3 samples, upscaled to >= 128 px
     # regenerate sample 5 (second batch) and, separately, the whole run: identical pixels, from the recorded
     # checkpoint file even after training has written a newer one into the run dir
-    make_checkpoint(os.path.join(run, "ckpt-0000020.pt"), step=20, seed=5)
+    make_checkpoint(os.path.join(run, "ckpt-0000020"), step=20, seed=5)
     sample.main(["--from-json", os.path.join(out, "samples.json"), "--index", "5", "--out", rep])
     rep_rec = json.load(open(os.path.join(rep, "samples.json")))
     assert [r["index"] for r in rep_rec["samples"]] == [5]
@@ -103,7 +103,7 @@ def test_cli_images_and_exact_reproduction_from_json(tmp_path):
     assert all(np.array_equal(read(os.path.join(rep + "2", r["file"])), x) for r, x in zip(rec["samples"], imgs))
     # once the recorded checkpoint is gone (training keeps the newest few), the run dir would give its newest
     # one, another model: refused, not remade silently from it
-    os.remove(os.path.join(run, "ckpt-0000010.pt"))
+    os.remove(os.path.join(run, "ckpt-0000010"))
     with pytest.raises(ValueError, match="sampled step 10 .* is step 20: the recorded checkpoint is gone"):
         sample.main(["--from-json", os.path.join(out, "samples.json"), "--out", rep + "3"])
 
@@ -152,7 +152,7 @@ def test_sample_noise_does_not_depend_on_batching(ckpts):
 
 def test_generate_with_a_training_meta(ckpts):
     # train_t2i.py / experiments call generate on their in-memory model with the checkpoint's plain meta
-    ckpt = torch.load(os.path.join(ckpts["t2i"], "ckpt-0000010.pt"), weights_only=True)
+    ckpt = torch.load(os.path.join(ckpts["t2i"], "ckpt-0000010"), weights_only=True)
     model = GenTron(checkpoint.build_config(ckpt["config"]))
     model.load_state_dict(ckpt["ema"])
     x = pipeline.generate(model.eval(), ckpt["meta"], ["a red circle"], steps=4, progress=False)

@@ -1,8 +1,10 @@
-"""Running at scale: the metrics a run writes (metrics.jsonl, TensorBoard) and multi-node launches on one machine."""
+"""Running at scale: sharded checkpoints that resume on another number of ranks, the metrics a run writes
+(metrics.jsonl, TensorBoard) and multi-node launches on one machine."""
 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -10,9 +12,12 @@ import types
 import pytest
 import torch
 
+import torch.multiprocessing as mp
+
 import checkpoint
 import train_t2i
-from test_train import REPO, _free_port, tiny
+
+from test_train import REPO, _free_port, _worker, tiny
 
 KEYS = {"step", "loss", "grad_norm", "lr", "samples_per_s", "mfu_percent", "mem_gib"}
 
@@ -27,6 +32,40 @@ def log_lines(run):
 def metrics(run):
     with open(os.path.join(run, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+# -----------------------------------------------------------------------------
+# sharded checkpoints (torch.distributed.checkpoint): each rank writes its shards, any number of ranks resumes
+
+
+def train_on(world, argv, tmp_path):
+    """train_t2i.main(argv) on `world` processes (gloo) -> rank 0's history."""
+    if world == 1:
+        return train_t2i.main(argv)
+    out_json = str(tmp_path / f"history{_free_port()}.json")
+    mp.spawn(_worker, args=(world, _free_port(), argv, out_json), nprocs=world)
+    return json.load(open(out_json))
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_a_run_resumes_on_another_number_of_ranks(tmp_path, before, after):
+    # 2 ranks: FSDP2 DTensor shards; 1 rank: the plain model. Global batch 8 either way, so the resumed run must
+    # continue the uninterrupted one; only fp32 summation order differs between 1 and 2 ranks (rtol 1e-5).
+    argv = lambda out, steps, *x: tiny(out, steps, "--batch-size", "8", "--caption-dropout", "0.5", *x)
+    full = train_t2i.main(argv(tmp_path / "full", 4))
+    first = train_on(before, argv(tmp_path / "run", 2, "--ckpt-every", "2"), tmp_path)
+    folder = tmp_path / "run" / "ckpt-0000002"
+    assert sorted(f for f in os.listdir(folder) if f.endswith(".distcp")) == [f"__{r}_0.distcp" for r in range(before)]
+    second = train_on(after, argv(tmp_path / "run", 4, "--resume"), tmp_path)
+    assert len(first["loss"]) == len(second["loss"]) == 2
+    torch.testing.assert_close(torch.tensor(first["loss"] + second["loss"]), torch.tensor(full["loss"]),
+                               rtol=1e-5, atol=0)
+    a, b = checkpoint.load_checkpoint(str(tmp_path / "run" / "ckpt-0000004")), \
+        checkpoint.load_checkpoint(str(tmp_path / "full" / "ckpt-0000004"))
+    for key in ("model", "ema"):
+        for k in a[key]:
+            torch.testing.assert_close(a[key][k], b[key][k], rtol=1e-4, atol=1e-6)
+    assert a["data"] == b["data"] and a["step"] == 4
 
 
 # -----------------------------------------------------------------------------
@@ -48,7 +87,7 @@ def test_metrics_jsonl_has_log_txts_numbers_and_a_resume_logs_each_step_once(tmp
     # Killed after logging step 3 but before its checkpoint: --resume trains steps 3.. again from ckpt 2
     split = tmp_path / "split"
     train_t2i.main(tiny(split, 3, "--ckpt-every", "2"))
-    os.remove(split / "ckpt-0000003.pt")
+    shutil.rmtree(split / "ckpt-0000003")
     assert [r["step"] for r in metrics(split)] == [1, 2, 3]
     train_t2i.main(tiny(split, 5, "--ckpt-every", "2", "--resume"))
     assert [r["step"] for r in metrics(split)] == [s for s, *_ in log_lines(split)] == [1, 2, 3, 4, 5]

@@ -1,7 +1,6 @@
 """WebDataset .tar shards as --data (data.TarShards): the same items as a folder of the same files, bad members
 skipped and counted the same way, a compact index, and a training run on shards that resumes exactly."""
 
-import importlib.util
 import io
 import json
 import os
@@ -79,7 +78,7 @@ def test_shards_equal_the_folder_and_count_bad_members(tmp_path):
 
 def test_video_shards_pass_the_member_bytes_to_the_decoder(tmp_path, monkeypatch):
     """KEY.mp4 + KEY.txt: read_clip gets the member's bytes and the per-epoch clip offset; a real decoder
-    (PyAV / imageio-ffmpeg, optional) reads bytes as it reads a path (test_data's decode test)."""
+    (PyAV / imageio-ffmpeg, optional) reads them (test_a_real_mp4_in_a_shard_reads_as_the_same_file_in_a_folder)."""
     seen = []
 
     def fake_read_clip(src, num_frames, target_fps, offset):
@@ -120,12 +119,6 @@ def _moving_square_mp4(path, colour, n=12, side=64, fps=24):
     w.close()
 
 
-@pytest.mark.xfail(importlib.util.find_spec("av") is None, raises=OSError, strict=True,
-                   reason="without PyAV, data.read_clip cannot decode a shard member's bytes: imageio's FFMPEG "
-                          "plugin cannot tell the format of bytes that have no file extension (OSError '`FFMPEG` "
-                          "can not handle the given uri'), so every video in a shard is skipped as unreadable; "
-                          "iio.imopen(..., extension='.mp4') for bytes in read_clip / _decode fixes it - then drop "
-                          "this mark (strict: the test reports when it starts passing)")
 def test_a_real_mp4_in_a_shard_reads_as_the_same_file_in_a_folder(tmp_path):
     """Two real H.264 clips (imageio-ffmpeg, optional) as KEY.mp4 + KEY.txt in a shard and as files in a folder:
     item i of epoch e is the same tensor, bit for bit - the same bytes go through the same decoder (the shard's
@@ -206,7 +199,7 @@ def test_training_on_shards_resumes_exactly(tmp_path):
         first = train_t2i.main(tiny(tmp_path / "split", 3, "--ckpt-every", "3", *args))
         second = train_t2i.main(tiny(tmp_path / "split", 5, "--ckpt-every", "5", "--resume", *args))
     assert first["loss"] + second["loss"] == full["loss"]
-    a, b = load(tmp_path / "full" / "ckpt-0000005.pt"), load(tmp_path / "split" / "ckpt-0000005.pt")
+    a, b = load(tmp_path / "full" / "ckpt-0000005"), load(tmp_path / "split" / "ckpt-0000005")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["data"] == b["data"] and a["meta"]["dataset"] == str(shards)
 

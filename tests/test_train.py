@@ -1,6 +1,7 @@
 """train_t2i.py / train_t2v.py on CPU: world-size invariance under FSDP2, exact resume, activation
 checkpointing, NaN stop, T2I -> T2V initialisation (Sec. 3.3.1), checkpoint format, the toy CLI."""
 
+import argparse
 import json
 import os
 import socket
@@ -14,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import cache
+import checkpoint
 import fsdp
 import train_data
 import train_t2i
@@ -26,7 +28,7 @@ from synthetic import MovingShapesDataset, ShapesDataset
 from text_encoders import load_text_encoder, real_tokens_first
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CKPT_KEYS = {"model", "ema", "optimizer", "step", "rng", "data", "config", "meta", "args", "checksums"}
+CKPT_KEYS = {"model", "ema", "optimizer", "step", "rng", "data", "config", "meta", "args"}
 
 
 def tiny(out, steps, *extra):
@@ -36,7 +38,8 @@ def tiny(out, steps, *extra):
 
 
 def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)  # plain types only (common.md)
+    """A checkpoint with its full weights, EMA and AdamW state (checkpoint.load_checkpoint)."""
+    return checkpoint.load_checkpoint(str(path))
 
 
 @pytest.fixture
@@ -100,7 +103,7 @@ def test_two_processes_match_one(tmp_path):
     torch.testing.assert_close(torch.tensor(two["grad_norm"]), torch.tensor(one["grad_norm"]), rtol=1e-4, atol=0)
     assert one["loss"][-1] < one["loss"][0]  # it trains
     # the saved weights agree too (full state dicts gathered from 2 shards)
-    a, b = load(tmp_path / "two" / "ckpt-0000005.pt"), load(tmp_path / "one" / "ckpt-0000005.pt")
+    a, b = load(tmp_path / "two" / "ckpt-0000005"), load(tmp_path / "one" / "ckpt-0000005")
     for k in a["ema"]:
         torch.testing.assert_close(a["ema"][k], b["ema"][k], rtol=1e-4, atol=1e-6)
     for k, state in a["optimizer"]["state"].items():  # AdamW's moments, gathered from the 2 ranks' shards
@@ -120,7 +123,7 @@ def test_resume_is_exact(tmp_path):
         train_t2i.main(tiny(tmp_path / "split", 6))
     second = train_t2i.main(tiny(tmp_path / "split", 6, "--ckpt-every", "3", "--resume"))
     assert first["loss"] + second["loss"] == full["loss"]  # bit for bit
-    a, b = load(tmp_path / "full" / "ckpt-0000006.pt"), load(tmp_path / "split" / "ckpt-0000006.pt")
+    a, b = load(tmp_path / "full" / "ckpt-0000006"), load(tmp_path / "split" / "ckpt-0000006")
     assert all(torch.equal(a["ema"][k], b["ema"][k]) and torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["data"] == b["data"] == {"epoch": 0, "offset": 24}
 
@@ -143,7 +146,7 @@ def test_time_limit_stops_with_a_checkpoint_and_resumes_exactly(tmp_path):
     # --ckpt-every would not have saved before step 100, and the resumed run continues bit for bit
     first = train_t2i.main(tiny(tmp_path / "cut", 4, "--log-every", "2", "--ckpt-every", "100", "--time-limit", "0"))
     assert len(first["loss"]) == 2
-    assert sorted(os.listdir(tmp_path / "cut")) == ["ckpt-0000002.pt", "log.txt", "metrics.jsonl"]
+    assert sorted(os.listdir(tmp_path / "cut")) == ["ckpt-0000002", "log.txt", "metrics.jsonl"]
     second = train_t2i.main(tiny(tmp_path / "cut", 4, "--log-every", "2", "--resume"))
     assert first["loss"] + second["loss"] == full["loss"]
 
@@ -154,12 +157,12 @@ def test_time_limit_without_log_or_checkpoint_steps_and_final_samples_without_ch
     (it sampled none, and after --resume the loaded checkpoint's)."""
     monkeypatch.setattr(train_t2i, "STOP_CHECK_EVERY", 3)
     train_t2i.main(tiny(tmp_path / "a", 7, "--log-every", "0", "--ckpt-every", "0", "--time-limit", "0"))
-    assert sorted(os.listdir(tmp_path / "a")) == ["ckpt-0000003.pt"]  # stopped at the first check, with a checkpoint
+    assert sorted(os.listdir(tmp_path / "a")) == ["ckpt-0000003"]  # stopped at the first check, with a checkpoint
     sampled = {}
     monkeypatch.setattr(train_t2i, "final_samples", lambda cfg, state, *a: sampled.update(state=state))
     train_t2i.main(tiny(tmp_path / "a", 5, "--ckpt-every", "0", "--resume", "--num-samples", "2", "--ema", "0.5"))
-    step3 = load(tmp_path / "a" / "ckpt-0000003.pt")["ema"]  # what was sampled before: the loaded EMA
-    assert sorted(os.listdir(tmp_path / "a")) == ["ckpt-0000003.pt", "log.txt", "metrics.jsonl"]
+    step3 = load(tmp_path / "a" / "ckpt-0000003")["ema"]  # what was sampled before: the loaded EMA
+    assert sorted(os.listdir(tmp_path / "a")) == ["ckpt-0000003", "log.txt", "metrics.jsonl"]
     assert set(sampled["state"]) == set(step3) and any(not torch.equal(sampled["state"][k], step3[k]) for k in step3)
 
 
@@ -169,9 +172,9 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
         train_t2i.main(tiny(tmp_path, 8, "--ckpt-every", "2", "--log-every", "3", "--debug-nan-at-step", "5"))
     msg = str(e.value)
     assert msg.startswith("step 5: non-finite loss nan") and "stopped at step 6" in msg
-    assert "ckpt-0000004.pt" in msg and "\n" not in msg
-    assert sorted(os.listdir(tmp_path)) == ["ckpt-0000002.pt", "ckpt-0000004.pt", "log.txt", "metrics.jsonl"]  # no temp files
-    ckpt = load(tmp_path / "ckpt-0000004.pt")
+    assert "ckpt-0000004" in msg and "\n" not in msg
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-0000002", "ckpt-0000004", "log.txt", "metrics.jsonl"]  # no temp files
+    ckpt = load(tmp_path / "ckpt-0000004")
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
     # with neither logs nor checkpoints (--log-every 0 --ckpt-every 0) the last step still checks every loss
     with pytest.raises(SystemExit, match="^step 2: non-finite loss nan .* stopped at step 3 without saving"):
@@ -185,18 +188,18 @@ def test_resume_follows_the_flags_and_bad_parents_are_one_line_errors(tmp_path):
     resume are one-line errors (ValueError / SystemExit, which train_t2i.cli prints) before any training."""
     train_t2i.main(tiny(tmp_path / "a", 2, "--ckpt-every", "2"))
     train_t2i.main(tiny(tmp_path / "a", 4, "--ckpt-every", "2", "--resume", "--weight-decay", "0.1", "--betas", "0.8", "0.9"))
-    group = load(tmp_path / "a" / "ckpt-0000004.pt")["optimizer"]["param_groups"][0]
-    assert group["weight_decay"] == 0.1 and tuple(group["betas"]) == (0.8, 0.9)
+    args = load(tmp_path / "a" / "ckpt-0000004")["args"]  # (a checkpoint stores AdamW's moments, not its settings)
+    assert args["weight_decay"] == 0.1 and tuple(args["betas"]) == (0.8, 0.9)
     with pytest.raises(ValueError, match="trained with --prediction v; a resumed run keeps it"):
         train_t2i.main(tiny(tmp_path / "a", 6, "--resume", "--prediction", "eps"))  # would train another target
     with pytest.raises(ValueError, match=r"was trained on shapes:train:size=32:seed=0:.*, not shapes:train:size=32:"
                                           r"seed=7:.*: resume with its --data"):  # its data position is another's
         train_t2i.main(tiny(tmp_path / "a", 6, "--resume", "--seed", "7"))
-    with open(tmp_path / "a" / "ckpt-0000004.pt", "r+b") as f:
+    with open(tmp_path / "a" / "ckpt-0000004" / "__0_0.distcp", "r+b") as f:
         f.truncate(1000)  # e.g. a disk that filled up under another program: skipped (tests/test_faults.py)
-    with pytest.raises(ValueError, match=r"ckpt-0000002.pt was trained on shapes:.*seed=7"):  # the one before
+    with pytest.raises(ValueError, match=r"ckpt-0000002 was trained on shapes:.*seed=7"):  # the one before
         train_t2i.main(tiny(tmp_path / "a", 6, "--resume", "--seed", "7"))
-    parent = str(tmp_path / "a" / "ckpt-0000002.pt")
+    parent = str(tmp_path / "a" / "ckpt-0000002")
     with pytest.raises(ValueError, match=r"different model: depth 2 \(this run: 8\)"):
         train_t2v.main(tiny(tmp_path / "v", 1, "--size", "toy", "--init-from", parent))
     train_t2v.main(tiny(tmp_path / "v", 1, "--init-from", parent))
@@ -245,16 +248,17 @@ def test_atomic_write_reaches_the_disk_before_and_after_its_rename(tmp_path, mon
     checkpoint.atomic_write(str(tmp_path / "f.pt"), lambda tmp: torch.save({"x": 1}, tmp))
     tmp_name = f"f.pt.tmp{os.getpid()}"
     assert events == [("fsync", tmp_name), ("replace", "f.pt"), ("fsync", tmp_path.name)]
-    assert load(tmp_path / "f.pt") == {"x": 1} and os.listdir(tmp_path) == ["f.pt"]
+    assert torch.load(tmp_path / "f.pt") == {"x": 1} and os.listdir(tmp_path) == ["f.pt"]
 
 
 def test_checkpoint_format(tmp_path):
     train_t2i.main(tiny(tmp_path, 4, "--ckpt-every", "1", "--keep", "2", "--ema", "0.9"))
-    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt")) == ["ckpt-0000003.pt", "ckpt-0000004.pt"]
-    ckpt, prev = load(tmp_path / "ckpt-0000004.pt"), load(tmp_path / "ckpt-0000003.pt")
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("ckpt-")) == ["ckpt-0000003", "ckpt-0000004"]
+    ckpt, prev = load(tmp_path / "ckpt-0000004"), load(tmp_path / "ckpt-0000003")
     for k, v in ckpt["ema"].items():  # each step: ema <- decay * ema + (1 - decay) * the step's new weights
         torch.testing.assert_close(v, 0.9 * prev["ema"][k] + 0.1 * ckpt["model"][k], rtol=0, atol=1e-6)
     assert set(ckpt) == CKPT_KEYS and ckpt["step"] == 4
+    assert sorted(os.listdir(tmp_path / "ckpt-0000004")) == [".metadata", "__0_0.distcp", "checksums.json", "state.pt"]
     assert ckpt["meta"] == {"kind": "t2i", "text_encoder": "tiny-clip+t5", "latent_space": "pixel", "resolution": 32,
                             "num_frames": None, "dataset": "shapes:train:size=32:seed=0:single+color+shape+spatial",
                             "prediction": "v"}  # pixel space: v-prediction by default
@@ -322,10 +326,10 @@ def test_compile_with_checkpointing_on_the_cpu_gives_the_exact_gradients(process
 
 
 @pytest.mark.parametrize("ac", [0, 1])  # one rank: the plain model (ac 0), FSDP2 DTensor shards (ac 1)
-def test_sharded_adamw_is_torch_adamw_with_clipping(process_group, ac):
+def test_sharded_adamw_is_torch_adamw_with_clipping(process_group, ac, tmp_path):
     """fsdp.ShardedAdamW (AdamW on the local shards, one all-reduce for the norm) takes the steps that
     torch.optim.AdamW + clip_grad_norm_ take on the unsharded model, clipping active; its full state dict
-    loads into a fresh one that then continues identically."""
+    checkpoint loads into a fresh one that then continues identically."""
     device = process_group
     cfg = GenTronConfig(depth=2, width=64, mlp_width=128, heads=4, in_channels=3, input_size=8, text_dim=16, pooled_dim=8)
     g = torch.Generator().manual_seed(0)
@@ -353,12 +357,16 @@ def test_sharded_adamw_is_torch_adamw_with_clipping(process_group, ac):
     for n, p in ref.named_parameters():
         torch.testing.assert_close(full[n], p.detach(), rtol=1e-5, atol=1e-6)
         assert p.grad is None and model.get_parameter(n).grad is None  # zeroed
-    # resume: a new model + optimizer from the full state dicts takes the same third step
-    saved = opt.full_state_dict()
+    # resume: a new model + optimizer (another init) loaded from a checkpoint of the shards takes the same third step
+    ema = [s.clone() for s in opt.shards]
+    checkpoint.save_checkpoint(str(tmp_path), 2, fsdp.sharded_state(model, opt, ema), (0, 0), cfg, {}, argparse.Namespace(), 0)
+    saved = checkpoint.load_checkpoint(str(tmp_path / "ckpt-0000002"))["optimizer"]
     assert set(saved["state"]) == set(full) and saved["state"]["final_layer.linear.weight"]["exp_avg"].shape == (12, 64)
-    model2 = fsdp.build_model(cfg, device, ac=ac, init_state=full)
+    model2 = fsdp.build_model(cfg, device, ac=ac, seed=1)
     opt2 = fsdp.ShardedAdamW(model2, lr=1e-3, **hp)
-    opt2.load_full_state_dict(saved)
+    ema2 = [torch.zeros_like(s) for s in opt2.shards]
+    checkpoint.load_sharded(str(tmp_path / "ckpt-0000002"), fsdp.sharded_state(model2, opt2, ema2))
+    assert all(torch.equal(a, b) for a, b in zip(ema, ema2))
     for m, o in ((model, opt), (model2, opt2)):
         m(**batches[2]).square().mean().backward()
         o.step(1e-3, 0.05)
@@ -386,7 +394,7 @@ def test_t2v_training_passes_the_motion_free_flags_to_the_model(tmp_path, monkey
 
 def test_t2v_starts_at_the_t2i_loss_on_pseudo_videos(tmp_path):
     train_t2i.main(tiny(tmp_path / "t2i", 3))  # a T2I checkpoint whose weights are no longer the init
-    t2i = tmp_path / "t2i" / "ckpt-0000003.pt"
+    t2i = tmp_path / "t2i" / "ckpt-0000003"
     argv = tiny(tmp_path / "t2v", 1, "--init-from", str(t2i), "--batch-size", "2", "--num-frames", "4",
                 "--p-motion-free", "1", "--caption-dropout", "0")
     loss_t2v = train_t2v.main(argv)["loss"][0]
@@ -404,7 +412,7 @@ def test_t2v_starts_at_the_t2i_loss_on_pseudo_videos(tmp_path):
         eps = lambda xt, tt: model(xt, tt, rep(text), rep(mask), rep(pooled))
         loss_t2i = Diffusion(prediction="v").loss(eps, batch["x"].flatten(0, 1), rep(t), noise.flatten(0, 1)).item()
     assert loss_t2v == pytest.approx(loss_t2i, rel=1e-6)
-    new = set(load(tmp_path / "t2v" / "ckpt-0000001.pt")["model"]) - set(ckpt["model"])
+    new = set(load(tmp_path / "t2v" / "ckpt-0000001")["model"]) - set(ckpt["model"])
     assert new and all(".temporal." in k for k in new)
     with pytest.raises(SystemExit, match="--init-from"):
         train_t2v.main(tiny(tmp_path / "none", 1))
@@ -426,35 +434,38 @@ def test_cpu_toy_uses_patch_4_and_children_keep_their_parents_settings(tmp_path)
                            "--device", "cpu", "--out", str(tmp_path / out), *a]
     train_t2i.main(run("t2i", "--max-steps", "1"))
     train_t2i.main(run("t2i", "--max-steps", "2", "--resume"))
-    assert load(tmp_path / "t2i" / "ckpt-0000002.pt")["config"]["patch"] == 4
+    assert load(tmp_path / "t2i" / "ckpt-0000002")["config"]["patch"] == 4
     train_t2v.main(run("t2v", "--max-steps", "1", "--init-from", str(tmp_path / "t2i"), "--num-frames", "2"))
-    assert load(tmp_path / "t2v" / "ckpt-0000001.pt")["config"]["patch"] == 4
+    assert load(tmp_path / "t2v" / "ckpt-0000001")["config"]["patch"] == 4
     # likewise the prediction (an eps run in pixel space, not the default there) and the text encoder: a resumed
     # run and a child run (--init-from) keep the parent's, so the full-scale stage-2 and T2V commands need no flag
     train_t2i.main(run("eps", "--max-steps", "1", "--prediction", "eps", "--text-encoder", "tiny-clip"))
     train_t2i.main(run("eps", "--max-steps", "2", "--resume"))
-    meta = load(tmp_path / "eps" / "ckpt-0000002.pt")["meta"]
+    meta = load(tmp_path / "eps" / "ckpt-0000002")["meta"]
     assert meta["prediction"] == "eps" and meta["text_encoder"] == "tiny-clip"
     train_t2i.main(run("child", "--max-steps", "1", "--init-from", str(tmp_path / "eps")))
-    assert load(tmp_path / "child" / "ckpt-0000001.pt")["meta"]["text_encoder"] == "tiny-clip"
+    assert load(tmp_path / "child" / "ckpt-0000001")["meta"]["text_encoder"] == "tiny-clip"
 
 
 def test_qk_norm_is_inherited_and_older_checkpoints_still_load(tmp_path):
     """--qk-norm is stored in the config; a T2V child of a QK-norm parent gets it (its q/k gains copied);
     a checkpoint written before the field existed resumes as qk_norm=False."""
     train_t2i.main(tiny(tmp_path / "qk", 1, "--qk-norm"))
-    parent = load(tmp_path / "qk" / "ckpt-0000001.pt")
+    parent = load(tmp_path / "qk" / "ckpt-0000001")
     assert parent["config"]["qk_norm"] and "blocks.0.attn.q_norm.weight" in parent["model"]
     train_t2v.main(tiny(tmp_path / "qk_t2v", 1, "--init-from", str(tmp_path / "qk"), "--num-frames", "2"))
-    child = load(tmp_path / "qk_t2v" / "ckpt-0000001.pt")
+    child = load(tmp_path / "qk_t2v" / "ckpt-0000001")
     assert child["config"]["qk_norm"] and "blocks.0.temporal.attn.k_norm.weight" in child["model"]
     train_t2i.main(tiny(tmp_path / "old", 1))
-    path = tmp_path / "old" / "ckpt-0000001.pt"
-    old = load(path)
+    path = tmp_path / "old" / "ckpt-0000001"
+    old = torch.load(path / "state.pt", weights_only=True)
     del old["config"]["qk_norm"]
-    torch.save(old, path)
+    torch.save(old, path / "state.pt")
+    sums = json.load(open(path / "checksums.json"))
+    sums["state.pt"] = [os.path.getsize(path / "state.pt"), checkpoint.file_crc(path / "state.pt")]
+    json.dump(sums, open(path / "checksums.json", "w"))
     train_t2i.main(tiny(tmp_path / "old", 2, "--resume"))
-    assert load(tmp_path / "old" / "ckpt-0000002.pt")["config"]["qk_norm"] is False
+    assert load(tmp_path / "old" / "ckpt-0000002")["config"]["qk_norm"] is False
 
 
 # -----------------------------------------------------------------------------
@@ -480,7 +491,7 @@ def test_cached_features_and_null_caption(tmp_path, process_group):
     with pytest.raises(ValueError, match="is a cache already"):
         train_t2i.main(tiny(tmp_path / "c2", 1, "--data", str(tmp_path / "cache"), "--cache", str(tmp_path / "cache2")))
     assert len(hist["loss"]) == 2 and all(0 < v < 2 for v in hist["loss"])
-    assert load(tmp_path / "run" / "ckpt-0000002.pt")["meta"]["dataset"].startswith("shapes:train")
+    assert load(tmp_path / "run" / "ckpt-0000002")["meta"]["dataset"].startswith("shapes:train")
     # a cache of the built-in data ends like the online run: held-out samples and the oracle's scores
     train_t2i.main(tiny(tmp_path / "end", 1, "--data", str(tmp_path / "cache"), "--num-samples", "2", "--eval-n", "1",
                 "--sample-steps", "2"))
@@ -549,24 +560,25 @@ def test_cached_batches_keep_only_the_positions_their_captions_need(process_grou
 
 
 def test_a_failed_checkpoint_write_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
-    """A full disk during a checkpoint write (torch.save's zip writer raises RuntimeError) stops the run with
-    one line naming the file; no temp file stays, the earlier checkpoint is untouched, and a temp file left
-    by a killed write is removed when the next run starts."""
+    """A full disk during a checkpoint write (DCP writes each tensor with torch.save, whose zip writer raises
+    RuntimeError) stops the run with one line naming the checkpoint; no temp folder stays, the earlier checkpoint
+    is untouched, and a temp folder left by a killed write is removed when the next run starts."""
     run = tmp_path / "a"
     train_t2i.main(tiny(run, 1))
     real_save = torch.save
 
     def full_disk(obj, f, *args, **kwargs):
-        open(f, "wb").write(b"partial")
+        f.write(b"partial")
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 24472256 vs 24472144")
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(OSError, match=r"could not write .*ckpt-0000002.pt \(\[enforce fail.*already in .* are intact"):
+    with pytest.raises(OSError, match=r"could not write .*ckpt-0000002 \(\[enforce fail.*already in .* are intact"):
         train_t2i.main(tiny(run, 2, "--resume"))
-    assert sorted(p.name for p in run.glob("ckpt-*")) == ["ckpt-0000001.pt"]
+    assert sorted(p.name for p in run.glob("ckpt-*")) == ["ckpt-0000001"]
     monkeypatch.setattr(torch, "save", real_save)
-    (run / "ckpt-0000002.pt.tmp").write_bytes(b"partial")  # as a kill -9 mid-write leaves it
+    (run / "ckpt-0000002.tmp").mkdir()  # as a kill -9 mid-write leaves it
+    (run / "ckpt-0000002.tmp" / "__0_0.distcp").write_bytes(b"partial")
     train_t2i.main(tiny(run, 2, "--resume"))
-    assert sorted(p.name for p in run.glob("ckpt-*")) == ["ckpt-0000001.pt", "ckpt-0000002.pt"]
+    assert sorted(p.name for p in run.glob("ckpt-*")) == ["ckpt-0000001", "ckpt-0000002"]
 
 
 def test_device_flags(process_group):
@@ -594,7 +606,7 @@ def test_toy_cli_end_to_end(tmp_path):
     assert len(open(tmp_path / "samples.txt").read().splitlines()) == 4
     scores = json.load(open(tmp_path / "oracle.json"))  # evaluate.py's oracle on held-out compositions
     assert scores["n"] == {"single": 2, "color": 2, "shape": 2, "spatial": 2} and 0 <= scores["overall"] <= 1
-    assert set(load(tmp_path / "ckpt-0000002.pt")) == CKPT_KEYS
+    assert set(load(tmp_path / "ckpt-0000002")) == CKPT_KEYS
 
 
 def test_scores_without_a_sample_grid(tmp_path):
