@@ -97,13 +97,15 @@ def fresh_state(cfg, seed):
     return GenTron(cfg).state_dict()
 
 
-def build_model(cfg, device, ac=0, compile=False, init_state=None, seed=0, unit=4, fast=False):
+def build_model(cfg, device, ac=0, compile=False, init_state=None, seed=0, unit=4, fast=False, init=True):
     """GenTron as training runs it: FSDP2 shards across ranks, and on one rank with activation checkpointing (memory:
     G/2); otherwise (one rank, no checkpointing) the plain model, to be run under `mixed_precision`.
     ac: activation checkpointing of every ac-th block (1: all, 2: every other, 0: none).
     unit: consecutive blocks per FSDP2 unit (one all-gather / reduce-scatter each).
     init_state: full state dict used on rank 0 (others ignore it); default: the seeded single-process init, so
-    the weights do not depend on the number of ranks. fast: fastpath's fused forwards (the same math and parameters)."""
+    the weights do not depend on the number of ranks. fast: fastpath's fused forwards (the same math and parameters).
+    init=False leaves the weights uninitialised, for a checkpoint's shards to be loaded into (no full model on rank 0:
+    ~12 GB and its broadcast for G/2)."""
     # FSDP2 (torch >= 2.12) warns when a sharded module returns a view, since an in-place op on one would skip its
     # backward all-gather. Ours do (a block's gate is a slice of its adaLN output, a Linear's 3D output a view of its
     # 2D product), and nothing modifies them in place.
@@ -147,7 +149,8 @@ def build_model(cfg, device, ac=0, compile=False, init_state=None, seed=0, unit=
     model.to_empty(device=device)  # allocate the local shards (uninitialised)
     # init: rank 0 builds the full model on CPU with init_weights() under the seed, and its weights are
     # broadcast and sharded - identical to single-process training for any number of ranks.
-    load_full_state(model, (init_state if init_state is not None else fresh_state(cfg, seed)) if master_process() else {})
+    if init:
+        load_full_state(model, (init_state if init_state is not None else fresh_state(cfg, seed)) if master_process() else {})
     return model
 
 

@@ -333,7 +333,7 @@ def _train(args, make_data, make_config, kind, rank, world, device, stop):
             model_sd, ema_sd = load_init(args.init_from, cfg, args.seed)
     # The EMA weights go through the model first: build with them, copy the shards, then load the weights.
     model = build_model(cfg, device, ac, args.compile, ema_sd, args.seed, args.fsdp_unit,
-                        fast=device.type == "cuda" and not args.readable)
+                        fast=device.type == "cuda" and not args.readable, init=single_file or not ckpt)
     opt = ShardedAdamW(model, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
     with torch.no_grad():
         ema = [s.clone() for s in opt.shards]  # this rank's EMA shards, next to its parameter shards

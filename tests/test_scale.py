@@ -68,6 +68,17 @@ def test_a_run_resumes_on_another_number_of_ranks(tmp_path, before, after):
     assert a["data"] == b["data"] and a["step"] == 4
 
 
+def test_init_from_on_two_ranks_matches_one(tmp_path):
+    # --init-from: rank 0 reads the parent's weights and EMA, and every rank takes its shards of them
+    argv = lambda out, *x: tiny(out, 2, "--batch-size", "8", "--caption-dropout", "0.5", *x)
+    train_t2i.main(argv(tmp_path / "parent"))
+    one = train_t2i.main(argv(tmp_path / "one", "--init-from", str(tmp_path / "parent")))
+    two = train_on(2, argv(tmp_path / "two", "--init-from", str(tmp_path / "parent")), tmp_path)
+    fresh = train_t2i.main(argv(tmp_path / "fresh"))
+    torch.testing.assert_close(torch.tensor(two["loss"]), torch.tensor(one["loss"]), rtol=1e-5, atol=0)
+    assert abs(one["loss"][0] - fresh["loss"][0]) > 1e-3  # the parent's weights, not a fresh init
+
+
 # -----------------------------------------------------------------------------
 # metrics.jsonl: one JSON object per log line, the same numbers; a resumed run logs each step once
 
