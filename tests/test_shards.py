@@ -188,6 +188,87 @@ def test_bad_shards_are_one_line_errors(tmp_path):
         data.ImageTextFolder(str(tmp_path / "nowhere.tar"))
 
 
+def _tarfile_index(paths, exts):
+    """An independent reference: the index as tarfile reads the shards one after another, as (N, 5) rows of
+    (shard, media offset, media size, caption offset, caption size)."""
+    rows = []
+    for s, path in enumerate(paths):
+        samples = {}
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                if m.isfile():
+                    d, name = os.path.split(m.name)
+                    key, _, ext = name.partition(".")
+                    samples.setdefault(os.path.join(d, key), {})[ext.lower()] = (m.offset_data, m.size)
+        for members in samples.values():
+            media = next((members[e] for e in members if "." + e in exts), None)
+            if media is not None:
+                rows.append((s, *media, *members["txt"]))
+    return np.array(rows)
+
+
+def _unusual_shards(tmp_path):
+    """Shards with what tars hold beyond one plain header a member: a ustar name split into prefix/name, GNU
+    long-name members (a name over 100 bytes), pax headers (a long and a non-ASCII name), directory entries, and
+    a header with a bad checksum (tarfile ends the shard there); payloads of 0, 1, 511, 512 and 513 bytes."""
+    long_dir = "d" * 80 + "/" + "e" * 40  # 121 bytes: ustar writes it as a prefix, GNU as an 'L' member
+    shards = {"ustar.tar": (tarfile.USTAR_FORMAT, ["a", f"{long_dir}/b"]),
+              "gnu.tar": (tarfile.GNU_FORMAT, ["c", "f" * 120 + "/g"]),
+              "pax.tar": (tarfile.PAX_FORMAT, ["h", "g" * 120 + "/i", "ünï/j"])}
+    sizes = iter([0, 1, 511, 512, 513] * 10)
+    for name, (fmt, keys) in shards.items():
+        with tarfile.open(tmp_path / name, "w", format=fmt) as tar:
+            d = tarfile.TarInfo(long_dir)
+            d.type = tarfile.DIRTYPE
+            tar.addfile(d)
+            for key in keys:
+                for ext in ("jpg", "json", "txt"):
+                    _add(tar, f"{key}.{ext}", os.urandom(next(sizes)))
+    raw = bytearray((tmp_path / "ustar.tar").read_bytes())
+    with tarfile.open(tmp_path / "ustar.tar") as tar:
+        raw[tar.getmembers()[4].offset + 148] ^= 1  # b.jpg's checksum field: b is not a sample
+    (tmp_path / "bad-checksum.tar").write_bytes(raw)
+    return [str(tmp_path / n) for n in [*shards, "bad-checksum.tar"]]
+
+
+def test_the_index_equals_tarfiles_on_unusual_shards(tmp_path):
+    """The index (headers read directly where they are plain ustar, by tarfile otherwise; one process or several)
+    is tarfile's, item for item, on shards with long names, pax headers, directories and a bad header."""
+    paths = _unusual_shards(tmp_path)
+    for p in paths:
+        with tarfile.open(p) as tar:
+            want = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+        got = data._ustar_files(p)
+        assert got == want if p.endswith("/ustar.tar") else got is None, p  # anything unusual: to tarfile
+    ref = _tarfile_index(paths, data.IMAGE_EXTS)
+    assert len(ref) == 2 + 2 + 3 + 1
+    for processes in (1, 2):
+        index = data.TarShards(paths, data.IMAGE_EXTS, processes=processes)
+        assert np.array_equal(index.shard, ref[:, 0]) and index.shard.dtype == np.int32
+        assert np.array_equal(index.offset, ref[:, 1::2]) and np.array_equal(index.size, ref[:, 2::2])
+        assert index.read(2, 1) == (tmp_path / "gnu.tar").read_bytes()[ref[2, 3]:ref[2, 3] + ref[2, 4]]
+
+
+def test_a_bad_shard_is_the_same_one_line_error_in_parallel(tmp_path):
+    """A shard cut inside a member's data, or missing a caption: the error tarfile's sequential scan gives, for
+    the first bad shard in order, with no worker traceback chained to it."""
+    _, shards = _write(tmp_path, _images(), per_shard=4)
+    good = str(shards / "shards-000000.tar")
+    with tarfile.open(good) as tar:
+        cut = tar.getmembers()[1].offset_data + 1  # inside the first image's data
+    (tmp_path / "cut.tar").write_bytes((shards / "shards-000000.tar").read_bytes()[:cut])
+    with tarfile.open(tmp_path / "nocap.tar", "w") as tar:
+        _add(tar, "k.jpg", b"x")
+    cut, nocap = str(tmp_path / "cut.tar"), str(tmp_path / "nocap.tar")
+    for processes in (1, 2):
+        with pytest.raises(ValueError, match=r"^shard .*cut.tar is not a readable uncompressed .tar \(unexpected end "
+                                             r"of data\)$") as e:
+            data.TarShards([good, cut, nocap], data.IMAGE_EXTS, processes=processes)
+        assert e.value.__cause__ is None
+        with pytest.raises(FileNotFoundError, match=r"^caption member k.txt is missing in shard .*nocap.tar$"):
+            data.TarShards([good, nocap, cut], data.IMAGE_EXTS, processes=processes)
+
+
 def test_training_on_shards_resumes_exactly(tmp_path):
     """--data shards/: 4 images a step over 10 (one bad) in 2 shards, 2 loader workers; a run split at step 3
     equals the uninterrupted one bit for bit, across the epoch boundary."""
