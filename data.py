@@ -242,8 +242,10 @@ def _scan_shards(paths, exts, processes):
     calling script too, which then needs an `if __name__ == "__main__"` guard; a forked one runs only _scan_shard
     (file reads into Python objects, no torch), so it is safe in a torchrun rank that has started CUDA and NCCL,
     as DataLoader's forked workers are."""
-    # one process: asked for, one shard, or inside a DataLoader worker (a daemon, which may not start processes)
-    if processes <= 1 or len(paths) <= 1 or multiprocessing.current_process().daemon:
+    # one process: asked for, one shard, inside a DataLoader worker (a daemon, which may not start processes), or
+    # where there is no fork (Windows)
+    if (processes <= 1 or len(paths) <= 1 or multiprocessing.current_process().daemon
+            or "fork" not in multiprocessing.get_all_start_methods()):
         yield from map(_scan_shard, paths, itertools.repeat(exts))
         return
     fork = multiprocessing.get_context("fork")
