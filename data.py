@@ -9,12 +9,12 @@ Every dataset item is a dict {"x": tensor, "caption": str, "meta": dict or None,
 images are (3, H, W) and videos (T, 3, H, W), floats in [-1, 1].
 """
 
-import json
-import math
 import array
 import concurrent.futures
 import io
 import itertools
+import json
+import math
 import multiprocessing
 import os
 import re
@@ -23,6 +23,7 @@ import warnings
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageOps
 
 from text_encoders import compact_caption
@@ -258,6 +259,27 @@ def _scan_shards(paths, exts, processes):
         pool.shutdown(cancel_futures=True)  # after an error, the shards not yet started are not scanned
 
 
+def _scan_shared(paths, exts, processes):
+    """_scan_shards of every path, in order, each rank of a process group scanning every world-th one. A bad shard
+    is the same one-line error on every rank (the first bad one in order), not a rank that stops while the
+    others wait."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    if world == 1:
+        return list(_scan_shards(paths, exts, processes))
+    mine, error = [], None
+    try:
+        for part in _scan_shards(paths[rank::world], exts, processes):
+            mine.append(part)
+    except (ValueError, FileNotFoundError) as e:
+        error = (rank + world * len(mine), e)  # the bad shard's place in paths
+    parts = [None] * world
+    dist.all_gather_object(parts, (mine, error))
+    errors = sorted((e for _, e in parts if e is not None), key=lambda e: e[0])
+    if errors:
+        raise errors[0][1]
+    return [parts[i % world][0][i // world] for i in range(len(paths))]
+
+
 class TarShards:
     """WebDataset tar shards as a compact, map-style index: each sample is the members that share a key
     (dir/KEY.jpg + dir/KEY.txt: the key is the name up to its first dot), and item i is where its media and
@@ -265,7 +287,9 @@ class TarShards:
 
     Each shard is scanned once here (its 512-byte headers are read and the data seeked over), by `processes`
     processes side by side; the default is this process's share of the CPUs, as torchrun starts LOCAL_WORLD_SIZE
-    ranks a machine that each build the index. An item is then read by seeking to its offset in the uncompressed
+    ranks a machine. In a process group of N ranks each rank scans every N-th shard and the ranks exchange their
+    parts (all_gather_object), so every rank of a training run must build it, as train_t2i.py does; N ranks scan
+    N times as fast. An item is then read by seeking to its offset in the uncompressed
     tar, so the folder datasets' order, splitting over ranks and workers, exact resume and bad-file counting all
     apply unchanged. A sample without a media member of exts (e.g. a .json only) is not an item; one without a
     .txt caption is an error, as in a folder.
@@ -277,7 +301,7 @@ class TarShards:
             cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
             processes = cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         offsets, sizes, counts = array.array("q"), array.array("q"), []  # columns grown shard by shard, 8 B a number
-        for o, s in _scan_shards(self.paths, exts, processes):
+        for o, s in _scan_shared(self.paths, exts, processes):
             offsets += o
             sizes += s
             counts.append(len(o) // 2)

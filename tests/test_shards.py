@@ -10,11 +10,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from PIL import Image
 
 import data
 import train_t2i
-from test_train import load, tiny
+from test_train import _free_port, load, tiny
 
 
 def _images(n=10, seed=0):
@@ -267,6 +268,37 @@ def test_a_bad_shard_is_the_same_one_line_error_in_parallel(tmp_path):
         assert e.value.__cause__ is None
         with pytest.raises(FileNotFoundError, match=r"^caption member k.txt is missing in shard .*nocap.tar$"):
             data.TarShards([good, nocap, cut], data.IMAGE_EXTS, processes=processes)
+
+
+def _scan_on_rank(rank, world, port, paths, out):
+    """A rank of a gloo group building the index of paths -> out/rank.npz, or the error it raised -> out/rank.txt."""
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        index = data.TarShards(paths, data.IMAGE_EXTS, processes=1)
+        np.savez(os.path.join(out, f"{rank}.npz"), shard=index.shard, offset=index.offset, size=index.size)
+    except (ValueError, FileNotFoundError) as e:
+        open(os.path.join(out, f"{rank}.txt"), "w").write(f"{type(e).__name__}: {e}")
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_share_the_scan_and_agree(tmp_path):
+    """In a process group each rank scans every world-th shard: both ranks of 2 hold the index one process builds,
+    and a bad shard is the same error on both (the first bad one in order, though another rank scanned it)."""
+    _, shards = _write(tmp_path, _images(), per_shard=2)  # 5 shards: rank 0 scans 0, 2, 4 and rank 1 scans 1, 3
+    paths = sorted(str(p) for p in shards.iterdir())
+    one = data.TarShards(paths, data.IMAGE_EXTS, processes=1)
+    mp.spawn(_scan_on_rank, args=(2, _free_port(), paths, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        got = np.load(tmp_path / f"{rank}.npz")
+        assert all(np.array_equal(got[k], getattr(one, k)) for k in ("shard", "offset", "size"))
+    with tarfile.open(tmp_path / "nocap.tar", "w") as tar:
+        _add(tar, "k.jpg", b"x")
+    (tmp_path / "junk.tar").write_bytes(b"junk" * 300)
+    # rank 0 meets nocap.tar (shard 2), rank 1 junk.tar (shard 1): both ranks report junk.tar, the first in order
+    bad = [paths[0], str(tmp_path / "junk.tar"), str(tmp_path / "nocap.tar"), paths[1]]
+    mp.spawn(_scan_on_rank, args=(2, _free_port(), bad, str(tmp_path)), nprocs=2)
+    said = {open(tmp_path / f"{rank}.txt").read() for rank in range(2)}
+    assert len(said) == 1 and said.pop().startswith(f"ValueError: shard {tmp_path / 'junk.tar'} is not a readable")
 
 
 def test_training_on_shards_resumes_exactly(tmp_path):
