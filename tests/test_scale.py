@@ -9,6 +9,7 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -77,6 +78,27 @@ def test_init_from_on_two_ranks_matches_one(tmp_path):
     fresh = train_t2i.main(argv(tmp_path / "fresh"))
     torch.testing.assert_close(torch.tensor(two["loss"]), torch.tensor(one["loss"]), rtol=1e-5, atol=0)
     assert abs(one["loss"][0] - fresh["loss"][0]) > 1e-3  # the parent's weights, not a fresh init
+
+
+def test_two_ranks_build_a_cache_then_train_on_it(tmp_path):
+    # --cache on 2 ranks: both call build_cache (each encodes its shards; here one shard, rank 1 waits for it),
+    # then train on the cache; one process training on that cache afterwards gives the same losses
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for k, caption in enumerate(["a red circle", "a blue square", "a green triangle", "a white cross"] * 2):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+        (folder / f"{k}.txt").write_text(caption)
+    argv = lambda out, data, *x: tiny(out, 2, "--batch-size", "4", "--data", str(data), "--latent-space", "pixel",
+                                      "--resolution", "32", *x)
+    two = train_on(2, argv(tmp_path / "two", folder, "--cache", str(tmp_path / "cache"), "--cache-dtype", "bf16"),
+                   tmp_path)
+    meta = json.load(open(tmp_path / "cache" / "meta.json"))
+    assert meta["complete"] and meta["dtype"] == "bf16" and meta["num_items"] == 8
+    one = train_on(1, argv(tmp_path / "one", tmp_path / "cache"), tmp_path)
+    torch.testing.assert_close(torch.tensor(two["loss"]), torch.tensor(one["loss"]), rtol=1e-5, atol=0)
 
 
 # -----------------------------------------------------------------------------
