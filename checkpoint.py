@@ -21,6 +21,7 @@ import dataclasses
 import errno
 import json
 import os
+import pickle
 import re
 import shutil
 import textwrap
@@ -208,6 +209,7 @@ def load_checkpoint(path, weights=True, share=False):
         return load_pt(path, mmap=True)  # a single-file checkpoint
     verify_files(path, share)
     ckpt = read_state(path)
+    check_index(path)
     if weights:
         ckpt.update(read_sharded(path))
     return ckpt
@@ -226,10 +228,37 @@ def read_state(path):
     return state
 
 
+# DCP's .metadata, the index of a checkpoint folder's tensors, is a pickle of DCP's own classes, and DCP unpickles
+# it with no restriction. A checkpoint is data, never code (torch.load(weights_only=True) reads the shards): the
+# index is first read here with only these classes allowed, and refused if it names anything else.
+INDEX_CLASSES = {("torch.distributed.checkpoint.metadata", name) for name in (
+    "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
+    "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("collections", "OrderedDict")}
+
+
+class IndexUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in INDEX_CLASSES or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's index")
+
+
+def check_index(path):
+    """Raise a one-line ValueError unless the folder's .metadata unpickles with IndexUnpickler's classes alone."""
+    try:
+        with open(os.path.join(path, ".metadata"), "rb") as f:
+            IndexUnpickler(f).load()
+    except Exception as e:  # missing, junk, or a class that is not DCP's index
+        raise ValueError(f"{path}/.metadata is not a checkpoint index ({type(e).__name__}: {e})") from None
+
+
 def read_sharded(path, keys=("model", "ema", "optimizer")):
     """The tensors of a checkpoint folder as full CPU tensors, in one process: {"model": {name: tensor}, "ema":
     ..., "optimizer": {"state": {name: {field: tensor}}}} for the `keys` asked for. DCP's .metadata gives every
     tensor's global shape; DCP reads each one's pieces from whichever ranks wrote them."""
+    check_index(path)
     layout = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     flat = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in layout.items() if k.split(".")[0] in keys}
     nested = {key: {} for key in keys}
@@ -251,6 +280,7 @@ def read_sharded(path, keys=("model", "ema", "optimizer")):
 def load_sharded(path, state):
     """Every rank: fill `state` ({"model", "ema", "optimizer"} of this rank's shards: DTensors, or whole tensors on
     one rank) in place from a checkpoint folder written by any number of ranks (DCP reshards)."""
+    check_index(path)
     dcp.load(state, checkpoint_id=path)
 
 

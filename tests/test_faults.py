@@ -5,6 +5,7 @@ import argparse
 import errno
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -130,6 +131,29 @@ def test_an_unfinished_checkpoint_folder_is_skipped_and_a_killed_write_removed(r
     losses = train_t2i.main(tiny(out, 3, "--ckpt-every", "0", "--keep", "0", "--resume"))["loss"]
     assert losses == run[1][2:3] and not (out / "ckpt-0000005.tmp").exists()
     assert "ckpt-0000004 is incomplete or damaged: no readable checksums.json" in capsys.readouterr().out
+
+
+class RunsCode:
+    """What a crafted .metadata can hold: an object whose unpickling calls a function (here a harmless one)."""
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_a_checkpoint_index_that_would_run_code_is_refused(run, tmp_path, capsys):
+    """DCP unpickles .metadata without restriction; a folder whose index names anything but DCP's own classes is
+    refused before DCP reads it (its checksums rewritten to match: they guard against damage, not intent)."""
+    out = tmp_path / "a"
+    shutil.copytree(run[0], out)
+    folder = out / "ckpt-0000004"
+    (folder / ".metadata").write_bytes(pickle.dumps(RunsCode()))
+    sums = json.load(open(folder / "checksums.json"))
+    sums[".metadata"] = [os.path.getsize(folder / ".metadata"), checkpoint.file_crc(folder / ".metadata")]
+    json.dump(sums, open(folder / "checksums.json", "w"))
+    with pytest.raises(ValueError, match=r"ckpt-0000004/.metadata is not a checkpoint index \(UnpicklingError: "
+                                         r"posix.getcwd is not part of a checkpoint's index\)"):
+        checkpoint.load_checkpoint(str(folder))
+    assert train_t2i.main(tiny(out, 3, "--ckpt-every", "0", "--keep", "0", "--resume"))["loss"] == run[1][2:3]
+    assert "--resume: skipping " in capsys.readouterr().out
 
 
 def test_single_file_checkpoints_resume_and_without_checksums_still_load_and_nan_weights_are_refused(run, tmp_path):
