@@ -15,7 +15,7 @@ import time
 import torch
 
 from checkpoint import atomic_write, killed_write, write_json
-from data import JointImageVideoDataset, _MediaTextDataset, collate
+from data import JointImageVideoDataset, TarShards, _MediaTextDataset, collate
 from latents import latent_spec
 from text_encoders import looks_like_path, parse_spec
 
@@ -35,18 +35,26 @@ def cache_spec(text_encoder, latent_space, resolution, num_frames=None, dataset=
 
 def content_fingerprint(dataset):
     """A hash of what a file dataset reads: every media and caption file's path, size and modification time,
-    and inline (JSONL) captions; also through a joint dataset's videos and images. A cache stores it, so a cache
+    and inline (JSONL) captions; of tar shards, each shard's (not each item's: 100,000 items in 20 shards hash in
+    milliseconds instead of ~1 s) with the index of where their items lie; also through a joint dataset's videos
+    and images. A cache stores it, so a cache
     built before files or captions changed is refused instead of silently training on the old ones. None for
     data that its spec alone defines (the synthetic datasets)."""
     h, found = hashlib.sha256(), False
 
     def walk(ds):
         nonlocal found
-        if isinstance(ds, _MediaTextDataset):
+        if isinstance(ds, _MediaTextDataset) and isinstance(ds.entries, TarShards):
+            found = True  # each shard's size and modification time, once, and where the items lie in them
+            for path in ds.entries.paths:
+                st = os.stat(path)
+                h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            for column in (ds.entries.shard, ds.entries.offset, ds.entries.size):
+                h.update(column.tobytes())
+        elif isinstance(ds, _MediaTextDataset):
             found = True
-            for path, (kind, v) in ds.entries:  # v: a caption file ("file"), the caption itself ("text") or the
-                # shard that holds both ("tar": its size and modification time, as a file's)
-                for f in (path, v) if kind in ("file", "tar") else (path,):
+            for path, (kind, v) in ds.entries:  # v: a caption file ("file") or the caption itself ("text")
+                for f in (path, v) if kind == "file" else (path,):
                     st = os.stat(f) if os.path.exists(f) else None
                     h.update(f"{f}|{st and st.st_size}|{st and st.st_mtime_ns}\n".encode())
                 if kind == "text":
