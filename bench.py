@@ -23,9 +23,11 @@ real shapes (SD-VAE latents, CLIP+T5 with `--text-len` tokens), so no weights or
     python bench.py --size XL --batch 64 --max-batch --mode train # the largest batch that fits
     torchrun --nproc_per_node 2 bench.py --size G --fsdp --ac 2 --compile --batch 96 --mode train
     python bench.py --size tiny --batch 2 --steps 2 --device cpu  # smoke test
+    python bench.py --peer dit --peer-repo ../DiT --compile --mode train  # DiT-XL/2's own code, same harness
 """
 
 import argparse
+import dataclasses
 import gc
 import os
 import time
@@ -35,11 +37,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from flops import flops_per_sample
 import fastpath
 from fastpath.sampling import cast_matmul_weights, sampling_step
 from model import SIZES, GenTron, make_config
+from peers import PEERS, Peer
 # the model, optimizer and logging as training builds them
 from fsdp import ShardedAdamW, build_model, matmul_peak_tflops, mixed_precision, print0, setup_distributed
 
@@ -89,6 +93,11 @@ p.add_argument("--warmup", type=int, default=5)
 p.add_argument("--mode", default="train,sample")
 p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step of each mode")
 p.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK with --fsdp) if available, else cpu")
+p.add_argument("--peer", default=None, choices=["dit", "pixart"],
+               help="time DiT-XL/2 or PixArt-XL/2, built by their own code (peers.py), instead of GenTron; its FLOPs "
+                    "counted by PyTorch's FLOP counter")
+p.add_argument("--peer-repo", default=None, metavar="PATH",
+               help="with --peer: a clone of github.com/facebookresearch/DiT or github.com/PixArt-alpha/PixArt-alpha")
 
 
 def timed(fn, steps, warmup, device):
@@ -184,6 +193,14 @@ def random_inputs(cfg, batch, resolution, frames, text_len, device, g, max_token
     )
 
 
+def counted_flops(model, inputs, amp):
+    """Forward FLOPs per sample of model(**inputs) in eval mode, by PyTorch's FLOP counter (2 x multiply-adds)."""
+    with torch.no_grad(), amp, FlopCounterMode(display=False) as counter:
+        model.eval()(**inputs)
+    model.train()
+    return counter.get_total_flops() / len(inputs["x"])
+
+
 def main(args):
     args.fsdp = args.fsdp or int(os.environ.get("WORLD_SIZE", 1)) > 1
     for name, lo in (("batch", 1), ("resolution", 8), ("frames", 1), ("text_len", 8), ("steps", 1), ("warmup", 0), ("ac", 0)):
@@ -202,7 +219,10 @@ def main(args):
     without = set(filter(None, args.without.split(",")))
     if without - set(PIECES):
         p.error(f"--without takes {', '.join(PIECES)}; got {args.without}")
-    if args.readable:
+    if args.peer and (not args.peer_repo or args.fsdp or args.cuda_graph or args.size != "XL" or args.frames > 1):
+        p.error("--peer needs --peer-repo PATH and times XL/2 images on one device: no --fsdp, --cuda-graph, "
+                "--size or --frames")
+    if args.readable or args.peer:
         without = set(PIECES)
     if args.cuda_graph and "context" in without:
         p.error("--cuda-graph records a step given the captions' context: drop --readable / --without context")
@@ -231,11 +251,18 @@ def main(args):
         p.error("--max-batch needs CUDA (it stops at torch.cuda.OutOfMemoryError); --profile a found batch in a 2nd run")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     cfg = make_config(args.size, conditioning=args.conditioning, temporal=args.frames > 1, num_frames=args.frames)
+    if args.peer == "pixart":  # the shapes of its inputs: 120 T5-XXL positions
+        cfg = dataclasses.replace(cfg, text_dim=4096)
     if args.resolution % (8 * cfg.patch):
         p.error(f"--resolution {args.resolution} must be a multiple of {8 * cfg.patch} (SD-VAE downsampling 8 x patch {cfg.patch})")
 
     def build():  # (model, the callable that is timed); build_model compiles what it builds itself
-        if args.fsdp:
+        if args.peer:
+            try:
+                model = Peer(args.peer, args.peer_repo, args.resolution // 8).to(device)
+            except (FileNotFoundError, ImportError) as e:  # not a clone of its repository, or timm missing
+                p.error(f"--peer {args.peer}: {e}")
+        elif args.fsdp:
             model = build_model(cfg, device, args.ac, args.compile, unit=args.fsdp_unit, fast=not args.readable)
         else:
             model = GenTron(cfg).to(device)
@@ -336,6 +363,8 @@ def main(args):
             model, fwd = build()
             amp = mixed_precision(model, device)  # FSDP2's policy, or autocast
             sharded = isinstance(model, FSDPModule)
+            if args.peer:  # its own forward's FLOPs (flops.py's formula is GenTron's)
+                flops = counted_flops(model, random_inputs(cfg, 2, args.resolution, 1, args.text_len, device, g), amp)
         if name == "train":
             opt = ShardedAdamW(model, lr=1e-4, weight_decay=0) if args.fsdp else \
                 torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
@@ -373,11 +402,13 @@ def main(args):
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak_s = f"{peak:.0f} TFLOP/s" if peak else "n/a"
     built = (f" fsdp x{world} ac {args.ac}" if sharded else " as trained: unsharded x1") if args.fsdp else ""
-    pieces = "readable" if args.readable else "fastpath" + (f" without {','.join(sorted(without))}" if without else "")
+    pieces = "its own code" if args.peer else "readable" if args.readable else \
+        "fastpath" + (f" without {','.join(sorted(without))}" if without else "")
     setup = (f" ({args.compile_mode})" if args.compile_mode else "") + built + " " + pieces \
         + (" cuda-graph" if args.cuda_graph else "") \
         + (f" attention {args.attention}" if args.attention != "auto" else "")
-    print0(f"GenTron-{args.size}/{cfg.patch} {cfg.conditioning} batch {args.batch}{'/GPU' if args.fsdp else ''} "
+    title = PEERS[args.peer] if args.peer else f"GenTron-{args.size}/{cfg.patch} {cfg.conditioning}"
+    print0(f"{title} batch {args.batch}{'/GPU' if args.fsdp else ''} "
            f"res {args.resolution} frames {args.frames} compile {args.compile}{setup} | {name} | torch {torch.__version__} "
            f"| matmul peak {peak_s}")
     print0(f"{'mode':<8} {'samples/s':>10} {'TFLOP/s':>9} {'MFU':>7} {'mem GiB':>8}" + (f" {'batch':>6}" if args.max_batch else ""))
