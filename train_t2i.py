@@ -5,7 +5,7 @@ Train GenTron text-to-image (paper Sec. 3.2, 4.1). One script for one CPU, one G
     torchrun --nproc_per_node 8 train_t2i.py --size XL --data /data/cache256 --batch-size 2048 \
         --max-steps 500000 --out runs/xl256              # Sec. 4.1 stage 1: 256px, batch 2048, 500K steps
     torchrun --nproc_per_node 8 train_t2i.py --size XL --data /data/cache512 --batch-size 784 \
-        --max-steps 300000 --init-from runs/xl256/ckpt-0500000.pt --out runs/xl512   # stage 2: 512px
+        --max-steps 300000 --init-from runs/xl256/ckpt-0500000 --out runs/xl512   # stage 2: 512px
 
 FSDP2 (fsdp.py) makes N ranks x batch b train like 1 rank x batch Nb (one rank without --ac: unsharded). Every random
 draw of a step (timesteps, noise, caption dropout) is a function of (seed, step) drawn for the whole

@@ -3,7 +3,7 @@ Train GenTron text-to-video (Sec. 3.3) from a text-to-image checkpoint, with tra
 script adds the T2V flags and defaults, the video data (make_data_t2v) and the temporal model (model_config_t2v).
 
     python train_t2v.py --init-from runs/t2i                      # toy: moving shapes + shapes images, CPU
-    torchrun --nproc_per_node 8 train_t2v.py --size G --init-from runs/g512/ckpt-0300000.pt \
+    torchrun --nproc_per_node 8 train_t2v.py --size G --init-from runs/g512/ckpt-0300000 \
         --data /data/videos --image-data /data/images --resolution 256 --batch-size 128 --out runs/t2v
 
 Sec. 3.3.1: every block gets a temporal self-attention layer whose output projection starts at zero,
