@@ -445,8 +445,9 @@ def test_fid_inception_weights_from_a_local_file(tmp_path, monkeypatch, capsys):
 
 
 def test_experiments_score_only_runs_of_the_requested_length(tmp_path):
-    """An arm whose folder holds a finished run is scored, not retrained; a run of another length there (a
-    --smoke run in the same --out) is refused instead of being scored as this call's arm."""
+    """An arm whose folder holds a finished run is scored, not retrained; a shorter run there with no record of
+    the flags it was started with (a --smoke run in the same --out) is refused, not resumed or scored as this
+    call's arm."""
     import experiments
     out = tmp_path / "t2i-cross-attn-s0"
     assert not experiments.finished(str(out), 2500)
