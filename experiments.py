@@ -18,7 +18,7 @@ Every score comes with its 95% Wilson score interval (results.json: KEY_ci; resu
 
 --budget toy (the default) is minutes on 4 GPUs; --budget paper is the bundled models' recipe
 (docs/bundled-models.md) at 30.7M images per T2I arm, hours. --time-limit MIN splits a long comparison into
-calls of about MIN minutes: each call stops its arms at the limit with a checkpoint, scores the finished ones,
+runs of about MIN minutes: each run stops its arms at the limit with a checkpoint, scores the finished ones,
 lists the others as unfinished and exits with status 75; the same command again continues them (--resume).
 
     python experiments.py --out runs/exp                    # both phases, writes results.md/.json
